@@ -1,0 +1,1 @@
+"""Reference pipelines trained here on scikit-learn's digits, and the fidelity harness."""
