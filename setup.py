@@ -41,6 +41,16 @@ def _find_nvcc() -> str | None:
     return None
 
 
+def _cuda_home(nvcc: str) -> Path:
+    """The toolkit root holding include/cuda_runtime.h (nvcc on PATH may be a wrapper script elsewhere)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), str(Path(nvcc).resolve().parent.parent)]
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if c and Path(c, "include", "cuda_runtime.h").exists():
+            return Path(c)
+    raise RuntimeError(f"ditkern: found nvcc at {nvcc} but no CUDA toolkit headers; set CUDA_HOME")
+
+
 def _gencode_flags(spec: str) -> list[str]:
     flags = []
     for arch in spec.replace(",", ";").split(";"):
@@ -60,7 +70,7 @@ class NinjaCudaBuildExt(build_ext):
 
     def build_extension(self, ext):
         nvcc = _find_nvcc()
-        cuda_home = Path(nvcc).resolve().parent.parent
+        cuda_home = _cuda_home(nvcc)
         build_dir = Path(self.build_temp).resolve() / "cuda"
         build_dir.mkdir(parents=True, exist_ok=True)
         import pybind11

@@ -1,0 +1,47 @@
+// pybind11 module ditkern._C: thin bindings over the CUDA launchers. No torch headers: the Python side passes
+// device pointers, sizes, strides and the CUDA stream, so one build serves every torch version.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cuda_runtime.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "adaln_modulate/adaln_modulate.h"
+
+namespace py = pybind11;
+
+static void adaln_modulate(uintptr_t x, uintptr_t y, uintptr_t gate, uintptr_t shift, uintptr_t scale,
+                           uintptr_t weight, uintptr_t bias, uintptr_t h_out, uintptr_t out, int64_t B, int64_t S,
+                           int64_t D, const std::vector<int64_t>& strides, int x_dtype, int mod_dtype, int is_rms,
+                           double eps, uintptr_t stream, int device) {
+  if (strides.size() != 14) throw std::invalid_argument("ditkern._C.adaln_modulate: strides must have 14 entries");
+  ditkern::AdalnArgs a{x, y, gate, shift, scale, weight, bias, h_out, out, B, S, D,
+                       strides[0], strides[1], strides[2], strides[3], strides[4], strides[5], strides[6],
+                       strides[7], strides[8], strides[9], strides[10], strides[11], strides[12], strides[13],
+                       x_dtype, mod_dtype, is_rms, static_cast<float>(eps), stream, device};
+  py::gil_scoped_release release;
+  ditkern::adaln_modulate_launch(a);
+}
+
+// (error code, message) of cudaGetDeviceCount: tells `ditkern info` whether a driver and a device are present.
+static std::tuple<int, std::string, int> cuda_status() {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  return {int(err), std::string(cudaGetErrorString(err)), err == cudaSuccess ? count : 0};
+}
+
+static int cuda_runtime_version() {
+  int v = 0;
+  cudaRuntimeGetVersion(&v);
+  return v;
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ditkern CUDA kernels (raw-pointer bindings; see ditkern/ops for the public API)";
+  m.def("adaln_modulate", &adaln_modulate, "fused (gated residual +) norm + adaLN modulate");
+  m.def("cuda_status", &cuda_status, "(error code, message, device count) from cudaGetDeviceCount");
+  m.def("cuda_runtime_version", &cuda_runtime_version, "CUDA runtime version the extension was built with");
+}

@@ -1,0 +1,238 @@
+"""ditkern.ops.adaln_modulate: Triton (interpreter on CPU) and CUDA (GPU only) against the fp32 reference."""
+
+import pytest
+import torch
+
+from ditkern.ops.adaln_modulate import (
+    BACKENDS,
+    adaln_modulate,
+    adaln_modulate_ref,
+    gated_residual_adaln,
+    gated_residual_adaln_ref,
+)
+
+HAS_GPU = torch.cuda.is_available()
+# The flash-attention rule (STYLE.md): err(kernel) <= 2 * err(torch in the same dtype) + FLOOR. The floor absorbs a
+# single rounding of the output in the low-precision dtype where the eager error happens to be ~0.
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _eager_same_dtype(x, shift, scale, norm, weight, bias, eps, y=None, gate=None):
+    """What an unfused model computes in the low-precision dtype (diffusers' own op sequence)."""
+    if y is not None:
+        g = gate if gate is None or gate.dim() == 3 else gate[:, None]
+        x = x + (y if g is None else g.to(x.dtype) * y)
+    D = x.shape[-1]
+    if norm == "layer":
+        n = torch.nn.functional.layer_norm(x, (D,), weight, bias, eps)
+    else:
+        n = (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        n = n * weight if weight is not None else n
+        n = n + bias if bias is not None else n
+    sc = scale if scale is None or scale.dim() == 3 else scale[:, None]
+    sh = shift if shift is None or shift.dim() == 3 else shift[:, None]
+    if sc is not None:
+        n = n * (1 + sc.to(n.dtype))
+    if sh is not None:
+        n = n + sh.to(n.dtype)
+    return (x, n) if y is not None else n
+
+
+def _inputs(B, S, D, dtype, device, per_token=False, mod_dtype=None, chunked=True):
+    mod_dtype = mod_dtype or dtype
+    x = torch.randn(B, S, D, dtype=torch.float32, device=device).to(dtype)
+    if per_token:
+        emb = torch.randn(B, S, 6 * D, device=device).to(mod_dtype)
+        chunks = emb.chunk(6, dim=-1)  # strided [B, S, D] views, read in place
+    elif chunked:
+        emb = torch.randn(B, 6 * D, device=device).to(mod_dtype)
+        chunks = emb.chunk(6, dim=1)  # the [B, 6*D] modulation chunk of AdaLayerNormZero
+    else:
+        chunks = [torch.randn(B, D, device=device).to(mod_dtype) for _ in range(6)]
+    shift, scale, gate = chunks[0], chunks[1] * 0.5, chunks[2]
+    return x, shift, scale, gate
+
+
+def _backends():
+    out = ["triton"]
+    if HAS_GPU:
+        out.append("cuda")
+    return out
+
+
+CASES = [
+    # (B, S, D): odd D, D not a multiple of the block, S not a multiple of anything
+    (2, 7, 64),
+    (1, 5, 1000),
+    (2, 3, 3072 + 8),
+    (3, 1, 96),
+]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("B,S,D", CASES, ids=lambda v: str(v))
+def test_adaln_modulate_matches_reference(backend, dtype, norm, B, S, D, device):
+    x, shift, scale, _ = _inputs(B, S, D, dtype, device)
+    out = adaln_modulate(x, shift, scale, norm=norm, eps=1e-6, backend=backend)
+    ref = adaln_modulate_ref(x.float(), shift.float(), scale.float(), norm=norm, eps=1e-6)
+    eager = _eager_same_dtype(x, shift, scale, norm, None, None, 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert _err(out, ref) <= 2 * _err(eager, ref) + FLOOR[dtype]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("B,S,D", CASES[:3], ids=lambda v: str(v))
+def test_gated_residual_adaln_matches_reference(backend, dtype, gated, B, S, D, device):
+    x, shift, scale, gate = _inputs(B, S, D, dtype, device)
+    y = torch.randn_like(x)
+    g = gate if gated else None
+    w = torch.randn(D, device=device).to(dtype)
+    b = torch.randn(D, device=device).to(dtype)
+    h, out = gated_residual_adaln(x, y, g, shift, scale, weight=w, bias=b, eps=1e-5, backend=backend)
+    h_ref, ref = gated_residual_adaln_ref(
+        x.float(), y.float(), None if g is None else g.float(), shift.float(), scale.float(),
+        weight=w.float(), bias=b.float(), eps=1e-5,
+    )  # fmt: skip
+    h_eager, eager = _eager_same_dtype(x, shift, scale, "layer", w, b, 1e-5, y=y, gate=g)
+    assert _err(h, h_ref) <= 2 * _err(h_eager, h_ref) + FLOOR[dtype]
+    assert _err(out, ref) <= 2 * _err(eager, ref) + FLOOR[dtype]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_per_token_fp32_modulation_with_fp16_x(backend, device):
+    """Wan 2.2 TI2V: per-token [B, S, D] modulation in fp32 (strided chunks of [B, S, 6*D]) on an fp16 stream."""
+    x, shift, scale, gate = _inputs(2, 9, 136, torch.float16, device, per_token=True, mod_dtype=torch.float32)
+    assert shift.stride(1) == 6 * 136  # a strided view, not a copy
+    y = torch.randn_like(x)
+    h, out = gated_residual_adaln(x, y, gate, shift, scale, backend=backend)
+    h_ref, ref = gated_residual_adaln_ref(x, y, gate, shift, scale)
+    assert _err(h, h_ref) <= 2e-3 and _err(out, ref) <= 2e-2
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_no_modulation_is_plain_norm(backend, device):
+    x = torch.randn(2, 5, 48, device=device)
+    y = torch.randn_like(x)
+    w, b = torch.randn(48, device=device), torch.randn(48, device=device)
+    h, out = gated_residual_adaln(x, y, None, None, None, weight=w, bias=b, eps=1e-6, backend=backend)
+    torch.testing.assert_close(h, x + y)
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x + y, (48,), w, b, 1e-6), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_strided_rows_and_broadcast_shapes(backend, device):
+    """Row-strided x (a token slice), [B, 1, D] modulation (PixArt) and batch-1 modulation broadcast over B."""
+    base = torch.randn(2, 11, 72, device=device)
+    x = base[:, ::2]  # rows strided, last dim contiguous
+    shift = torch.randn(2, 1, 72, device=device)
+    scale = torch.randn(1, 72, device=device)
+    out = adaln_modulate(x, shift, scale, backend=backend)
+    torch.testing.assert_close(out, adaln_modulate_ref(x, shift, scale), atol=2e-5, rtol=1e-5)
+
+
+def test_torch_backend_is_the_reference(device):
+    x, shift, scale, gate = _inputs(2, 3, 40, torch.float32, device)
+    assert torch.equal(adaln_modulate(x, shift, scale, backend="torch"), adaln_modulate_ref(x, shift, scale))
+
+
+# ---- bad input: clear errors naming the argument -------------------------------------------------------------------
+def test_rejects_bad_inputs():
+    x = torch.randn(2, 4, 16)
+    s = torch.randn(2, 16)
+    with pytest.raises(TypeError, match="x must be float32"):
+        adaln_modulate(x.double(), s, s)
+    with pytest.raises(TypeError, match="shift must be float32"):
+        adaln_modulate(x, s.to(torch.int32), s)
+    with pytest.raises(ValueError, match="scale must have last dimension D=16"):
+        adaln_modulate(x, s, torch.randn(2, 15))
+    with pytest.raises(ValueError, match=r"shift must be \[B, D\]"):
+        adaln_modulate(x, torch.randn(3, 16), s)
+    with pytest.raises(ValueError, match=r"x must be \[B, S, D\]"):
+        adaln_modulate(x[0], s, s)
+    with pytest.raises(ValueError, match="x must be contiguous along its last dimension"):
+        adaln_modulate(torch.randn(2, 16, 4).transpose(1, 2), s[:, :4], s[:, :4])
+    with pytest.raises(ValueError, match="shift must be contiguous along its last dimension"):
+        adaln_modulate(x, torch.randn(16, 2).t(), s)
+    with pytest.raises(ValueError, match="y must have the shape of x"):
+        gated_residual_adaln(x, torch.randn(2, 3, 16), s, s, s)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        adaln_modulate(x, s, s, norm="group")
+    with pytest.raises(ValueError, match="weight must be"):
+        adaln_modulate(x, s, s, weight=torch.randn(2, 16))
+    with pytest.raises(ValueError, match="DITKERN_BACKEND|backend"):
+        adaln_modulate(x, s, s, backend="fast")
+
+
+@pytest.mark.skipif(not torch.backends.mps.is_available() and not HAS_GPU, reason="needs a second device type")
+def test_rejects_wrong_device():
+    x = torch.randn(2, 4, 16, device="cuda")
+    with pytest.raises(ValueError, match="shift is on cpu but x is on cuda"):
+        adaln_modulate(x, torch.randn(2, 16), torch.randn(2, 16, device="cuda"))
+
+
+def test_rejects_wrong_device_meta():
+    """The device check without a GPU: a meta-device shift against a CPU x."""
+    x = torch.randn(2, 4, 16)
+    with pytest.raises(ValueError, match="shift is on meta but x is on cpu"):
+        adaln_modulate(x, torch.randn(2, 16, device="meta"), torch.randn(2, 16))
+
+
+def test_forced_backend_that_cannot_run_says_why(monkeypatch):
+    x = torch.randn(2, 4, 16)
+    s = torch.randn(2, 16)
+    with pytest.raises(RuntimeError, match="backend 'cuda' was requested but cannot run"):
+        adaln_modulate(x, s, s, backend="cuda")
+    monkeypatch.setenv("DITKERN_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cannot run"):
+        adaln_modulate(x, s, s)
+
+
+def test_auto_backend_on_cpu_without_interpreter_uses_torch(monkeypatch):
+    from ditkern import _backend
+
+    monkeypatch.setattr(_backend, "triton_interpreted", lambda: False)
+    x = torch.randn(2, 4, 16)
+    s = torch.randn(2, 16)
+    assert _backend.choose("adaln_modulate", BACKENDS, x, s, s) == "torch"
+
+
+def test_compile_fullgraph_through_custom_op():
+    x, shift, scale, gate = _inputs(2, 5, 32, torch.float32, "cpu")
+    y = torch.randn_like(x)
+
+    def f(x, y, gate, shift, scale):
+        h, n = gated_residual_adaln(x, y, gate, shift, scale, backend="triton")
+        return adaln_modulate(h, shift, scale, backend="triton") + n
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, y, gate, shift, scale), f(x, y, gate, shift, scale))
+
+
+# ---- GPU-only ------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("B,S,D", [(1, 4608, 3072), (2, 4096, 1152), (1, 333, 5120)])
+def test_bf16_on_gpu(backend, B, S, D):
+    x, shift, scale, gate = _inputs(B, S, D, torch.bfloat16, "cuda")
+    y = torch.randn_like(x)
+    h, out = gated_residual_adaln(x, y, gate, shift, scale, backend=backend)
+    h_ref, ref = gated_residual_adaln_ref(x.float(), y.float(), gate.float(), shift.float(), scale.float())
+    h_eager, eager = _eager_same_dtype(x, shift, scale, "layer", None, None, 1e-6, y=y, gate=gate)
+    assert _err(h, h_ref) <= 2 * _err(h_eager, h_ref) + FLOOR[torch.bfloat16]
+    assert _err(out, ref) <= 2 * _err(eager, ref) + FLOOR[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_every_output_element_written_on_gpu():
+    x, shift, scale, _ = _inputs(2, 129, 3072, torch.bfloat16, "cuda")
+    for backend in ("cuda", "triton"):
+        out = adaln_modulate(x, shift, scale, backend=backend)
+        assert torch.isfinite(out).all()
