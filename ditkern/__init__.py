@@ -1,3 +1,19 @@
-"""ditkern: fused Triton and CUDA kernels for Diffusion Transformer inference, applied with ``ditkern.patch(model)``."""
+"""ditkern: fused Triton and CUDA kernels for Diffusion Transformer inference, applied with ``ditkern.patch(model)``.
+
+Public API::
+
+    report = ditkern.patch(pipe)          # or ditkern.patch(pipe.transformer); prints as a table
+    ditkern.unpatch(pipe)                 # bit-identical outputs again
+    with ditkern.patched(pipe): ...
+    ditkern.info()                        # versions, GPU, which backend runs each op and why the others cannot
+
+Importing ditkern never initialises CUDA, compiles anything, or touches the network.
+"""
+
+from ditkern.config import PatchConfig
+from ditkern.info import info
+from ditkern.patch import PatchReport, is_patched, patch, patched, supported_models, unpatch
 
 __version__ = "0.1.0"
+
+__all__ = ["patch", "unpatch", "patched", "is_patched", "PatchConfig", "PatchReport", "info", "supported_models"]

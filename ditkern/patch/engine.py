@@ -1,0 +1,240 @@
+"""The patch engine: walks a model, applies the family's rules to matching submodules, reports and undoes.
+
+Patches are instance-level forward replacements installed through diffusers' public hook machinery
+(``diffusers.hooks.HookRegistry`` + ``ModelHook.new_forward``), so they compose with diffusers' own hooks (cache
+hooks, offloading) and are removed by ``unpatch`` without touching any class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ditkern.config import PatchConfig
+from ditkern.patch.report import PatchReport, Row
+
+logger = logging.getLogger("ditkern")
+
+HOOK_PREFIX = "ditkern."
+STATE_ATTR = "_ditkern_patch_state"
+
+
+@dataclass
+class Plan:
+    """What a rule decided for one module: install ``new_forward`` under the hook name ``name``."""
+
+    name: str  # short name of the fusion, e.g. "adaln" (the hook is registered as "ditkern.adaln")
+    what: str  # human-readable description for the report
+    new_forward: Callable  # new_forward(module, *args, **kwargs)
+
+
+# A rule maps a module to a Plan, or to a string: the reason it is skipped.
+Rule = Callable[[nn.Module, PatchConfig], "Plan | str | None"]
+
+
+@dataclass
+class Family:
+    """A model family: the exact model class names it covers and the rules keyed by exact submodule class name."""
+
+    name: str
+    model_classes: tuple[str, ...]
+    rules: dict[str, Rule]
+    notes: str = ""
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    for cls in family.model_classes:
+        if cls in FAMILIES and FAMILIES[cls] is not family:
+            raise ValueError(f"model class {cls!r} is already registered by family {FAMILIES[cls].name!r}")
+        FAMILIES[cls] = family
+    return family
+
+
+def supported_models() -> list[str]:
+    _load_families()
+    return sorted(FAMILIES)
+
+
+def _load_families():
+    # importing the family modules registers them (kept lazy so `import ditkern` stays light)
+    from ditkern.patch import dit, flux, pixart, sd3, wan  # noqa: F401, PLC0415
+
+
+@functools.cache
+def _hook_class():
+    """diffusers' ModelHook subclass whose ``new_forward`` replaces the module's forward (imported lazily)."""
+    from diffusers.hooks import ModelHook  # noqa: PLC0415
+
+    class DitkernHook(ModelHook):
+        _is_stateful = False
+
+        def __init__(self, new_forward: Callable):
+            super().__init__()
+            self._new_forward = new_forward
+
+        def new_forward(self, module, *args, **kwargs):
+            return self._new_forward(module, *args, **kwargs)
+
+    return DitkernHook
+
+
+@dataclass
+class _Installed:
+    module: nn.Module
+    hook_name: str
+    created_registry: bool
+    had_forward_attr: bool
+
+
+@dataclass
+class _State:
+    config: PatchConfig
+    installed: list[_Installed] = field(default_factory=list)
+    report: PatchReport | None = None
+
+
+def _targets(obj) -> list[tuple[str, nn.Module]]:
+    """The transformer(s) to patch: the module itself, or a pipeline's ``transformer`` (and ``transformer_2``)."""
+    if isinstance(obj, nn.Module):
+        return [("", obj)]
+    found = []
+    for name in ("transformer", "transformer_2"):
+        m = getattr(obj, name, None)
+        if isinstance(m, nn.Module):
+            found.append((name, m))
+    return found
+
+
+def _install(module: nn.Module, plan: Plan) -> _Installed:
+    from diffusers.hooks import HookRegistry  # noqa: PLC0415
+
+    created = not hasattr(module, "_diffusers_hook")
+    had_forward = "forward" in module.__dict__
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    name = HOOK_PREFIX + plan.name
+    registry.register_hook(_hook_class()(plan.new_forward), name)
+    return _Installed(module, name, created, had_forward)
+
+
+def _uninstall(entry: _Installed) -> None:
+    registry = getattr(entry.module, "_diffusers_hook", None)
+    if registry is None:
+        return
+    registry.remove_hook(entry.hook_name, recurse=False)
+    if entry.created_registry and not registry.hooks:
+        # leave the module exactly as we found it: no registry, no instance-level forward
+        del entry.module._diffusers_hook
+        if not entry.had_forward_attr and "forward" in entry.module.__dict__:
+            del entry.module.forward
+
+
+def patch(model_or_pipeline, config: PatchConfig | None = None, **options) -> PatchReport:
+    """Patch a diffusers transformer (or a pipeline's transformer) in place with ditkern's fused kernels.
+
+    ``config`` is a :class:`ditkern.PatchConfig`; keyword ``options`` override its fields (``fused_norms``,
+    ``backend``). Default options are lossless. Patching again first undoes the previous patch. Returns a
+    :class:`PatchReport` listing what was patched and what was skipped, each with a reason.
+    """
+    config = _merge(config, options)
+    _load_families()
+    report = PatchReport()
+    targets = _targets(model_or_pipeline)
+    if not targets:
+        report.note(
+            f"nothing patched: {type(model_or_pipeline).__name__} is neither a torch module nor a pipeline with a "
+            "`transformer` component"
+        )
+        return report
+    for prefix, model in targets:
+        unpatch(model)
+        family = FAMILIES.get(type(model).__name__)
+        label = prefix or type(model).__name__
+        if family is None:
+            report.add(Row(label, type(model).__name__, "skipped", "", "", f"unknown model class {type(model).__name__!r}; "
+                           f"ditkern patches {', '.join(supported_models())}"))  # fmt: skip
+            continue
+        state = _State(config=config)
+        backend = _report_backend(model, config)
+        for path, module in model.named_modules():
+            rule = family.rules.get(type(module).__name__)
+            if rule is None:
+                continue
+            full = ".".join(p for p in (prefix, path) if p)
+            try:
+                plan = rule(module, config)
+            except Exception as exc:  # a rule that cannot understand a module must skip it, never half-patch
+                plan = f"rule failed: {type(exc).__name__}: {exc}"
+            if plan is None:
+                continue
+            if isinstance(plan, str):
+                report.add(Row(full, type(module).__name__, "skipped", "", "", plan))
+                continue
+            state.installed.append(_install(module, plan))
+            report.add(Row(full, type(module).__name__, "patched", plan.what, backend, ""))
+        if not state.installed:
+            report.note(f"{label}: no module of {type(model).__name__} matched a ditkern rule")
+        state.report = report
+        setattr(model, STATE_ATTR, state)
+    return report
+
+
+def unpatch(model_or_pipeline) -> None:
+    """Undo :func:`patch`: removes every ditkern hook, restoring the original forwards (bit-identical outputs)."""
+    for _, model in _targets(model_or_pipeline):
+        state = model.__dict__.get(STATE_ATTR)
+        if state is None:
+            continue
+        for entry in reversed(state.installed):
+            _uninstall(entry)
+        delattr(model, STATE_ATTR)
+
+
+def is_patched(model_or_pipeline) -> bool:
+    return any(STATE_ATTR in m.__dict__ for _, m in _targets(model_or_pipeline))
+
+
+@contextlib.contextmanager
+def patched(model_or_pipeline, config: PatchConfig | None = None, **options) -> Iterator[PatchReport]:
+    """``with ditkern.patched(pipe) as report: ...``: patch on entry, unpatch on exit."""
+    report = patch(model_or_pipeline, config, **options)
+    try:
+        yield report
+    finally:
+        unpatch(model_or_pipeline)
+
+
+def _merge(config: PatchConfig | None, options: dict) -> PatchConfig:
+    if config is None:
+        config = PatchConfig()
+    elif not isinstance(config, PatchConfig):
+        raise TypeError(f"config must be a ditkern.PatchConfig, got {type(config).__name__}")
+    valid = {f.name for f in dataclasses.fields(PatchConfig)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise TypeError(f"unknown patch option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(valid))}")
+    return dataclasses.replace(config, **options) if options else config
+
+
+def _report_backend(model: nn.Module, config: PatchConfig) -> str:
+    """The backend the fused ops will pick for this model's device and dtype (for the report)."""
+    from ditkern._backend import choose  # noqa: PLC0415
+    from ditkern.ops.adaln_modulate import BACKENDS  # noqa: PLC0415
+
+    p = next(model.parameters(), None)
+    if p is None:
+        return "?"
+    sample = torch.empty(1, 1, 64, device=p.device, dtype=p.dtype if p.dtype.is_floating_point else torch.float32)
+    try:
+        return choose("adaln_modulate", BACKENDS, sample, backend=config.backend)
+    except RuntimeError as exc:
+        raise RuntimeError(f"ditkern.patch: {exc}") from exc
