@@ -36,13 +36,15 @@ def _bsd(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _norm_ref(h: torch.Tensor, norm: str, weight, bias, eps: float) -> torch.Tensor:
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
     if norm == "layer":
-        h = h - h.mean(-1, keepdim=True)
+        return torch.nn.functional.layer_norm(h, h.shape[-1:], w, b, eps)
     n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        n = n * weight.float()
-    if bias is not None:
-        n = n + bias.float()
+    if w is not None:
+        n = n * w
+    if b is not None:
+        n = n + b
     return n
 
 

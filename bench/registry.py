@@ -1,0 +1,59 @@
+"""The benchmark registry.
+
+A :class:`Case` is one op at one named shape. It builds its inputs, names the implementations to time (ditkern's
+and the baselines: eager torch, ``torch.compile`` of the same computation, a peer library where one exists) and the
+bytes and FLOPs one call must move at least, from which GB/s, TFLOP/s and % of peak follow. Op files in
+``bench/ops/`` register their cases on import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+# Shapes named after real models (STYLE.md). tokens = image tokens + text tokens where the model concatenates them.
+SHAPES = {
+    "flux_1024": dict(B=1, S=4096 + 512, D=3072),  # FLUX.1 1024x1024: 64x64 latent tokens + 512 T5 tokens
+    "sd3_1024": dict(B=1, S=4096 + 333, D=1536),  # SD3-medium: 24 heads x 64; 77 CLIP + 256 T5 tokens
+    "pixart_1024": dict(B=1, S=4096, D=1152),  # PixArt-Sigma 1024: 16 heads x 72
+    "wan_720p": dict(B=1, S=21 * 45 * 80, D=5120),  # Wan 2.1 14B, 1280x720, 81 frames: 21x45x80 latent tokens
+}
+# Interpreter-sized stand-ins, so the harness itself runs in CI (named after what they shrink).
+QUICK_SHAPES = {"flux_1024": dict(B=1, S=64, D=384), "wan_720p": dict(B=1, S=48, D=640)}
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    dims: dict
+    make_inputs: Callable[[str, torch.dtype], dict]
+    impls: dict[str, Callable[[dict], object]]  # name -> fn(inputs); "ditkern*" are ours, the rest baselines
+    bytes_moved: Callable[[dict], int]
+    flops: Callable[[dict], int] = lambda inputs: 0
+    baseline_names: tuple[str, ...] = ("eager", "compile")
+    tags: set[str] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}[{self.shape}]"
+
+
+REGISTRY: list[Case] = []
+
+
+def register(case: Case) -> Case:
+    REGISTRY.append(case)
+    return case
+
+
+def load_all(quick: bool = False) -> list[Case]:
+    """Import every op's bench file and return the cases (quick: the interpreter-sized shapes only)."""
+    REGISTRY.clear()
+    from bench.ops import adaln_modulate  # noqa: F401, PLC0415
+
+    for mod in (adaln_modulate,):
+        mod.register_cases(QUICK_SHAPES if quick else SHAPES)
+    return list(REGISTRY)
