@@ -50,10 +50,20 @@ def register(case: Case) -> Case:
 
 
 def load_all(quick: bool = False) -> list[Case]:
-    """Import every op's bench file and return the cases (quick: the interpreter-sized shapes only)."""
-    REGISTRY.clear()
-    from bench.ops import adaln_modulate  # noqa: F401, PLC0415
+    """Import every op's bench file (``bench/ops/*.py`` with a ``register_cases(shapes)``) and return the cases.
 
-    for mod in (adaln_modulate,):
-        mod.register_cases(QUICK_SHAPES if quick else SHAPES)
+    quick: the interpreter-sized shapes only. A bench file may define its own ``SHAPES`` / ``QUICK_SHAPES`` (GEMM and
+    attention shapes differ from the row-wise ones above); otherwise it gets the shared ones.
+    """
+    import importlib  # noqa: PLC0415
+    import pkgutil  # noqa: PLC0415
+
+    import bench.ops  # noqa: PLC0415
+
+    REGISTRY.clear()
+    for info in sorted(pkgutil.iter_modules(bench.ops.__path__), key=lambda m: m.name):
+        mod = importlib.import_module(f"bench.ops.{info.name}")
+        if hasattr(mod, "register_cases"):
+            own = getattr(mod, "QUICK_SHAPES" if quick else "SHAPES", None)
+            mod.register_cases(own if own is not None else (QUICK_SHAPES if quick else SHAPES))
     return list(REGISTRY)

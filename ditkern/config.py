@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ditkern._backend import requested_backend
 
@@ -14,10 +15,15 @@ class PatchConfig:
     fused_norms: fuse adaLN norm + modulate, and the gated residual add with the next norm + modulate.
     backend:     None (``DITKERN_BACKEND`` or auto: cuda -> triton -> torch), "auto", "cuda", "triton" or "torch".
                  A named backend that cannot run raises at call time with its reason.
+    cache, quant, attention, moe: the lossy features, each validated by the feature that owns it; None = off.
     """
 
     fused_norms: bool = True
     backend: str | None = None
+    cache: Any = None  # ditkern.TaylorCache(...)      (feature: ditkern/cache)
+    quant: Any = None  # "fp4" | "w4a8" | QuantConfig  (feature: ditkern/quant)
+    attention: Any = None  # ditkern.WindowAttention(...) (feature: ditkern/attention)
+    moe: Any = None  # MoE dispatch options            (feature: ditkern/moe)
 
     def __post_init__(self):
         if not isinstance(self.fused_norms, bool):

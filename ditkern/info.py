@@ -16,20 +16,29 @@ def _version(pkg: str) -> str:
 
 
 def ops_table() -> dict[str, dict]:
-    """{op: {"sample": description, "backends": {name: None | reason}, "auto": chosen}} on a sample input."""
+    """{op: {"sample": description, "backends": {name: None | reason}, "auto": chosen}} for every op module in
+    ``ditkern/ops`` that declares ``BACKENDS`` and ``info_sample(device, dtype) -> tuple of tensors``."""
+    import importlib  # noqa: PLC0415
+    import pkgutil  # noqa: PLC0415
+
+    import ditkern.ops  # noqa: PLC0415
     from ditkern._backend import BackendUnavailable, choose, explain  # noqa: PLC0415
-    from ditkern.ops import adaln_modulate as adaln  # noqa: PLC0415
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    x = torch.empty(1, 8, 3072, device=device, dtype=dtype)
     out = {}
-    for op, backends in {"adaln_modulate / gated_residual_adaln": adaln.BACKENDS}.items():
+    for info in sorted(pkgutil.iter_modules(ditkern.ops.__path__), key=lambda m: m.name):
+        mod = importlib.import_module(f"ditkern.ops.{info.name}")
+        if not (hasattr(mod, "BACKENDS") and hasattr(mod, "info_sample")):
+            continue
+        tensors = mod.info_sample(device, dtype)
+        op = getattr(mod, "OP_NAMES", info.name)
         try:
-            chosen = choose(op, backends, x)
+            chosen = choose(op, mod.BACKENDS, *tensors)
         except BackendUnavailable as exc:
             chosen = f"none ({exc})"
-        out[op] = {"sample": f"[1, 8, 3072] {dtype} on {device}", "backends": explain(backends, x), "auto": chosen}
+        desc = ", ".join(f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in tensors if t is not None)
+        out[op] = {"sample": f"{desc} on {device}", "backends": explain(mod.BACKENDS, *tensors), "auto": chosen}
     return out
 
 

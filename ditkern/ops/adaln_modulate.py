@@ -167,6 +167,12 @@ def _torch_can_run(x, *others) -> str | None:
 
 
 BACKENDS = {"cuda": _cuda_can_run, "triton": _triton_can_run, "torch": _torch_can_run}
+OP_NAMES = "adaln_modulate / gated_residual_adaln"
+
+
+def info_sample(device, dtype):
+    """Sample inputs for ``python -m ditkern info`` (a FLUX-width row)."""
+    return (torch.empty(1, 8, 3072, device=device, dtype=dtype),)
 
 
 def _run(x, y, gate, shift, scale, weight, bias, norm: str, eps: float, backend: str):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
+import importlib.util
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,11 +30,20 @@ STATE_ATTR = "_ditkern_patch_state"
 
 @dataclass
 class Plan:
-    """What a rule decided for one module: install ``new_forward`` under the hook name ``name``."""
+    """What a rule decided for one module.
 
-    name: str  # short name of the fusion, e.g. "adaln" (the hook is registered as "ditkern.adaln")
+    ``new_forward(module, *args, **kwargs)`` replaces the module's forward through a diffusers hook registered as
+    ``"ditkern." + name``. ``apply(module)`` / ``undo(module)`` do any other instance-level change (a processor swap,
+    packed weights) and must leave the module bit-identical after ``undo``. ``detail`` is shown in the report
+    (a format, a memory figure).
+    """
+
+    name: str  # short name of the change, e.g. "adaln"; unique per module
     what: str  # human-readable description for the report
-    new_forward: Callable  # new_forward(module, *args, **kwargs)
+    new_forward: Callable | None = None
+    apply: Callable[[nn.Module], None] | None = None
+    undo: Callable[[nn.Module], None] | None = None
+    detail: str = ""
 
 
 # A rule maps a module to a Plan, or to a string: the reason it is skipped.
@@ -47,6 +58,29 @@ class Family:
     model_classes: tuple[str, ...]
     rules: dict[str, Rule]
     notes: str = ""
+
+
+@dataclass
+class Feature:
+    """A capability that applies across families (caching, quantization, attention), switched on by a config field.
+
+    ``rules(family, model, config)`` returns extra rules keyed by exact class name (the model's own class name
+    matches the root module), or None when the feature is off in ``config``. Features register themselves with
+    :func:`register_feature` when their module is imported (see ``_load_families``).
+    """
+
+    name: str
+    rules: Callable[[Family, nn.Module, PatchConfig], "dict[str, Rule] | None"]
+
+
+FEATURES: list[Feature] = []
+
+
+def register_feature(feature: Feature) -> Feature:
+    if any(f.name == feature.name for f in FEATURES):
+        raise ValueError(f"feature {feature.name!r} is already registered")
+    FEATURES.append(feature)
+    return feature
 
 
 FAMILIES: dict[str, Family] = {}
@@ -68,6 +102,15 @@ def supported_models() -> list[str]:
 def _load_families():
     # importing the family modules registers them (kept lazy so `import ditkern` stays light)
     from ditkern.patch import dit, flux, pixart, sd3, wan  # noqa: F401, PLC0415
+
+    # features register themselves when their module is imported: ditkern/<feature>/feature.py
+    for name in FEATURE_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+
+
+# where features live; a missing one simply is not available (its config field then raises a clear error)
+FEATURE_MODULES = ("ditkern.cache.feature", "ditkern.quant.feature", "ditkern.attention.feature", "ditkern.moe.feature")
 
 
 @functools.cache
@@ -91,9 +134,10 @@ def _hook_class():
 @dataclass
 class _Installed:
     module: nn.Module
-    hook_name: str
+    hook_name: str | None
     created_registry: bool
     had_forward_attr: bool
+    undo: Callable[[nn.Module], None] | None = None
 
 
 @dataclass
@@ -116,26 +160,46 @@ def _targets(obj) -> list[tuple[str, nn.Module]]:
 
 
 def _install(module: nn.Module, plan: Plan) -> _Installed:
-    from diffusers.hooks import HookRegistry  # noqa: PLC0415
-
     created = not hasattr(module, "_diffusers_hook")
     had_forward = "forward" in module.__dict__
-    registry = HookRegistry.check_if_exists_or_initialize(module)
-    name = HOOK_PREFIX + plan.name
-    registry.register_hook(_hook_class()(plan.new_forward), name)
-    return _Installed(module, name, created, had_forward)
+    name = None
+    if plan.apply is not None:
+        plan.apply(module)
+    if plan.new_forward is not None:
+        from diffusers.hooks import HookRegistry  # noqa: PLC0415
+
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        name = HOOK_PREFIX + plan.name
+        try:
+            registry.register_hook(_hook_class()(plan.new_forward), name)
+        except Exception:
+            if plan.undo is not None:
+                plan.undo(module)
+            raise
+    return _Installed(module, name, created, had_forward, plan.undo)
 
 
 def _uninstall(entry: _Installed) -> None:
     registry = getattr(entry.module, "_diffusers_hook", None)
-    if registry is None:
-        return
-    registry.remove_hook(entry.hook_name, recurse=False)
-    if entry.created_registry and not registry.hooks:
-        # leave the module exactly as we found it: no registry, no instance-level forward
-        del entry.module._diffusers_hook
-        if not entry.had_forward_attr and "forward" in entry.module.__dict__:
-            del entry.module.forward
+    if entry.hook_name is not None and registry is not None:
+        registry.remove_hook(entry.hook_name, recurse=False)
+        if entry.created_registry and not registry.hooks:
+            # leave the module exactly as we found it: no registry, no instance-level forward
+            del entry.module._diffusers_hook
+            if not entry.had_forward_attr and "forward" in entry.module.__dict__:
+                del entry.module.forward
+    if entry.undo is not None:
+        entry.undo(entry.module)
+
+
+def rules_for(family: Family, model: nn.Module, config: PatchConfig) -> dict[str, list[Rule]]:
+    """The family's rules plus those of every enabled feature, keyed by exact class name."""
+    merged: dict[str, list[Rule]] = {cls: [rule] for cls, rule in family.rules.items()}
+    for feature in FEATURES:
+        extra = feature.rules(family, model, config)
+        for cls, rule in (extra or {}).items():
+            merged.setdefault(cls, []).append(rule)
+    return merged
 
 
 def patch(model_or_pipeline, config: PatchConfig | None = None, **options) -> PatchReport:
@@ -165,22 +229,21 @@ def patch(model_or_pipeline, config: PatchConfig | None = None, **options) -> Pa
             continue
         state = _State(config=config)
         backend = _report_backend(model, config)
+        rules = rules_for(family, model, config)
         for path, module in model.named_modules():
-            rule = family.rules.get(type(module).__name__)
-            if rule is None:
-                continue
-            full = ".".join(p for p in (prefix, path) if p)
-            try:
-                plan = rule(module, config)
-            except Exception as exc:  # a rule that cannot understand a module must skip it, never half-patch
-                plan = f"rule failed: {type(exc).__name__}: {exc}"
-            if plan is None:
-                continue
-            if isinstance(plan, str):
-                report.add(Row(full, type(module).__name__, "skipped", "", "", plan))
-                continue
-            state.installed.append(_install(module, plan))
-            report.add(Row(full, type(module).__name__, "patched", plan.what, backend, ""))
+            for rule in rules.get(type(module).__name__, ()):
+                full = ".".join(p for p in (prefix, path) if p) or label
+                try:
+                    plan = rule(module, config)
+                except Exception as exc:  # a rule that cannot understand a module must skip it, never half-patch
+                    plan = f"rule failed: {type(exc).__name__}: {exc}"
+                if plan is None:
+                    continue
+                if isinstance(plan, str):
+                    report.add(Row(full, type(module).__name__, "skipped", "", "", plan))
+                    continue
+                state.installed.append(_install(module, plan))
+                report.add(Row(full, type(module).__name__, "patched", plan.what, backend, "", plan.detail))
         if not state.installed:
             report.note(f"{label}: no module of {type(model).__name__} matched a ditkern rule")
         state.report = report
@@ -222,7 +285,15 @@ def _merge(config: PatchConfig | None, options: dict) -> PatchConfig:
     unknown = sorted(set(options) - valid)
     if unknown:
         raise TypeError(f"unknown patch option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(valid))}")
-    return dataclasses.replace(config, **options) if options else config
+    config = dataclasses.replace(config, **options) if options else config
+    _load_families()
+    for name in FEATURE_FIELDS:
+        if getattr(config, name) is not None and not any(f.name == name for f in FEATURES):
+            raise ValueError(f"ditkern.patch: option {name}=... is not available in this version of ditkern")
+    return config
+
+
+FEATURE_FIELDS = ("cache", "quant", "attention", "moe")
 
 
 def _report_backend(model: nn.Module, config: PatchConfig) -> str:

@@ -13,6 +13,7 @@ class Row:
     what: str  # the fusion installed (patched rows)
     backend: str  # backend the fused op runs on for the model's current device and dtype
     reason: str  # why it was skipped (skipped rows)
+    detail: str = ""  # feature-specific facts: a format, a memory figure
 
 
 @dataclass
@@ -47,8 +48,8 @@ class PatchReport:
     def __str__(self) -> str:
         lines = [self.summary()]
         if self.rows:
-            headers = ("status", "module", "class", "what / why not", "backend")
-            table = [(r.status, r.module, r.cls, r.what or r.reason, r.backend) for r in self.rows]
+            headers = ("status", "module", "class", "what / why not", "backend", "detail")
+            table = [(r.status, r.module, r.cls, r.what or r.reason, r.backend, r.detail) for r in self.rows]
             widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(headers)]
             fmt = "  ".join(f"{{:<{w}}}" for w in widths)
             lines.append(fmt.format(*headers))

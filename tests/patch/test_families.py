@@ -158,3 +158,38 @@ def test_compile_fullgraph_of_patched_block():
     for a, b, c in zip(compiled, eager, expected):
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+
+
+def test_feature_option_without_feature_is_a_clear_error(monkeypatch):
+    from ditkern.patch import engine
+
+    monkeypatch.setattr(engine, "FEATURES", [f for f in engine.FEATURES if f.name != "moe"])
+    model, _ = tiny.dit()
+    with pytest.raises(ValueError, match="option moe=... is not available"):
+        ditkern.patch(model, moe=object())
+
+
+def test_feature_rules_compose_with_family_rules(monkeypatch):
+    """A feature's rule on a class the family also patches installs a second hook; unpatch removes both."""
+    from ditkern.patch import engine
+
+    calls = []
+
+    def rule(module, cfg):
+        def forward(module, *args, **kwargs):
+            calls.append(type(module).__name__)
+            return module._diffusers_hook._fn_refs[-1].original_forward(*args, **kwargs)
+
+        return engine.Plan("probe", "probe hook", forward, detail="probe")
+
+    feature = engine.Feature("probe", lambda family, model, cfg: {"BasicTransformerBlock": rule})
+    monkeypatch.setattr(engine, "FEATURES", [*engine.FEATURES, feature])
+    model, inputs = tiny.dit()
+    model.eval()
+    before = _run(model, inputs)
+    report = ditkern.patch(model, backend="torch")
+    assert sum(r.what == "probe hook" for r in report.patched) == 2
+    _run(model, inputs)
+    assert calls == ["BasicTransformerBlock"] * 2
+    ditkern.unpatch(model)
+    assert _hooks_left(model) == [] and torch.equal(_run(model, inputs), before)
