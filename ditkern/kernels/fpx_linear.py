@@ -1,0 +1,98 @@
+"""Triton weight-only FP4/FP6/int4 GEMM: ``out = (x * inv_smooth) @ W_hat.T + bias`` for bf16/fp16/fp32 x.
+
+``W_hat[n, k] = value(code[n, k]) * scale[n, k // G]``. Codes (packed layout: ``ditkern/quant/formats.py``) are
+unpacked and decoded to exact values in registers, cast to x's dtype (every code value is exact in fp16 and bf16),
+and multiplied on tensor cores with fp32 accumulation; the per-group scale multiplies each K tile's partial product
+outside the dot (BLOCK_K divides G, so one tile lies in one group), the way FP8 GEMMs apply block scales. This is
+the memory-bound small-M path: it reads 4-6.5 bits per weight instead of 16. Layout: x ``[M, K]`` (any row stride,
+unit stride along K), out ``[M, N]``. FP4DiT (arXiv 2503.15465) motivates the float formats.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ditkern.kernels.fpx_common import decode_f32, format_constexprs, load_codes, load_scales
+
+
+@triton.jit
+def _fpx_linear_fwd_kernel(
+    X, PACKED, SCALES, BIAS, INV_SMOOTH, OUT,
+    M, N, K, K_pad,
+    stride_xm, stride_pn, stride_sn, stride_om,
+    G: tl.constexpr,
+    BITS: tl.constexpr, MAN: tl.constexpr, BIAS_EXP: tl.constexpr, IS_INT: tl.constexpr,
+    SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    i_m, i_n = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m, m_n = o_m < M, o_n < N
+    p_x = X + o_m[:, None].to(tl.int64) * stride_xm
+    p_w = PACKED + o_n[:, None].to(tl.int64) * stride_pn
+    p_s = SCALES + o_n.to(tl.int64) * stride_sn
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, K_pad, BLOCK_K):
+        o_k = kb + tl.arange(0, BLOCK_K)
+        b_x = tl.load(p_x + o_k[None, :], mask=m_m[:, None] & (o_k[None, :] < K), other=0.0)  # [BLOCK_M, BLOCK_K]
+        if HAS_SMOOTH:
+            b_is = tl.load(INV_SMOOTH + o_k, mask=o_k < K, other=0.0)
+            b_x = (b_x.to(tl.float32) * b_is[None, :]).to(X.dtype.element_ty)
+        b_c = load_codes(p_w, kb, m_n[:, None], BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
+        b_w = decode_f32(b_c, BITS, MAN, BIAS_EXP, IS_INT).to(X.dtype.element_ty)
+        if IEEE:
+            b_p = tl.dot(b_x, tl.trans(b_w), input_precision="ieee")
+        else:
+            b_p = tl.dot(b_x, tl.trans(b_w))  # [BLOCK_M, BLOCK_N] fp32
+        b_s = load_scales(p_s + kb // G, m_n, SCALE_KIND)  # [BLOCK_N]
+        b_acc += b_p * b_s[None, :]
+    if HAS_BIAS:
+        b_acc += tl.load(BIAS + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    p_o = OUT + o_m[:, None].to(tl.int64) * stride_om + o_n[None, :]
+    tl.store(p_o, b_acc.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+def _blocks(M: int, group_size: int, interpreted: bool) -> tuple[int, int, int]:
+    # BLOCK_K divides the group so one scale covers a K tile. Under the interpreter cost is per program and loop
+    # step, so tiles are as large as the shapes allow.
+    bk = min(group_size, 128 if interpreted else 64)
+    bm = max(16, min(64 if not interpreted else 128, triton.next_power_of_2(M)))
+    bn = 64 if not interpreted else 128
+    return bm, bn, bk
+
+
+def fpx_linear_triton(x2, packed, scales, bias, inv_smooth, out, *, fmt, group_size: int, K: int) -> None:
+    """Launch on ``x2`` ``[M, K]`` (unit stride along K) into ``out`` ``[M, N]``; see ``ditkern.ops.fpx_linear``."""
+    from ditkern._backend import triton_interpreted  # noqa: PLC0415
+    from ditkern.quant.formats import padded_k, scale_kind  # noqa: PLC0415
+
+    M = x2.shape[0]
+    N = packed.shape[0]
+    bm, bn, bk = _blocks(M, group_size, triton_interpreted())
+    kind = scale_kind(scales)
+    s = scales.view(torch_int16()) if kind == 1 else scales
+    c = format_constexprs(fmt)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _fpx_linear_fwd_kernel[grid](
+        x2, packed, s, bias if bias is not None else out, inv_smooth if inv_smooth is not None else out, out,
+        M, N, K, padded_k(K, group_size),
+        x2.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
+        G=group_size, BITS=c["BITS"], MAN=c["MAN"], BIAS_EXP=c["BIAS"], IS_INT=c["IS_INT"],
+        SCALE_KIND=kind, HAS_BIAS=bias is not None, HAS_SMOOTH=inv_smooth is not None,
+        IEEE=x2.dtype == torch_float32(),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+    )  # fmt: skip
+
+
+def torch_int16():
+    import torch  # noqa: PLC0415
+
+    return torch.int16
+
+
+def torch_float32():
+    import torch  # noqa: PLC0415
+
+    return torch.float32
