@@ -1,0 +1,104 @@
+"""``ditkern.QuantConfig``: what ``ditkern.patch(model, quant=...)`` quantizes, and how."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ditkern.quant.formats import FORMATS, SCALE_DTYPES, check_group_size, get_format
+
+ACTIVATIONS = {None: None, "fp8": "e4m3", "fp6": "fp6_e3m2"}  # option -> the activation grid of quantize_fp8
+METHODS = ("absmax", "awq")
+PRESETS = {
+    "fp4": dict(format="fp4_e2m1"),
+    "int4": dict(format="int4"),
+    "fp6": dict(format="fp6_e2m3"),
+    "w4a8": dict(format="fp4_e2m1", activations="fp8"),
+    "w6a8": dict(format="fp6_e2m3", activations="fp8"),
+    "w4a6": dict(format="fp4_e2m1", activations="fp6"),
+}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Quantization of a DiT's linear layers.
+
+    format:        "fp4_e2m1", "fp6_e3m2", "fp6_e2m3", "int4", or "auto4" (per layer the 4-bit format, FP4 or
+                   int4, with the lower measured error: the output error on calibration inputs when ``calibration``
+                   is given, else the weight error)
+    group_size:    32, 64 or 128 weights along K share one scale
+    scale_dtype:   "fp32", "bf16" or "e8m0" (power-of-two scales of the OCP MX spec, rounded up: nothing saturates)
+    activations:   None (weight-only), "fp8" (per-token E4M3: W4A8 / W6A8), "fp6" (per-token FP6 E3M2 grid fed as
+                   E4M3, FP4DiT's A6). FP8 needs compute capability >= (8, 9); below it the weight-only GEMM runs.
+    skip:          fnmatch patterns of module paths (inside the transformer) kept in high precision; None = the
+                   default list (embedders, final projection/norm, adaLN modulation of the first and last block),
+                   [] = quantize every linear layer
+    memory_budget: None, or the bytes the quantized layers' weights may take (int), or a fraction (float <= 1) of
+                   their bf16 size: starting from ``format``, layers are upgraded (to fp6_e2m3, then kept in high
+                   precision) where the measured error drops most per byte, while the total fits
+    method:        "absmax" (per-group absmax scales) or "awq" (activation-aware per-input-channel scaling searched
+                   on the output error of calibration activations; needs ``calibration``)
+    calibration:   a :class:`ditkern.quant.Calibration` from :func:`ditkern.quant.calibrate`
+    """
+
+    format: str = "fp4_e2m1"
+    group_size: int = 64
+    scale_dtype: str = "fp32"
+    activations: str | None = None
+    skip: tuple[str, ...] | None = None
+    memory_budget: int | float | None = None
+    method: str = "absmax"
+    calibration: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.format != "auto4":
+            try:
+                get_format(self.format)
+            except ValueError:
+                raise ValueError(
+                    f"QuantConfig.format={self.format!r} is not a known format; choose one of "
+                    f"{', '.join([*FORMATS, 'auto4'])}"
+                ) from None
+        unit_fmt = None if self.format == "auto4" else get_format(self.format)
+        try:
+            check_group_size(self.group_size, unit_fmt, field="QuantConfig.group_size")
+        except TypeError as exc:
+            raise TypeError(str(exc)) from None
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"QuantConfig.scale_dtype={self.scale_dtype!r} is not one of {SCALE_DTYPES}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"QuantConfig.activations={self.activations!r} is not one of None, 'fp8', 'fp6'")
+        if self.skip is not None:
+            if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
+                raise TypeError(f"QuantConfig.skip must be None or a list of fnmatch patterns, got {self.skip!r}")
+            object.__setattr__(self, "skip", tuple(self.skip))
+        b = self.memory_budget
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0):
+            raise ValueError(f"QuantConfig.memory_budget={b!r} must be None, bytes (int > 0) or a fraction (0 < f <= 1)")
+        if isinstance(b, float) and b > 1:
+            raise ValueError(f"QuantConfig.memory_budget={b!r}: a float is a fraction of the bf16 size, at most 1.0")
+        if self.method not in METHODS:
+            raise ValueError(f"QuantConfig.method={self.method!r} is not one of {METHODS}")
+        if self.method == "awq" and self.calibration is None:
+            raise ValueError("QuantConfig.method='awq' needs calibration=ditkern.quant.calibrate(...)")
+
+    @property
+    def act_grid(self) -> str | None:
+        return ACTIVATIONS[self.activations]
+
+    def describe(self) -> str:
+        a = {None: "", "fp8": " A8", "fp6": " A6"}[self.activations]
+        return f"{self.format} g{self.group_size} {self.scale_dtype}-scales{a}"
+
+
+def as_quant_config(value) -> QuantConfig:
+    """``PatchConfig.quant`` (a preset name or a QuantConfig) -> QuantConfig."""
+    if isinstance(value, QuantConfig):
+        return value
+    if isinstance(value, str):
+        if value in PRESETS:
+            return QuantConfig(**PRESETS[value])
+        if value in FORMATS or value == "auto4":
+            return QuantConfig(format=value)
+        raise ValueError(f"quant={value!r} is not a preset ({', '.join(PRESETS)}), a format, or a QuantConfig")
+    raise TypeError(f"quant must be a preset name or a ditkern.QuantConfig, got {type(value).__name__}")

@@ -1,0 +1,272 @@
+"""The "quant" feature: ``ditkern.patch(model, quant="fp4" | "fp6" | "w4a8" | "w6a8" | QuantConfig(...))``.
+
+Every ``nn.Linear`` (exact class name ``Linear``) inside the family's transformer is replaced, per instance, by a
+packed FP4/FP6/int4 layer: the ``weight`` parameter is taken out of the module (offloaded to the CPU when the model is
+on a GPU, so ``unpatch`` can put the very same tensor back, bit-exact), the packed codes and scales become buffers
+(``qweight_packed``, ``qweight_scales``, optional ``qweight_inv_smooth``; they follow ``model.to(...)``), ``weight`` is
+left as a zero-stride placeholder of the original shape/dtype/device (code that reads ``linear.weight.dtype`` keeps
+working; nothing reads its values: the forward is replaced), and the forward runs ``fpx_linear`` (weight-only) or
+``fpx_fp8_linear`` (W4A8 / W6A8 / W4A6). On the CPU the ops run their torch reference (dequantize + matmul), so a
+quantized model runs everywhere. The report row of each layer shows its format and its weight memory before/after.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from ditkern.patch.engine import Feature, Plan, register_feature
+from ditkern.quant.config import QuantConfig, as_quant_config
+from ditkern.quant.formats import QuantizedWeight, inv_smooth, quantize
+
+UPGRADE = "fp6_e2m3"  # the format a layer moves to first under a memory budget
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+
+DEFAULT_SKIP = (
+    "*embed*",  # patch/text/timestep/class embedders (x_embedder, context_embedder, time_text_embed, condition_embedder)
+    "caption_projection*",  # PixArt's text projection
+    "adaln_single*",  # PixArt's shared timestep -> 6 x D modulation of every block
+    "proj_out*",  # final projection (DiT: proj_out_1 / proj_out_2)
+    "norm_out*",  # final adaLN-continuous modulation
+)
+
+
+def default_skip(model: nn.Module) -> list[str]:
+    """The default high-precision list: :data:`DEFAULT_SKIP` plus the adaLN modulation linears (``norm*``) of the
+    first block of the first block list and the last block of the last one."""
+    pats = list(DEFAULT_SKIP)
+    lists = [(n, getattr(model, n)) for n in BLOCK_LISTS if isinstance(getattr(model, n, None), nn.ModuleList)]
+    lists = [(n, lst) for n, lst in lists if len(lst)]
+    if lists:
+        pats.append(f"{lists[0][0]}.0.norm*")
+        pats.append(f"{lists[-1][0]}.{len(lists[-1][1]) - 1}.norm*")
+    return pats
+
+
+def _matches(path: str, patterns) -> str | None:
+    return next((p for p in patterns if fnmatch.fnmatchcase(path, p)), None)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**16 else f"{n / 2**10:.1f} KiB"
+
+
+def _fp8_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    from ditkern._backend import cuda_capability  # noqa: PLC0415
+
+    cap = cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+    return None if cap >= (8, 9) else f"sm_{cap[0]}{cap[1]} has no FP8 tensor cores: weight-only GEMM"
+
+
+def quantize_layer(path: str, module: nn.Linear, fmt: str, qc: QuantConfig, stats) -> QuantizedWeight:
+    w = module.weight.detach()
+    if qc.method == "awq" and stats is not None:
+        from ditkern.quant.calibrate import awq_quantize  # noqa: PLC0415
+
+        return awq_quantize(w, fmt, qc.group_size, qc.scale_dtype, stats, name=path)[0]
+    return quantize(w, fmt, qc.group_size, qc.scale_dtype, name=path)
+
+
+def plan_model(model: nn.Module, qc: QuantConfig, backend: str | None) -> dict[int, Plan | str]:
+    """Decide (and quantize) every linear layer: {id(module): Plan, or the reason it stays in high precision}."""
+    skip = default_skip(model) if qc.skip is None else list(qc.skip)
+    cal = qc.calibration.layers if qc.calibration is not None else {}
+    preq = getattr(qc, "_prequantized", None)  # set by load_quantized: {path: QuantizedWeight}
+    out: dict[int, Plan | str] = {}
+    chosen: dict[str, tuple[nn.Module, QuantizedWeight | None]] = {}
+    for path, m in model.named_modules():
+        if type(m).__name__ != "Linear":
+            continue
+        if preq is not None:
+            if path in preq:
+                chosen[path] = (m, preq[path])
+            else:
+                out[id(m)] = "kept in high precision (not quantized in the loaded checkpoint)"
+            continue
+        pat = _matches(path, skip)
+        if pat is not None:
+            out[id(m)] = f"kept in high precision (skip pattern {pat!r})"
+            continue
+        if "weight" not in m._parameters or m.weight is None or m.weight.dim() != 2:
+            out[id(m)] = "no 2-D weight parameter"
+            continue
+        chosen[path] = (m, None)
+
+    if preq is None:
+        errors: dict[str, dict[str, float]] = {}
+        need_err = qc.format == "auto4" or qc.memory_budget is not None
+        from ditkern.quant.calibrate import layer_error  # noqa: PLC0415
+
+        for path, (m, _) in chosen.items():
+            stats = cal.get(path)
+            base = ("fp4_e2m1", "int4") if qc.format == "auto4" else (qc.format,)
+            cands = {f: quantize_layer(path, m, f, qc, stats) for f in base}
+            if need_err:
+                errs = {f: layer_error(m.weight.detach(), q, stats) for f, q in cands.items()}
+                best = min(errs, key=errs.get)
+                errors[path] = {"base": errs[best]}
+                chosen[path] = (m, cands[best])
+            else:
+                chosen[path] = (m, cands[qc.format])
+        if qc.memory_budget is not None:
+            _fit_budget(chosen, errors, qc, cal)
+
+    act = qc.act_grid
+    for path, (m, qw) in chosen.items():
+        if qw is None:
+            out[id(m)] = "kept in high precision by memory_budget (largest error per byte saved)"
+            continue
+        out[id(m)] = _plan(m, qw, act, backend, qc)
+    return out
+
+
+def _fit_budget(chosen, errors, qc: QuantConfig, cal) -> None:
+    """Greedy upgrades (4-bit -> fp6_e2m3 -> high precision) by measured error reduction per extra byte."""
+    from ditkern.quant.calibrate import layer_error  # noqa: PLC0415
+
+    bf16 = sum(m.weight.numel() * 2 for m, _ in chosen.values())
+    budget = qc.memory_budget if isinstance(qc.memory_budget, int) else int(qc.memory_budget * bf16)
+    level = {p: 0 for p in chosen}
+    qws = {p: [qw] for p, (m, qw) in chosen.items()}
+    errs = {p: [errors[p]["base"]] for p in chosen}
+    cost = {p: [qw.nbytes] for p, (m, qw) in chosen.items()}
+    for p, (m, qw) in chosen.items():
+        up = quantize_layer(p, m, UPGRADE, qc, cal.get(p)) if qw.format != UPGRADE else None
+        if up is not None:
+            qws[p].append(up)
+            errs[p].append(layer_error(m.weight.detach(), up, cal.get(p)))
+            cost[p].append(up.nbytes)
+        qws[p].append(None)  # high precision
+        errs[p].append(0.0)
+        cost[p].append(m.weight.numel() * m.weight.element_size())
+    total = sum(c[0] for c in cost.values())
+    if total > budget:
+        raise ValueError(f"QuantConfig.memory_budget={qc.memory_budget!r} ({budget} bytes) is below what the "
+                         f"quantized layers need at {qc.format} ({total} bytes)")  # fmt: skip
+    while True:
+        best = None
+        for p in chosen:
+            lv = level[p]
+            if lv + 1 >= len(cost[p]):
+                continue
+            extra = cost[p][lv + 1] - cost[p][lv]
+            gain = errs[p][lv] - errs[p][lv + 1]
+            if total + extra <= budget and gain > 0:
+                score = gain / max(extra, 1)
+                if best is None or score > best[0]:
+                    best = (score, p, extra)
+        if best is None:
+            break
+        _, p, extra = best
+        level[p] += 1
+        total += extra
+    for p, (m, _) in chosen.items():
+        chosen[p] = (m, qws[p][level[p]])
+
+
+def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str | None, qc: QuantConfig) -> Plan:
+    N, K = qw.shape
+    w = module.weight
+    before = w.numel() * w.element_size()
+    after = qw.nbytes
+    note = ""
+    use_act = act
+    if act is not None and (reason := _fp8_reason(w.device)):
+        use_act, note = None, f"; {reason}"
+    a = {None: "", "e4m3": " A8", "fp6_e3m2": " A6"}[use_act]
+    sm = " awq" if qw.smooth is not None else ""
+    detail = f"{qw.format} g{qw.group_size}{a}{sm}: {_mib(before)} -> {_mib(after)} ({after / before:.2f}x){note}"
+    what = "quantized linear (fpx_fp8_linear)" if use_act else "quantized linear (fpx_linear)"
+    fmt, G = qw.format, qw.group_size
+
+    def forward(module, input):
+        inv = module._buffers.get("qweight_inv_smooth")
+        if use_act is None:
+            return _fpx_linear()(input, module.qweight_packed, module.qweight_scales, module.bias, format=fmt,
+                                 group_size=G, in_features=K, inv_smooth=inv, backend=backend)  # fmt: skip
+        return _fpx_fp8_linear()(input, module.qweight_packed, module.qweight_scales, module.bias, format=fmt,
+                                 group_size=G, in_features=K, act=use_act, inv_smooth=inv, backend=backend)  # fmt: skip
+
+    def apply(module):
+        order = list(module._parameters)
+        p = module._parameters.pop("weight")
+        dev = p.device
+        if dev.type != "cpu":
+            p.data = p.data.to("cpu")  # frees the device copy; unpatch moves this very tensor back
+        module._ditkern_quant = {"param": p, "device": dev, "order": order, "qweight": qw, "activations": qc.activations}
+        module.register_buffer("qweight_packed", qw.packed.to(dev))
+        module.register_buffer("qweight_scales", qw.scales.to(dev))
+        if qw.smooth is not None:
+            module.register_buffer("qweight_inv_smooth", inv_smooth(qw.smooth).to(dev))
+        # a placeholder with the weight's shape, dtype and device, 1 element of storage
+        module.__dict__["weight"] = torch.zeros((), dtype=p.dtype, device=dev).expand(N, K)
+
+    def undo(module):
+        st = module.__dict__.pop("_ditkern_quant")
+        module.__dict__.pop("weight", None)
+        for name in ("qweight_packed", "qweight_scales", "qweight_inv_smooth"):
+            module._buffers.pop(name, None)
+        p = st["param"]
+        if st["device"].type != "cpu":
+            p.data = p.data.to(st["device"])
+        params = OrderedDict((k, p if k == "weight" else module._parameters[k]) for k in st["order"])
+        module._parameters.clear()
+        module._parameters.update(params)
+
+    return Plan("quant", what, forward, apply, undo, detail)
+
+
+def _fpx_linear():
+    from ditkern.ops.fpx_linear import fpx_linear  # noqa: PLC0415
+
+    return fpx_linear
+
+
+def _fpx_fp8_linear():
+    from ditkern.ops.fpx_fp8_linear import fpx_fp8_linear  # noqa: PLC0415
+
+    return fpx_fp8_linear
+
+
+def _rules(family, model, config):
+    if config.quant is None:
+        return None
+    qc = as_quant_config(config.quant)
+    plans = plan_model(model, qc, config.backend)
+
+    def linear_rule(module, cfg):
+        return plans.get(id(module))
+
+    return {"Linear": linear_rule}
+
+
+QUANT = register_feature(Feature("quant", _rules))
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedWeight]:
+    """{module path: QuantizedWeight} of a patched model's quantized linear layers."""
+    return {p: m.__dict__["_ditkern_quant"]["qweight"] for p, m in model.named_modules() if "_ditkern_quant" in m.__dict__}
+
+
+def weight_memory(model: nn.Module) -> dict[str, int]:
+    """Bytes of linear-layer weights now (packed + scales for quantized layers) and before quantization."""
+    now = before = 0
+    for _, m in model.named_modules():
+        if type(m).__name__ != "Linear":
+            continue
+        st = m.__dict__.get("_ditkern_quant")
+        if st is not None:
+            now += st["qweight"].nbytes
+            before += st["param"].numel() * st["param"].element_size()
+        elif isinstance(m._parameters.get("weight"), torch.Tensor):
+            n = m.weight.numel() * m.weight.element_size()
+            now += n
+            before += n
+    return {"quantized_bytes": now, "original_bytes": before}
+
+
