@@ -47,7 +47,8 @@ def taylor_forecast_ref(d0, d1, d2, a1, a2, *, base=None, order: int, out_dtype=
         out = out + _col(a2, d0) * d2.float()
     if base is not None:
         out = out + base.float()
-    return out.to(out_dtype or (base.dtype if base is not None else d0.dtype))
+    out = out.to(out_dtype or (base.dtype if base is not None else d0.dtype))
+    return out.clone() if out.data_ptr() == d0.data_ptr() else out  # order 0 without base: never alias the state
 
 
 # ---- validation -----------------------------------------------------------------------------------------------------
