@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "adaln_modulate/adaln_modulate.h"
+#include "fpx/fpx_gemv.h"
 #include "taylor/taylor.h"
 
 namespace py = pybind11;
@@ -49,6 +50,20 @@ static void taylor_forecast(uintptr_t x, uintptr_t base, uintptr_t d0, uintptr_t
   ditkern::taylor_forecast_launch(a);
 }
 
+static void fpx_gemv(uintptr_t x, uintptr_t packed, uintptr_t scales, uintptr_t bias, uintptr_t inv_smooth,
+                     uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t K_pad, const std::vector<int64_t>& strides,
+                     int group_size, int bits, int x_dtype, int scale_kind, const std::vector<float>& lut,
+                     uintptr_t stream, int device) {
+  if (strides.size() != 4) throw std::invalid_argument("ditkern._C.fpx_gemv: strides must have 4 entries");
+  if (lut.size() != (size_t(1) << bits)) throw std::invalid_argument("ditkern._C.fpx_gemv: lut needs 2**bits entries");
+  ditkern::FpxGemvArgs a{x, packed, scales, bias, inv_smooth, out, M, N, K, K_pad,
+                         strides[0], strides[1], strides[2], strides[3], group_size, bits, x_dtype, scale_kind, {},
+                         stream, device};
+  for (size_t i = 0; i < lut.size(); ++i) a.lut[i] = lut[i];
+  py::gil_scoped_release release;
+  ditkern::fpx_gemv_launch(a);
+}
+
 // (error code, message) of cudaGetDeviceCount: tells `ditkern info` whether a driver and a device are present.
 static std::tuple<int, std::string, int> cuda_status() {
   int count = 0;
@@ -67,6 +82,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("adaln_modulate", &adaln_modulate, "fused (gated residual +) norm + adaLN modulate");
   m.def("taylor_update", &taylor_update, "Taylor divided-difference state update (in place)");
   m.def("taylor_forecast", &taylor_forecast, "Taylor forecast + residual add");
+  m.def("fpx_gemv", &fpx_gemv, "weight-only FP4/FP6/int4 GEMV for M <= 16");
   m.def("cuda_status", &cuda_status, "(error code, message, device count) from cudaGetDeviceCount");
   m.def("cuda_runtime_version", &cuda_runtime_version, "CUDA runtime version the extension was built with");
 }

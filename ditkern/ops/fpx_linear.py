@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ditkern._backend import choose, requested_backend, triton_can_run_on
+from ditkern._ext import cuda_can_run_on, dtype_code, ext, stream_of
 from ditkern.quant.formats import FORMATS, check_group_size, get_format, padded_k
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -77,6 +78,21 @@ def _check_x(x, in_features, inv_smooth):
         raise ValueError(f"inv_smooth must be float32 [K={in_features}], got {inv_smooth.dtype} {tuple(inv_smooth.shape)}")
 
 
+CUDA_MAX_M = 16  # the CUDA kernel is the small-M GEMV (adaLN modulation linears: M = batch size)
+
+
+def _cuda_can_run(x, packed=None, *others) -> str | None:
+    reason = cuda_can_run_on(x)
+    if reason:
+        return reason
+    M = x.numel() // x.shape[-1]
+    if M > CUDA_MAX_M:
+        return f"M={M} rows > {CUDA_MAX_M}: the CUDA kernel is the small-M GEMV (Triton's tensor-core GEMM runs larger M)"
+    if packed is not None and (packed.data_ptr() % 4 or packed.stride(0) % 4):
+        return "packed rows are not 4-byte aligned"
+    return None
+
+
 def _triton_can_run(x, *others) -> str | None:
     return triton_can_run_on(x)
 
@@ -85,7 +101,7 @@ def _torch_can_run(x, *others) -> str | None:
     return None
 
 
-BACKENDS = {"triton": _triton_can_run, "torch": _torch_can_run}
+BACKENDS = {"cuda": _cuda_can_run, "triton": _triton_can_run, "torch": _torch_can_run}
 OP_NAMES = "fpx_linear"
 
 
@@ -110,10 +126,12 @@ def _fpx_linear_op(
     in_features: int,
     backend: str,
 ) -> torch.Tensor:
-    name = choose("fpx_linear", BACKENDS, x, backend=backend)
+    name = choose("fpx_linear", BACKENDS, x, packed, backend=backend)
     if name == "torch":
         return fpx_linear_ref(x, packed, scales, bias, format=format, group_size=group_size, in_features=in_features,
                               inv_smooth=inv_smooth)  # fmt: skip
+    if name == "cuda":
+        return _launch_cuda(x, packed, scales, bias, inv_smooth, format, group_size, in_features)
     from ditkern.kernels.fpx_linear import fpx_linear_triton  # noqa: PLC0415
 
     x2 = _rows(x)
@@ -121,6 +139,26 @@ def _fpx_linear_op(
     fpx_linear_triton(x2, packed, scales, bias, inv_smooth, out, fmt=FORMATS[format], group_size=group_size,
                       K=in_features)  # fmt: skip
     return out.view(*x.shape[:-1], packed.shape[0])
+
+
+def _launch_cuda(x, packed, scales, bias, inv_smooth, format, group_size, in_features):
+    from ditkern.quant.formats import scale_kind  # noqa: PLC0415
+
+    fmt = FORMATS[format]
+    x2 = _rows(x)
+    M, N = x2.shape[0], packed.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    b = None if bias is None else bias.float().contiguous()
+    lut = [float(v) for v in fmt.values().tolist()]
+    ext().fpx_gemv(
+        x2.data_ptr(), packed.data_ptr(), scales.data_ptr(), 0 if b is None else b.data_ptr(),
+        0 if inv_smooth is None else inv_smooth.data_ptr(), out.data_ptr(),
+        M, N, in_features, padded_k(in_features, group_size),
+        [x2.stride(0), packed.stride(0), scales.stride(0), out.stride(0)],
+        group_size, fmt.bits, dtype_code(x.dtype), scale_kind(scales), lut,
+        stream_of(x), x.device.index if x.device.index is not None else torch.cuda.current_device(),
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], N)
 
 
 @_fpx_linear_op.register_fake

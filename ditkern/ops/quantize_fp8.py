@@ -33,7 +33,7 @@ def quantize_fp8_ref(x: torch.Tensor, grid: str = "e4m3", inv_smooth: torch.Tens
     amax = xf.abs().amax(-1)
     sx = torch.where(amax > 0, amax / g.max, torch.ones_like(amax))
     xq = _grid_round(xf / sx[:, None], g)
-    return xq.to(torch.float8_e4m3fn), sx
+    return xq.to(torch.float8_e4m3fn).contiguous(), sx.contiguous()
 
 
 def _check(x, grid, inv_smooth):

@@ -173,3 +173,61 @@ def test_gpu_bf16_gemms_match_reference(fmt):
         xq, sx = quantize_fp8(x, backend="triton")
         rq, rs = quantize_fp8_ref(x)
         assert torch.equal(xq.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(sx, rs)
+
+
+# ------------------------------------------------------------------------------------------------------- CUDA GEMV
+def _has_ext():
+    from ditkern._ext import ext_missing
+
+    return ext_missing() is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less error path")
+def test_cuda_gemv_without_gpu_raises_clear_error():
+    if not _has_ext():
+        pytest.skip("ditkern._C is not built")
+    from ditkern._ext import ext
+
+    with pytest.raises(RuntimeError, match=r"ditkern\._C\.fpx_gemv: CUDA error \d+"):
+        ext().fpx_gemv(0, 0, 0, 0, 0, 0, 1, 8, 64, 64, [64, 32, 1, 8], 64, 4, 0, 0, [0.0] * 16, 0, 0)
+
+
+def test_cuda_gemv_rejects_bad_arguments():
+    if not _has_ext():
+        pytest.skip("ditkern._C is not built")
+    from ditkern._ext import ext
+
+    with pytest.raises(ValueError, match="strides must have 4 entries"):
+        ext().fpx_gemv(0, 0, 0, 0, 0, 0, 1, 8, 64, 64, [64], 64, 4, 0, 0, [0.0] * 16, 0, 0)
+    with pytest.raises(ValueError, match="lut needs 2\\*\\*bits entries"):
+        ext().fpx_gemv(0, 0, 0, 0, 0, 0, 1, 8, 64, 64, [64, 32, 1, 8], 64, 6, 0, 0, [0.0] * 16, 0, 0)
+    with pytest.raises(ValueError, match="M must be in \\[1, 16\\]"):
+        ext().fpx_gemv(0, 0, 0, 0, 0, 0, 17, 8, 64, 64, [64, 32, 1, 8], 64, 4, 0, 0, [0.0] * 16, 0, 0)
+
+
+def test_cuda_backend_says_why_it_cannot_run():
+    from ditkern.ops.fpx_linear import BACKENDS
+
+    reason = BACKENDS["cuda"](torch.randn(2, 64))
+    assert reason and ("not built" in reason or "tensors are on cpu" in reason)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ALL)
+@pytest.mark.parametrize("scale_dtype", F.SCALE_DTYPES)
+def test_gpu_cuda_gemv_matches_reference(fmt, scale_dtype):
+    torch.manual_seed(2)
+    w = torch.randn(777, 1000, device="cuda")  # K=1000: not a multiple of the group, odd N
+    sm = torch.rand(1000, device="cuda") + 0.5
+    q = F.quantize(w, fmt, 64, scale_dtype, smooth=sm)
+    bias = torch.randn(777, device="cuda")
+    kw = _kw(q)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for M in (1, 3, 16):
+            x = torch.randn(M, 1000, device="cuda").to(dtype)
+            ref64 = (x.double() * kw["inv_smooth"].double()) @ (q.dequantize().double() * sm.double()).T
+            ref64 = ref64 + bias.double()
+            same = torch.nn.functional.linear(x, q.dequantize(dtype), bias.to(dtype))
+            err_torch = (same.double() - ref64).abs().max().item()
+            got = fpx_linear(x, q.packed, q.scales, bias, backend="cuda", **kw)
+            assert (got.double() - ref64).abs().max().item() <= 2 * err_torch + 1e-4

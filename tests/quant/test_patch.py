@@ -1,0 +1,237 @@
+"""ditkern.patch(model, quant=...) on tiny random models of every family: the quantized model computes exactly what
+the model with dequantized weights computes, unpatch is bit-exact, the report shows formats and memory, skip lists,
+memory budgets, calibration, composition with the fused norms and the cache, compile, checkpoints."""
+
+import copy
+
+import pytest
+import torch
+
+import ditkern
+from ditkern.quant import formats as F
+from ditkern.quant.feature import default_skip, quantized_layers, weight_memory
+from tests.patch import tiny
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def _linears(model):
+    return {p: m for p, m in model.named_modules() if type(m).__name__ == "Linear"}
+
+
+def _dequantized_copy(model, layers):
+    """An unpatched copy of ``model`` whose quantized layers hold W_hat: the function the patch must compute."""
+    ref = copy.deepcopy(model)
+    ditkern.unpatch(ref)
+    mods = dict(ref.named_modules())
+    with torch.no_grad():
+        for p, qw in layers.items():
+            mods[p].weight.copy_(qw.dequantize(mods[p].weight.dtype))
+    return ref
+
+
+@pytest.mark.parametrize("family", sorted(tiny.FAMILIES))
+@pytest.mark.parametrize("quant", ["fp4", "w6a8"])
+def test_quantized_model_equals_dequantized_model_and_unpatch_is_exact(family, quant):
+    model, inputs = tiny.FAMILIES[family]()
+    model.eval()
+    params_before = {n: p for n, p in model.named_parameters()}
+    keys_before = list(model.state_dict())
+    before = _run(model, inputs)
+
+    report = ditkern.patch(model, quant=quant, backend="torch")
+    layers = quantized_layers(model)
+    rows = [r for r in report.patched if r.cls == "Linear"]
+    assert len(rows) == len(layers) > 0
+    skipped = {r.module for r in report.skipped if r.cls == "Linear"}
+    assert skipped and set(layers).isdisjoint(skipped) and set(layers) | skipped == set(_linears(model))
+    want = "fp4_e2m1 g64:" if quant == "fp4" else "fp6_e2m3 g64 A8:"
+    assert all(r.detail.startswith(want) and "->" in r.detail and "x)" in r.detail for r in rows), rows[0].detail
+    mem = weight_memory(model)
+    assert mem["quantized_bytes"] < mem["original_bytes"]
+    out = _run(model, inputs)
+    assert F.sqnr_db(before, out) > 15  # a quantized model, still close to the original
+
+    if quant == "fp4":  # weight-only: exactly the model with W_hat in fp32 (same ops up to summation order)
+        ref = _run(_dequantized_copy(model, layers), inputs)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+    ditkern.unpatch(model)
+    assert torch.equal(_run(model, inputs), before)  # bit-exact
+    assert list(model.state_dict()) == keys_before  # same keys, same order
+    assert all(p is params_before[n] for n, p in model.named_parameters())  # the very same Parameter objects
+    assert not any("_ditkern_quant" in m.__dict__ or "qweight_packed" in m._buffers for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart"])
+def test_triton_backend_through_the_interpreter(family):
+    model, inputs = tiny.FAMILIES[family](batch=1)
+    model.eval()
+    ditkern.patch(model, quant="w4a8", backend="torch")
+    ref = _run(model, inputs)
+    ditkern.patch(model, quant="w4a8", backend="triton")
+    got = _run(model, inputs)
+    ditkern.unpatch(model)
+    # same quantized operands; fp32 summation order differs, and an FP8 activation near a rounding tie may flip
+    # one E4M3 step downstream, so compare with a relative error bound rather than bitwise
+    assert F.sqnr_db(ref, got) > 60
+
+
+def test_default_skip_list_and_skip_all():
+    model, inputs = tiny.flux()
+    pats = default_skip(model)
+    assert "transformer_blocks.0.norm*" in pats and "single_transformer_blocks.1.norm*" in pats
+    assert "*embed*" in pats and "proj_out*" in pats and "norm_out*" in pats
+    report = ditkern.patch(model, quant=ditkern.QuantConfig(skip=[]), backend="torch")
+    assert len([r for r in report.patched if r.cls == "Linear"]) == len(_linears(model))
+    _run(model, inputs)
+    report = ditkern.patch(model, quant=ditkern.QuantConfig(skip=["*attn*"]), backend="torch")
+    assert {r.module for r in report.skipped if r.cls == "Linear"} == {p for p in _linears(model) if "attn" in p}
+    ditkern.unpatch(model)
+
+
+def test_quant_composes_with_fused_norms_and_cache():
+    model, inputs = tiny.flux()
+    model.eval()
+    before = _run(model, inputs)
+    report = ditkern.patch(model, quant="fp4", cache=ditkern.TaylorCache(interval=2), backend="torch")
+    whats = {r.what for r in report.patched}
+    assert any("fpx_linear" in w for w in whats) and any("adaln" in w for w in whats)
+    _run(model, inputs)
+    ditkern.unpatch(model)
+    assert torch.equal(_run(model, inputs), before)
+
+
+def test_non_finite_weight_names_the_layer():
+    model, _ = tiny.dit()
+    with torch.no_grad():
+        model.transformer_blocks[1].ff.net[2].weight[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="transformer_blocks.1.ff.net.2 has 1 non-finite"):
+        ditkern.patch(model, quant="fp4")
+    assert not ditkern.is_patched(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(format="fp5"), ValueError, "QuantConfig.format='fp5' is not a known format"),
+        (dict(group_size=0), ValueError, "QuantConfig.group_size=0 must be positive"),
+        (dict(group_size=6, format="fp6_e3m2"), ValueError, "QuantConfig.group_size=6 must be a multiple of the packing unit"),
+        (dict(group_size=96), ValueError, "QuantConfig.group_size=96 is not supported"),
+        (dict(group_size=64.0), TypeError, "QuantConfig.group_size must be an int"),
+        (dict(activations="int8"), ValueError, "QuantConfig.activations='int8'"),
+        (dict(scale_dtype="fp8"), ValueError, "QuantConfig.scale_dtype='fp8'"),
+        (dict(memory_budget=1.5), ValueError, "QuantConfig.memory_budget=1.5"),
+        (dict(method="awq"), ValueError, "QuantConfig.method='awq' needs calibration"),
+        (dict(skip="proj_out"), TypeError, "QuantConfig.skip must be None or a list"),
+    ],
+)
+def test_bad_configs_name_the_field(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ditkern.QuantConfig(**kwargs)
+
+
+def test_bad_preset_is_rejected():
+    model, _ = tiny.dit()
+    with pytest.raises(ValueError, match="quant='fp3' is not a preset"):
+        ditkern.patch(model, quant="fp3")
+
+
+def test_memory_budget_and_auto4():
+    model, inputs = tiny.flux()
+    model.eval()
+    cfg = ditkern.QuantConfig(format="auto4", group_size=32, skip=[], memory_budget=0.38)
+    report = ditkern.patch(model, quant=cfg, backend="torch")
+    layers = quantized_layers(model)
+    kept = [r for r in report.skipped if r.cls == "Linear"]
+    fmts = {qw.format for qw in layers.values()}
+    assert fmts & {"fp4_e2m1", "int4"} and (kept or "fp6_e2m3" in fmts)  # some layers were upgraded
+    total = sum(qw.nbytes for qw in layers.values()) + sum(
+        m.weight.numel() * m.weight.element_size() for p, m in _linears(model).items() if p not in layers
+    )
+    bf16 = sum(m.weight.numel() * 2 for m in _linears(model).values())
+    assert total <= 0.38 * bf16
+    ditkern.unpatch(model)
+    with pytest.raises(ValueError, match="memory_budget=0.05 .* is below"):
+        ditkern.patch(model, quant=ditkern.QuantConfig(skip=[], memory_budget=0.05))
+
+
+def test_awq_calibration_never_worse_on_its_rows():
+    from ditkern.quant import calibrate
+    from ditkern.quant.calibrate import layer_error
+
+    model, inputs = tiny.dit()
+    model.eval()
+    cal = calibrate(model, lambda: _run(model, inputs))
+    assert len(cal) == len(_linears(model))
+    ditkern.patch(model, quant=ditkern.QuantConfig(method="awq", calibration=cal, skip=[]), backend="torch")
+    awq = quantized_layers(model)
+    ditkern.unpatch(model)
+    mods = _linears(model)
+    for p, qw in awq.items():
+        base = F.quantize(mods[p].weight.detach(), "fp4_e2m1", 64)
+        assert layer_error(mods[p].weight, qw, cal.layers[p]) <= layer_error(mods[p].weight, base, cal.layers[p]) + 1e-12
+
+
+def test_compile_fullgraph_of_quantized_block():
+    model, inputs = tiny.flux(batch=1)
+    model.eval()
+    block = model.transformer_blocks[1]
+    args = (torch.randn(1, 9, 32), torch.randn(1, 4, 32), torch.randn(1, 32))
+    with torch.no_grad(), ditkern.patched(model, quant="w4a8", backend="torch"):
+        eager = block(*args)
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(*args)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("family", ["flux", "pixart"])
+def test_save_load_bit_exact(tmp_path, family):
+    model, inputs = tiny.FAMILIES[family]()
+    model.eval()
+    cal = None
+    if family == "pixart":  # a calibrated checkpoint (smoothing factors) with FP8 activations
+        from ditkern.quant import calibrate
+
+        cal = calibrate(model, lambda: _run(model, inputs))
+    cfg = ditkern.QuantConfig(format="fp6_e3m2", group_size=32, activations="fp8" if cal else None,
+                              method="awq" if cal else "absmax", calibration=cal)  # fmt: skip
+    ditkern.patch(model, quant=cfg, backend="torch")
+    out = _run(model, inputs)
+    path = str(tmp_path / "q.safetensors")
+    ditkern.save_quantized(model, path)
+
+    fresh, _ = tiny.FAMILIES[family]()  # other random weights: everything comes from the file
+    fresh.eval()
+    loaded = ditkern.load_quantized(fresh, path, backend="torch")
+    assert loaded is fresh and ditkern.is_patched(fresh)
+    assert torch.equal(_run(fresh, inputs), out)
+    built = ditkern.load_quantized(type(model), path, backend="torch")  # from the saved config
+    built.eval()
+    assert torch.equal(_run(built, inputs), out)
+
+
+def test_load_rejects_mismatches(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, inputs = tiny.dit()
+    ditkern.patch(model, quant="fp4", backend="torch")
+    path = str(tmp_path / "q.safetensors")
+    ditkern.save_quantized(model, path)
+    other, _ = tiny.flux()
+    with pytest.raises(ValueError, match="holds a DiTTransformer2DModel, not a FluxTransformer2DModel"):
+        ditkern.load_quantized(other, path)
+    from ditkern.quant.checkpoint import read_metadata
+
+    meta = read_metadata(path)
+    for key, value, match in [("ditkern_version", "9.9.0", "written by ditkern 9.9.0"),
+                              ("checkpoint_format", "ditkern-quant-0", "checkpoint format 'ditkern-quant-0'")]:  # fmt: skip
+        bad = str(tmp_path / f"bad_{key}.safetensors")
+        save_file(load_file(path), bad, metadata=meta | {key: value})
+        with pytest.raises(ValueError, match=match):
+            ditkern.load_quantized(tiny.dit()[0], bad)
+    with pytest.raises(ValueError, match="no quantized layer"):
+        ditkern.save_quantized(tiny.dit()[0], str(tmp_path / "x.safetensors"))
