@@ -55,6 +55,7 @@ def save_quantized(model_or_pipeline, path: str) -> str:
         tensors[k] = v.detach().cpu().contiguous()
     meta_layers = {}
     for p, qw in layers.items():
+        tensors[f"{p}.qweight_scales"] = qw.scales.cpu().contiguous()  # the float scales, not the buffer's int view
         if qw.smooth is not None:
             tensors[f"{p}.qweight_smooth"] = qw.smooth.cpu().contiguous()
         meta_layers[p] = {"format": qw.format, "group_size": qw.group_size, "shape": list(qw.shape)}

@@ -184,12 +184,17 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
     what = "quantized linear (fpx_fp8_linear)" if use_act else "quantized linear (fpx_linear)"
     fmt, G = qw.format, qw.group_size
 
+    scale_dtype = qw.scales.dtype
+
     def forward(module, input):
+        # the float buffers are stored as integer views so that model.to(dtype) cannot round them
+        scales = module.qweight_scales.view(scale_dtype)
         inv = module._buffers.get("qweight_inv_smooth")
+        inv = None if inv is None else inv.view(torch.float32)
         if use_act is None:
-            return _fpx_linear()(input, module.qweight_packed, module.qweight_scales, module.bias, format=fmt,
+            return _fpx_linear()(input, module.qweight_packed, scales, module.bias, format=fmt,
                                  group_size=G, in_features=K, inv_smooth=inv, backend=backend)  # fmt: skip
-        return _fpx_fp8_linear()(input, module.qweight_packed, module.qweight_scales, module.bias, format=fmt,
+        return _fpx_fp8_linear()(input, module.qweight_packed, scales, module.bias, format=fmt,
                                  group_size=G, in_features=K, act=use_act, inv_smooth=inv, backend=backend)  # fmt: skip
 
     def apply(module):
@@ -200,9 +205,9 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
             p.data = p.data.to("cpu")  # frees the device copy; unpatch moves this very tensor back
         module._ditkern_quant = {"param": p, "device": dev, "order": order, "qweight": qw, "activations": qc.activations}
         module.register_buffer("qweight_packed", qw.packed.to(dev))
-        module.register_buffer("qweight_scales", qw.scales.to(dev))
+        module.register_buffer("qweight_scales", _int_view(qw.scales.to(dev)))
         if qw.smooth is not None:
-            module.register_buffer("qweight_inv_smooth", inv_smooth(qw.smooth).to(dev))
+            module.register_buffer("qweight_inv_smooth", _int_view(inv_smooth(qw.smooth).to(dev)))
         # a placeholder with the weight's shape, dtype and device, 1 element of storage
         module.__dict__["weight"] = torch.zeros((), dtype=p.dtype, device=dev).expand(N, K)
 
@@ -219,6 +224,13 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
         module._parameters.update(params)
 
     return Plan("quant", what, forward, apply, undo, detail)
+
+
+_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.uint8: torch.uint8}
+
+
+def _int_view(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_INT_VIEW[t.dtype])
 
 
 def _fpx_linear():

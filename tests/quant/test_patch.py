@@ -105,6 +105,20 @@ def test_quant_composes_with_fused_norms_and_cache():
     assert torch.equal(_run(model, inputs), before)
 
 
+def test_dtype_cast_after_patching_does_not_round_the_scales():
+    model, inputs = tiny.dit()
+    model.eval()
+    ditkern.patch(model, quant=ditkern.QuantConfig(format="int4", scale_dtype="fp32"), backend="torch")
+    layers = quantized_layers(model)
+    model.half()
+    mods = dict(model.named_modules())
+    for p, qw in layers.items():
+        assert torch.equal(mods[p].qweight_scales.view(torch.float32), qw.scales)
+    out = _run(model, {k: (v.half() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()})
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    ditkern.unpatch(model)
+
+
 def test_non_finite_weight_names_the_layer():
     model, _ = tiny.dit()
     with torch.no_grad():

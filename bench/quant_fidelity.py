@@ -1,0 +1,249 @@
+"""Fidelity of quantized reference pipelines (CPU): ``python -m bench.quant_fidelity [--seeds 50] [--quick]``.
+
+For ``digits-dit`` and ``digits-flux`` (``ditkern.zoo``), every image is generated with the fp32 pipeline (the
+reference) and again with each setting on the same seeds and classes: ditkern's formats weight-only and with FP8 / FP6
+activations, with and without the default skip list, the skip-list ablations (which sensitive layers matter),
+activation-aware calibration (AWQ, calibrated on other seeds), the per-layer 4-bit choice, bf16 as a yardstick, and
+torchao's CPU-capable configurations where torchao is installed. Reported: pooled PSNR (dB) vs the fp32 images, the
+worst image's PSNR, class accuracy, and the weight bits per quantized weight (scales included) and the transformer's
+linear-weight memory vs fp32. Writes bench/results/quant/fidelity.{csv,md,json} and fidelity.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+OUT = Path(__file__).resolve().parent / "results" / "quant"
+
+
+def ditkern_settings(quick: bool):
+    from ditkern import QuantConfig
+
+    s = [
+        ("fp4_e2m1", QuantConfig(format="fp4_e2m1")),
+        ("int4", QuantConfig(format="int4")),
+        ("fp6_e2m3", QuantConfig(format="fp6_e2m3")),
+        ("fp6_e3m2", QuantConfig(format="fp6_e3m2")),
+        ("fp4_e2m1 A8", QuantConfig(format="fp4_e2m1", activations="fp8")),
+        ("int4 A8", QuantConfig(format="int4", activations="fp8")),
+        ("fp6_e2m3 A8", QuantConfig(format="fp6_e2m3", activations="fp8")),
+        ("fp6_e3m2 A8", QuantConfig(format="fp6_e3m2", activations="fp8")),
+        ("fp4_e2m1 A6", QuantConfig(format="fp4_e2m1", activations="fp6")),
+        ("auto4", QuantConfig(format="auto4")),
+        ("fp4_e2m1 skip=[]", QuantConfig(format="fp4_e2m1", skip=[])),
+        ("int4 skip=[]", QuantConfig(format="int4", skip=[])),
+        ("fp6_e2m3 skip=[]", QuantConfig(format="fp6_e2m3", skip=[])),
+        ("fp4_e2m1 A8 skip=[]", QuantConfig(format="fp4_e2m1", activations="fp8", skip=[])),
+        ("fp4_e2m1 g32 e8m0", QuantConfig(format="fp4_e2m1", group_size=32, scale_dtype="e8m0")),
+        ("fp4_e2m1 g128 bf16", QuantConfig(format="fp4_e2m1", group_size=128, scale_dtype="bf16")),
+    ]
+    return s[:3] if quick else s
+
+
+def ablations(model):
+    """Default skip list minus one group at a time: quantizing that group too shows what it costs."""
+    from ditkern import QuantConfig
+    from ditkern.quant.feature import default_skip
+
+    base = default_skip(model)
+    groups = {
+        "embedders": [p for p in base if "embed" in p or "caption" in p or "adaln_single" in p],
+        "final proj/norm": [p for p in base if p.startswith(("proj_out", "norm_out"))],
+        "first/last adaLN": [p for p in base if ".norm*" in p],
+    }
+    out = []
+    for g, pats in groups.items():
+        if pats:
+            out.append((f"fp4_e2m1 quantize {g}", QuantConfig(format="fp4_e2m1", skip=[p for p in base if p not in pats])))
+    return out
+
+
+def torchao_settings():
+    try:
+        import torchao  # noqa: F401
+        from torchao.quantization import quantize_  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means: no peer baseline here
+        return [], f"torchao unavailable: {type(exc).__name__}: {exc}"
+    from torchao.quantization import (  # noqa: PLC0415
+        Float8WeightOnlyConfig,
+        Int8DynamicActivationIntxWeightConfig,
+        IntxWeightOnlyConfig,
+    )
+    from torchao.quantization.granularity import PerGroup  # noqa: PLC0415
+
+    s = [
+        ("torchao IntxWeightOnly int4 PerGroup(64)", lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)), 4.5),
+        ("torchao Float8WeightOnly", lambda: Float8WeightOnlyConfig(), 8.0),
+        ("torchao Int8DynAct Int4 PerGroup(64)", lambda: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(64)), 4.5),
+    ]
+    try:
+        from torchao.prototype.mx_formats import NVFP4WeightOnlyConfig  # noqa: PLC0415
+
+        s.insert(0, ("torchao NVFP4WeightOnly", lambda: NVFP4WeightOnlyConfig(), 4.5))
+    except Exception as exc:  # noqa: BLE001
+        s.insert(0, ("torchao NVFP4WeightOnly", exc, 4.5))
+    return s, ""
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--seeds", type=int, default=50)
+    p.add_argument("--calib-seeds", type=int, default=10)
+    p.add_argument("--pipelines", nargs="*", default=["digits-dit", "digits-flux"])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=str(OUT))
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    import ditkern
+    from ditkern import zoo
+    from ditkern.quant import calibrate
+    from ditkern.quant.feature import quantized_layers, weight_memory
+    from ditkern.zoo import classifier, fidelity
+
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    seeds = list(range(a.seeds))
+    classes = [i % 10 for i in seeds]
+    calib_seeds = list(range(1000, 1000 + a.calib_seeds))
+    tao, tao_note = torchao_settings()
+    if tao_note:
+        print(tao_note, flush=True)
+
+    def gen(pipe, batch=25):
+        chunks = [zoo.generate(pipe, classes[i : i + batch], seeds[i : i + batch]) for i in range(0, len(seeds), batch)]
+        return torch.cat(chunks)
+
+    def record(name, setting, images, ref, seconds, model=None, bits=None, note=""):
+        per = fidelity.psnr(images, ref)
+        mem = weight_memory(model) if model is not None else None
+        qbits = bits
+        if model is not None and bits is None:
+            layers = quantized_layers(model)
+            n = sum(q.shape[0] * q.shape[1] for q in layers.values())
+            qbits = 8 * sum(q.nbytes for q in layers.values()) / n if n else None
+        row = dict(pipeline=name, setting=setting, psnr_db=round(fidelity.pooled_psnr(images, ref), 2),
+                   psnr_worst_db=round(per.min().item(), 2), accuracy=round(classifier.accuracy(images, classes), 3),
+                   bits_per_quantized_weight=None if qbits is None else round(qbits, 3),
+                   linear_memory_vs_fp32=None if mem is None else round(mem["quantized_bytes"] / mem["original_bytes"], 4),
+                   seconds=round(seconds, 1), note=note)  # fmt: skip
+        rows.append(row)
+        print(row, flush=True)
+
+    for name in a.pipelines:
+        pipe = zoo.load(name)
+        t0 = time.perf_counter()
+        ref = gen(pipe)
+        record(name, "fp32 (reference)", ref, ref, time.perf_counter() - t0, note="unquantized")
+        cal = calibrate(pipe, lambda: [zoo.generate(pipe, [s % 10], [s]) for s in calib_seeds])
+        settings = ditkern_settings(a.quick)
+        if not a.quick:
+            from ditkern import QuantConfig
+
+            settings += ablations(pipe.transformer)
+            settings += [
+                ("fp4_e2m1 awq", QuantConfig(format="fp4_e2m1", method="awq", calibration=cal)),
+                ("int4 awq", QuantConfig(format="int4", method="awq", calibration=cal)),
+                ("fp4_e2m1 A8 awq", QuantConfig(format="fp4_e2m1", activations="fp8", method="awq", calibration=cal)),
+                ("auto4 calibrated", QuantConfig(format="auto4", calibration=cal)),
+            ]
+        for setting, qc in settings:
+            try:
+                t0 = time.perf_counter()
+                ditkern.patch(pipe, quant=qc, fused_norms=False, backend="torch")
+                images = gen(pipe)
+                record(name, setting, images, ref, time.perf_counter() - t0, model=pipe.transformer)
+            except Exception as exc:  # noqa: BLE001 - one failing setting must not lose the others
+                traceback.print_exc()
+                rows.append(dict(pipeline=name, setting=setting, note=f"failed: {type(exc).__name__}: {exc}"))
+            finally:
+                ditkern.unpatch(pipe)
+        # bf16 as a yardstick for "how close is close"
+        t0 = time.perf_counter()
+        pipe.transformer.to(torch.bfloat16)
+        try:
+            record(name, "bf16 transformer (no quantization)", gen(pipe), ref, time.perf_counter() - t0, bits=16.0)
+        except Exception as exc:  # noqa: BLE001
+            rows.append(dict(pipeline=name, setting="bf16 transformer", note=f"failed: {type(exc).__name__}: {exc}"))
+        pipe.transformer.to(torch.float32)
+        if tao_note:
+            rows.append(dict(pipeline=name, setting="torchao (all configs)", note=tao_note))
+        for setting, make, bits in tao:
+            original = pipe.transformer
+            try:
+                if isinstance(make, Exception):
+                    raise make
+                from torchao.quantization import quantize_
+
+                pipe.transformer = copy.deepcopy(original)
+                quantize_(pipe.transformer, make())
+                t0 = time.perf_counter()
+                images = gen(pipe)
+                record(name, setting, images, ref, time.perf_counter() - t0, bits=bits, note="nominal bits")
+            except Exception as exc:  # noqa: BLE001
+                msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+                rows.append(dict(pipeline=name, setting=setting, note=f"failed on CPU: {type(exc).__name__}: {msg}"))
+                print(setting, "failed:", type(exc).__name__, msg, flush=True)
+            finally:
+                pipe.transformer = original
+        _write(rows, out_dir)
+    _write(rows, out_dir)
+    _plot(rows, out_dir)
+
+
+def _write(rows, out_dir: Path):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out_dir / "fidelity.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    (out_dir / "fidelity.json").write_text(json.dumps(rows, indent=1))
+    head = ["pipeline", "setting", "PSNR dB", "worst dB", "class acc", "bits/weight", "linear mem vs fp32", "s", "note"]
+    lines = ["# Quantized reference pipelines: fidelity vs the fp32 pipeline (CPU)", "",
+             "Command: `python -m bench.quant_fidelity` (ditkern's torch reference path; same seeds and classes; "
+             "PSNR pooled over all images).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for r in rows:
+        v = [r.get("pipeline"), r.get("setting"), r.get("psnr_db"), r.get("psnr_worst_db"), r.get("accuracy"),
+             r.get("bits_per_quantized_weight"), r.get("linear_memory_vs_fp32"), r.get("seconds"), r.get("note", "")]  # fmt: skip
+        lines.append("| " + " | ".join("" if x is None else str(x) for x in v) + " |")
+    (out_dir / "fidelity.md").write_text("\n".join(lines) + "\n")
+
+
+def _plot(rows, out_dir: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pipes = sorted({r["pipeline"] for r in rows})
+    fig, axes = plt.subplots(1, len(pipes), figsize=(7 * len(pipes), 5), squeeze=False)
+    for ax, name in zip(axes[0], pipes):
+        for r in rows:
+            if r["pipeline"] != name or r.get("psnr_db") is None or r.get("bits_per_quantized_weight") is None:
+                continue
+            if math.isinf(r["psnr_db"]):
+                continue
+            tao = r["setting"].startswith("torchao")
+            ax.scatter(r["bits_per_quantized_weight"], r["psnr_db"], marker="s" if tao else "o",
+                       color="tab:red" if tao else ("tab:blue" if "A8" not in r["setting"] else "tab:orange"))  # fmt: skip
+            ax.annotate(r["setting"], (r["bits_per_quantized_weight"], r["psnr_db"]), fontsize=6)
+        ax.set_xlabel("bits per quantized weight (scales included; torchao: nominal)")
+        ax.set_ylabel("PSNR vs fp32 pipeline (dB)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "fidelity.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
