@@ -153,6 +153,9 @@ def main(argv=None):
             settings += [
                 ("fp4_e2m1 awq", QuantConfig(format="fp4_e2m1", method="awq", calibration=cal)),
                 ("int4 awq", QuantConfig(format="int4", method="awq", calibration=cal)),
+                ("fp4_e2m1 gptq", QuantConfig(format="fp4_e2m1", method="gptq", calibration=cal)),
+                ("int4 gptq", QuantConfig(format="int4", method="gptq", calibration=cal)),
+                ("fp4_e2m1 A8 gptq", QuantConfig(format="fp4_e2m1", activations="fp8", method="gptq", calibration=cal)),
                 ("fp4_e2m1 A8 awq", QuantConfig(format="fp4_e2m1", activations="fp8", method="awq", calibration=cal)),
                 ("auto4 calibrated", QuantConfig(format="auto4", calibration=cal)),
             ]

@@ -113,3 +113,51 @@ def awq_quantize(w: torch.Tensor, fmt: str, group_size: int, scale_dtype: str, s
         if best is None or err < best[2]:
             best = (q, alpha, err)
     return best
+
+
+def gptq_quantize(w: torch.Tensor, fmt: str, group_size: int, scale_dtype: str, stats: LayerStats,
+                  name: str = "weight", damp: float = 0.01) -> QuantizedWeight:  # fmt: skip
+    """Error-compensating rounding (GPTQ, Frantar et al. 2022, arXiv 2210.17323) onto the format's grid.
+
+    Columns (input channels) are quantized in order; each one's rounding error, weighted by the inverse Hessian
+    ``H = X^T X`` of the calibration rows (``damp`` x mean diagonal added), is pushed onto the columns not yet
+    quantized. A group's scale is its absmax when the group is reached (of the already-updated weights). The result
+    is an ordinary :class:`QuantizedWeight` (same layout and kernels as absmax).
+    """
+    from ditkern.quant.formats import (  # noqa: PLC0415
+        get_format,
+        load_scale,
+        padded_k,
+        round_to_grid,
+        store_scale,
+    )
+
+    f = get_format(fmt)
+    W = w.detach().double().clone()
+    N, K = W.shape
+    X = stats.rows.to(w.device).double()
+    H = X.T @ X
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype, device=H.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Kp = padded_k(K, group_size)
+    stored = []
+    for g0 in range(0, K, group_size):
+        g1 = min(g0 + group_size, K)
+        amax = W[:, g0:g1].abs().amax(1).float()
+        s_fp32 = torch.where(amax > 0, amax / f.max, torch.ones_like(amax))
+        st = store_scale(s_fp32, scale_dtype)
+        stored.append(st)
+        s = load_scale(st).double()
+        for k in range(g0, g1):
+            col = W[:, k]
+            q = round_to_grid((col / s).float(), f).double() * s
+            err = (col - q) / Hinv[k, k]
+            W[:, k] = q
+            if k + 1 < K:
+                W[:, k + 1 :] -= err[:, None] * Hinv[k, k + 1 :][None, :]
+    scales = torch.stack([load_scale(st) for st in stored], 1)  # [N, Kp / G] fp32, already representable
+    assert scales.shape[1] == Kp // group_size
+    return quantize(W.float(), fmt, group_size, scale_dtype, scales=scales, name=name)

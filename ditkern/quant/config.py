@@ -8,7 +8,7 @@ from typing import Any
 from ditkern.quant.formats import FORMATS, SCALE_DTYPES, check_group_size, get_format
 
 ACTIVATIONS = {None: None, "fp8": "e4m3", "fp6": "fp6_e3m2"}  # option -> the activation grid of quantize_fp8
-METHODS = ("absmax", "awq")
+METHODS = ("absmax", "awq", "gptq")
 PRESETS = {
     "fp4": dict(format="fp4_e2m1"),
     "int4": dict(format="int4"),
@@ -36,8 +36,9 @@ class QuantConfig:
     memory_budget: None, or the bytes the quantized layers' weights may take (int), or a fraction (float <= 1) of
                    their bf16 size: starting from ``format``, layers are upgraded (to fp6_e2m3, then kept in high
                    precision) where the measured error drops most per byte, while the total fits
-    method:        "absmax" (per-group absmax scales) or "awq" (activation-aware per-input-channel scaling searched
-                   on the output error of calibration activations; needs ``calibration``)
+    method:        "absmax" (per-group absmax scales), "awq" (activation-aware per-input-channel scaling searched
+                   on the output error of calibration activations) or "gptq" (error-compensating rounding with the
+                   calibration rows' Hessian); both need ``calibration``; layers without calibration rows use absmax
     calibration:   a :class:`ditkern.quant.Calibration` from :func:`ditkern.quant.calibrate`
     """
 
@@ -79,8 +80,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.memory_budget={b!r}: a float is a fraction of the bf16 size, at most 1.0")
         if self.method not in METHODS:
             raise ValueError(f"QuantConfig.method={self.method!r} is not one of {METHODS}")
-        if self.method == "awq" and self.calibration is None:
-            raise ValueError("QuantConfig.method='awq' needs calibration=ditkern.quant.calibrate(...)")
+        if self.method in ("awq", "gptq") and self.calibration is None:
+            raise ValueError(f"QuantConfig.method={self.method!r} needs calibration=ditkern.quant.calibrate(...)")
 
     @property
     def act_grid(self) -> str | None:

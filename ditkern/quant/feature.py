@@ -69,6 +69,12 @@ def quantize_layer(path: str, module: nn.Linear, fmt: str, qc: QuantConfig, stat
         from ditkern.quant.calibrate import awq_quantize  # noqa: PLC0415
 
         return awq_quantize(w, fmt, qc.group_size, qc.scale_dtype, stats, name=path)[0]
+    if qc.method == "gptq" and stats is not None:
+        from ditkern.quant.calibrate import gptq_quantize  # noqa: PLC0415
+        from ditkern.quant.formats import check_finite  # noqa: PLC0415
+
+        check_finite(w, path)
+        return gptq_quantize(w, fmt, qc.group_size, qc.scale_dtype, stats, name=path)
     return quantize(w, fmt, qc.group_size, qc.scale_dtype, name=path)
 
 

@@ -140,7 +140,8 @@ def test_non_finite_weight_names_the_layer():
         (dict(activations="int8"), ValueError, "QuantConfig.activations='int8'"),
         (dict(scale_dtype="fp8"), ValueError, "QuantConfig.scale_dtype='fp8'"),
         (dict(memory_budget=1.5), ValueError, "QuantConfig.memory_budget=1.5"),
-        (dict(method="awq"), ValueError, "QuantConfig.method='awq' needs calibration"),
+        (dict(method="awq"), ValueError, "QuantConfig.method=.awq. needs calibration"),
+        (dict(method="gptq"), ValueError, "QuantConfig.method=.gptq. needs calibration"),
         (dict(skip="proj_out"), TypeError, "QuantConfig.skip must be None or a list"),
     ],
 )
