@@ -75,6 +75,10 @@ def quantize_layer(path: str, module: nn.Linear, fmt: str, qc: QuantConfig, stat
 
         check_finite(w, path)
         return gptq_quantize(w, fmt, qc.group_size, qc.scale_dtype, stats, name=path)
+    if w.is_cuda:  # the Triton quantize + pack kernel: same codes and scales as the reference, bit for bit
+        from ditkern.ops.fpx_quantize import fpx_quantize  # noqa: PLC0415
+
+        return fpx_quantize(w, fmt, qc.group_size, qc.scale_dtype, name=path)
     return quantize(w, fmt, qc.group_size, qc.scale_dtype, name=path)
 
 

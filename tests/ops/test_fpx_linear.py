@@ -231,3 +231,22 @@ def test_gpu_cuda_gemv_matches_reference(fmt, scale_dtype):
             err_torch = (same.double() - ref64).abs().max().item()
             got = fpx_linear(x, q.packed, q.scales, bias, backend="cuda", **kw)
             assert (got.double() - ref64).abs().max().item() <= 2 * err_torch + 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- quantize + pack
+@pytest.mark.parametrize("fmt", ALL)
+@pytest.mark.parametrize("scale_dtype", F.SCALE_DTYPES)
+def test_triton_quantize_pack_is_bit_exact(fmt, scale_dtype):
+    from ditkern.ops.fpx_quantize import fpx_quantize
+
+    w = torch.randn(7, 200) * torch.logspace(-2, 2, 200)  # K=200: a partial last group; a wide range
+    w[3, :64] = 0.0  # an all-zero group
+    w[5, 7] = 1e30  # a huge value in one group
+    for G in (32, 128) if scale_dtype == "fp32" else (32,):
+        got = fpx_quantize(w, fmt, G, scale_dtype, backend="triton")
+        ref = F.quantize(w, fmt, G, scale_dtype)
+        assert torch.equal(got.packed, ref.packed)
+        assert torch.equal(got.scales.view(torch.uint8), ref.scales.view(torch.uint8))
+    with pytest.raises(ValueError, match="layer.x has 1 non-finite"):
+        w[0, 0] = float("nan")
+        fpx_quantize(w, fmt, 32, scale_dtype, name="layer.x", backend="triton")
