@@ -40,6 +40,9 @@ class QuantConfig:
                    on the output error of calibration activations) or "gptq" (error-compensating rounding with the
                    calibration rows' Hessian); both need ``calibration``; layers without calibration rows use absmax
     calibration:   a :class:`ditkern.quant.Calibration` from :func:`ditkern.quant.calibrate`
+    fuse_adaln:    with FP8/FP6 activations, the adaLN norm modules (AdaLayerNormZero, ...Single, SD35...X) emit
+                   their output's FP8 form in the same kernel, and the quantized layers that consume it (q/k/v, the
+                   single-stream MLP) reuse it instead of quantizing again (same values: outputs are unchanged)
     """
 
     format: str = "fp4_e2m1"
@@ -50,6 +53,7 @@ class QuantConfig:
     memory_budget: int | float | None = None
     method: str = "absmax"
     calibration: Any = field(default=None, repr=False, compare=False)
+    fuse_adaln: bool = True
 
     def __post_init__(self):
         if self.format != "auto4":
@@ -78,6 +82,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.memory_budget={b!r} must be None, bytes (int > 0) or a fraction (0 < f <= 1)")
         if isinstance(b, float) and b > 1:
             raise ValueError(f"QuantConfig.memory_budget={b!r}: a float is a fraction of the bf16 size, at most 1.0")
+        if not isinstance(self.fuse_adaln, bool):
+            raise TypeError(f"QuantConfig.fuse_adaln must be True or False, got {self.fuse_adaln!r}")
         if self.method not in METHODS:
             raise ValueError(f"QuantConfig.method={self.method!r} is not one of {METHODS}")
         if self.method in ("awq", "gptq") and self.calibration is None:

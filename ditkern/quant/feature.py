@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ditkern.patch.engine import Feature, Plan, register_feature
+from ditkern.quant import fp8_companion
 from ditkern.quant.config import QuantConfig, as_quant_config
 from ditkern.quant.formats import QuantizedWeight, inv_smooth, quantize
 
@@ -201,6 +202,10 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
         scales = module.qweight_scales.view(scale_dtype)
         inv = module._buffers.get("qweight_inv_smooth")
         inv = None if inv is None else inv.view(torch.float32)
+        if use_act is not None and inv is None and (comp := fp8_companion.lookup(input, use_act)) is not None:
+            out = _fpx_fp8_matmul()(comp[0], comp[1], module.qweight_packed, scales, module.bias, format=fmt,
+                                    group_size=G, in_features=K, out_dtype=input.dtype, backend=backend)  # fmt: skip
+            return out.view(*input.shape[:-1], N)
         if use_act is None:
             return _fpx_linear()(input, module.qweight_packed, scales, module.bias, format=fmt,
                                  group_size=G, in_features=K, inv_smooth=inv, backend=backend)  # fmt: skip
@@ -249,10 +254,85 @@ def _fpx_linear():
     return fpx_linear
 
 
+def _fpx_fp8_matmul():
+    from ditkern.ops.fpx_fp8_linear import fpx_fp8_matmul  # noqa: PLC0415
+
+    return fpx_fp8_matmul
+
+
 def _fpx_fp8_linear():
     from ditkern.ops.fpx_fp8_linear import fpx_fp8_linear  # noqa: PLC0415
 
     return fpx_fp8_linear
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# adaLN -> FP8 fusion: the norm modules whose output feeds quantized linears emit its FP8 form in the same kernel
+# ----------------------------------------------------------------------------------------------------------------------
+FUSED_FP8_WHAT = "adaLN + FP8 activation quantization fused (adaln_modulate_fp8)"
+
+
+def _modulate_fp8(norm, x, shift, scale, backend, grid):
+    from ditkern.ops.adaln_modulate_fp8 import adaln_modulate_fp8  # noqa: PLC0415
+    from ditkern.patch.common import _promoted, _unit_stride, norm_spec  # noqa: PLC0415
+
+    spec = norm_spec(norm)
+    out, xq, sx = adaln_modulate_fp8(_unit_stride(x), shift, scale, norm=spec.kind, weight=spec.weight, bias=spec.bias,
+                                     eps=spec.eps, grid=grid, backend=backend)  # fmt: skip
+    out = _promoted(out, shift, scale)  # an upcast keeps the values, so the FP8 form still matches
+    fp8_companion.attach(out, xq, sx, grid)
+    return out
+
+
+def _norm_fp8_rules(grid: str, backend: str | None):
+    """Rules for the adaLN norm classes (validated like the fused-norm rules: fingerprints, norm kinds)."""
+    import dataclasses  # noqa: PLC0415
+
+    from ditkern.patch import common  # noqa: PLC0415
+
+    def checked(base_rule, make_forward):
+        def rule(module, cfg):
+            plan = base_rule(module, dataclasses.replace(cfg, fused_norms=True))
+            if isinstance(plan, str) or plan is None:
+                return plan
+            return Plan("quant_fp8", FUSED_FP8_WHAT, make_forward(), detail=f"emits {grid} activations")
+
+        return rule
+
+    def zero():
+        def forward(module, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+            if module.emb is not None:
+                emb = module.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
+            emb = module.linear(module.silu(emb))
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+            out = _modulate_fp8(module.norm, x, shift_msa, scale_msa, backend, grid)
+            return out, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+        return forward
+
+    def single():
+        def forward(module, x, emb=None):
+            emb = module.linear(module.silu(emb))
+            shift_msa, scale_msa, gate_msa = emb.chunk(3, dim=1)
+            return _modulate_fp8(module.norm, x, shift_msa, scale_msa, backend, grid), gate_msa
+
+        return forward
+
+    def sd35():
+        def forward(module, hidden_states, emb=None):
+            emb = module.linear(module.silu(emb))
+            sh1, sc1, g1, sh_mlp, sc_mlp, g_mlp, sh2, sc2, g2 = emb.chunk(9, dim=1)
+            out1 = _modulate_fp8(module.norm, hidden_states, sh1, sc1, backend, grid)
+            out2 = _modulate_fp8(module.norm, hidden_states, sh2, sc2, backend, grid)
+            return out1, g1, sh_mlp, sc_mlp, g_mlp, out2, g2
+
+        return forward
+
+    return {
+        "AdaLayerNormZero": checked(common.ada_layer_norm_zero_rule, zero),
+        "AdaLayerNormZeroSingle": checked(common.ada_layer_norm_zero_single_rule, single),
+        "SD35AdaLayerNormZeroX": checked(common.sd35_ada_layer_norm_zero_x_rule, sd35),
+    }
 
 
 def _rules(family, model, config):
@@ -264,7 +344,11 @@ def _rules(family, model, config):
     def linear_rule(module, cfg):
         return plans.get(id(module))
 
-    return {"Linear": linear_rule}
+    rules = {"Linear": linear_rule}
+    p = next(model.parameters(), None)
+    if qc.act_grid is not None and qc.fuse_adaln and p is not None and _fp8_reason(p.device) is None:
+        rules.update(_norm_fp8_rules(qc.act_grid, config.backend))
+    return rules
 
 
 QUANT = register_feature(Feature("quant", _rules))

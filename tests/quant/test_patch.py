@@ -251,3 +251,32 @@ def test_load_rejects_mismatches(tmp_path):
             ditkern.load_quantized(tiny.dit()[0], bad)
     with pytest.raises(ValueError, match="no quantized layer"):
         ditkern.save_quantized(tiny.dit()[0], str(tmp_path / "x.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "dit"])
+def test_adaln_fp8_fusion_changes_nothing_but_the_work(family, monkeypatch):
+    """With the fusion, the norm modules emit FP8 activations and the q/k/v layers reuse them: outputs bit-identical
+    to the unfused W4A8 model, and fewer activation quantizations."""
+    from ditkern.ops import quantize_fp8 as qmod
+    from ditkern.quant import fp8_companion
+
+    model, inputs = tiny.FAMILIES[family](batch=1)
+    model.eval()
+    calls = []
+    real = qmod._quantize_fp8_op
+    monkeypatch.setattr(qmod, "_quantize_fp8_op", lambda *a: calls.append(1) or real(*a))
+    import ditkern.ops.fpx_fp8_linear as fmod
+
+    monkeypatch.setattr(fmod, "quantize_fp8", qmod.quantize_fp8)
+    ditkern.patch(model, quant=ditkern.QuantConfig(activations="fp8", fuse_adaln=False), backend="torch")
+    unfused = _run(model, inputs)
+    n_unfused = len(calls)
+    calls.clear()
+    report = ditkern.patch(model, quant=ditkern.QuantConfig(activations="fp8"), backend="torch")
+    fused_rows = [r for r in report.patched if "adaln_modulate_fp8" in r.what]
+    assert fused_rows and all(r.detail == "emits e4m3 activations" for r in fused_rows)
+    fused = _run(model, inputs)
+    assert torch.equal(fused, unfused)
+    assert len(calls) < n_unfused, (len(calls), n_unfused)
+    ditkern.unpatch(model)
+    fp8_companion.clear()
