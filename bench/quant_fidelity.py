@@ -16,6 +16,7 @@ import copy
 import csv
 import json
 import math
+import re
 import time
 import traceback
 from pathlib import Path
@@ -67,6 +68,12 @@ def ablations(model):
     return out
 
 
+def _fnmatch_any(path, patterns) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
 def torchao_settings():
     try:
         import torchao  # noqa: F401
@@ -101,6 +108,7 @@ def main(argv=None):
     p.add_argument("--pipelines", nargs="*", default=["digits-dit", "digits-flux"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--only", help="regex: run only the ditkern settings whose name matches (and no torchao rows)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     import ditkern
@@ -158,7 +166,22 @@ def main(argv=None):
                 ("fp4_e2m1 A8 gptq", QuantConfig(format="fp4_e2m1", activations="fp8", method="gptq", calibration=cal)),
                 ("fp4_e2m1 A8 awq", QuantConfig(format="fp4_e2m1", activations="fp8", method="awq", calibration=cal)),
                 ("auto4 calibrated", QuantConfig(format="auto4", calibration=cal)),
+                ("fp4_e2m1 g32 bf16", QuantConfig(format="fp4_e2m1", group_size=32, scale_dtype="bf16")),
+                ("int4 g32 bf16", QuantConfig(format="int4", group_size=32, scale_dtype="bf16")),
+                ("fp4_e2m1 g32 bf16 gptq", QuantConfig(format="fp4_e2m1", group_size=32, scale_dtype="bf16",
+                                                       method="gptq", calibration=cal)),
+                ("int4 g32 bf16 gptq", QuantConfig(format="int4", group_size=32, scale_dtype="bf16", method="gptq",
+                                                   calibration=cal)),
+                ("auto4 g32 bf16 gptq", QuantConfig(format="auto4", group_size=32, scale_dtype="bf16", method="gptq",
+                                                    calibration=cal)),
+                ("fp4_e2m1 g32 bf16 A8 gptq", QuantConfig(format="fp4_e2m1", group_size=32, scale_dtype="bf16",
+                                                          activations="fp8", method="gptq", calibration=cal)),
+                ("auto4 g32 bf16 A8 gptq", QuantConfig(format="auto4", group_size=32, scale_dtype="bf16",
+                                                       activations="fp8", method="gptq", calibration=cal)),
+                ("fp6_e2m3 A8 gptq", QuantConfig(format="fp6_e2m3", activations="fp8", method="gptq", calibration=cal)),
             ]
+        if a.only:
+            settings = [(n, q) for n, q in settings if re.search(a.only, n)]
         for setting, qc in settings:
             try:
                 t0 = time.perf_counter()
@@ -170,31 +193,50 @@ def main(argv=None):
                 rows.append(dict(pipeline=name, setting=setting, note=f"failed: {type(exc).__name__}: {exc}"))
             finally:
                 ditkern.unpatch(pipe)
-        # bf16 as a yardstick for "how close is close"
+        # bf16 as a yardstick for "how close is close" (a bf16 pipeline: the VAE must match the latents' dtype)
         t0 = time.perf_counter()
-        pipe.transformer.to(torch.bfloat16)
         try:
-            record(name, "bf16 transformer (no quantization)", gen(pipe), ref, time.perf_counter() - t0, bits=16.0)
+            record(name, "bf16 pipeline (no quantization)", gen(zoo.load(name, torch_dtype=torch.bfloat16)), ref,
+                   time.perf_counter() - t0, bits=16.0)  # fmt: skip
         except Exception as exc:  # noqa: BLE001
-            rows.append(dict(pipeline=name, setting="bf16 transformer", note=f"failed: {type(exc).__name__}: {exc}"))
-        pipe.transformer.to(torch.float32)
+            rows.append(dict(pipeline=name, setting="bf16 pipeline", note=f"failed: {type(exc).__name__}: {exc}"))
+        if a.only:
+            _write(rows, out_dir)
+            continue
         if tao_note:
             rows.append(dict(pipeline=name, setting="torchao (all configs)", note=tao_note))
-        for setting, make, bits in tao:
+        from ditkern.quant.feature import default_skip
+
+        skip = default_skip(pipe.transformer)
+        for (setting, make, bits), scope in [(t, sc) for t in tao for sc in ("default skip", "all layers")]:
             original = pipe.transformer
+            nvfp4 = "NVFP4" in setting
+            note = "nominal bits"
+
+            def keep_hp(fqn, m):
+                if scope == "default skip" and _fnmatch_any(fqn, skip):
+                    return True
+                # NVFP4 needs both weight dims divisible by 16: other layers stay in fp32
+                return nvfp4 and (m.weight.shape[0] % 16 or m.weight.shape[1] % 16)
+
             try:
                 if isinstance(make, Exception):
                     raise make
                 from torchao.quantization import quantize_
 
                 pipe.transformer = copy.deepcopy(original)
-                quantize_(pipe.transformer, make())
+                kept = [f for f, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear) and keep_hp(f, m)]
+                quantize_(pipe.transformer, make(),
+                          filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and not keep_hp(fqn, m))  # fmt: skip
+                if nvfp4 and scope == "all layers":
+                    note += f"; kept in fp32 (dims not multiples of 16): {', '.join(kept) or 'none'}"
                 t0 = time.perf_counter()
                 images = gen(pipe)
-                record(name, setting, images, ref, time.perf_counter() - t0, bits=bits, note="nominal bits")
+                record(name, f"{setting} ({scope})", images, ref, time.perf_counter() - t0, bits=bits, note=note)
             except Exception as exc:  # noqa: BLE001
                 msg = str(exc).splitlines()[0][:200] if str(exc) else ""
-                rows.append(dict(pipeline=name, setting=setting, note=f"failed on CPU: {type(exc).__name__}: {msg}"))
+                rows.append(dict(pipeline=name, setting=f"{setting} ({scope})",
+                                 note=f"failed on CPU: {type(exc).__name__}: {msg}"))  # fmt: skip
                 print(setting, "failed:", type(exc).__name__, msg, flush=True)
             finally:
                 pipe.transformer = original
