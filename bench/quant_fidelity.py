@@ -179,6 +179,8 @@ def main(argv=None):
                 ("auto4 g32 bf16 A8 gptq", QuantConfig(format="auto4", group_size=32, scale_dtype="bf16",
                                                        activations="fp8", method="gptq", calibration=cal)),
                 ("fp6_e2m3 A8 gptq", QuantConfig(format="fp6_e2m3", activations="fp8", method="gptq", calibration=cal)),
+                ("int4 g32 bf16 gptq budget=0.35", QuantConfig(format="int4", group_size=32, scale_dtype="bf16",
+                                                               method="gptq", calibration=cal, memory_budget=0.35)),
             ]
         if a.only:
             settings = [(n, q) for n, q in settings if re.search(a.only, n)]
