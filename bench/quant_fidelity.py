@@ -26,27 +26,18 @@ import torch
 OUT = Path(__file__).resolve().parent / "results" / "quant"
 
 
+FORMATS = ("fp4_e2m1", "int4", "fp6_e2m3", "fp6_e3m2")
+
+
 def ditkern_settings(quick: bool):
     from ditkern import QuantConfig
 
-    s = [
-        ("fp4_e2m1", QuantConfig(format="fp4_e2m1")),
-        ("int4", QuantConfig(format="int4")),
-        ("fp6_e2m3", QuantConfig(format="fp6_e2m3")),
-        ("fp6_e3m2", QuantConfig(format="fp6_e3m2")),
-        ("fp4_e2m1 A8", QuantConfig(format="fp4_e2m1", activations="fp8")),
-        ("int4 A8", QuantConfig(format="int4", activations="fp8")),
-        ("fp6_e2m3 A8", QuantConfig(format="fp6_e2m3", activations="fp8")),
-        ("fp6_e3m2 A8", QuantConfig(format="fp6_e3m2", activations="fp8")),
-        ("fp4_e2m1 A6", QuantConfig(format="fp4_e2m1", activations="fp6")),
-        ("auto4", QuantConfig(format="auto4")),
-        ("fp4_e2m1 skip=[]", QuantConfig(format="fp4_e2m1", skip=[])),
-        ("int4 skip=[]", QuantConfig(format="int4", skip=[])),
-        ("fp6_e2m3 skip=[]", QuantConfig(format="fp6_e2m3", skip=[])),
-        ("fp4_e2m1 A8 skip=[]", QuantConfig(format="fp4_e2m1", activations="fp8", skip=[])),
-        ("fp4_e2m1 g32 e8m0", QuantConfig(format="fp4_e2m1", group_size=32, scale_dtype="e8m0")),
-        ("fp4_e2m1 g128 bf16", QuantConfig(format="fp4_e2m1", group_size=128, scale_dtype="bf16")),
-    ]
+    s = [(f, QuantConfig(format=f)) for f in FORMATS]
+    s += [(f"{f} A8", QuantConfig(format=f, activations="fp8")) for f in FORMATS]
+    s += [("fp4_e2m1 A6", QuantConfig(format="fp4_e2m1", activations="fp6"))]
+    s += [(f"{f} skip=[]", QuantConfig(format=f, skip=[])) for f in FORMATS]
+    s += [("fp4_e2m1 g32 bf16", QuantConfig(format="fp4_e2m1", group_size=32, scale_dtype="bf16")),
+          ("int4 g32 bf16", QuantConfig(format="int4", group_size=32, scale_dtype="bf16"))]  # fmt: skip
     return s[:3] if quick else s
 
 
@@ -158,29 +149,15 @@ def main(argv=None):
             from ditkern import QuantConfig
 
             settings += ablations(pipe.transformer)
+            g32 = dict(group_size=32, scale_dtype="bf16", method="gptq", calibration=cal)
             settings += [
                 ("fp4_e2m1 awq", QuantConfig(format="fp4_e2m1", method="awq", calibration=cal)),
-                ("int4 awq", QuantConfig(format="int4", method="awq", calibration=cal)),
-                ("fp4_e2m1 gptq", QuantConfig(format="fp4_e2m1", method="gptq", calibration=cal)),
-                ("int4 gptq", QuantConfig(format="int4", method="gptq", calibration=cal)),
-                ("fp4_e2m1 A8 gptq", QuantConfig(format="fp4_e2m1", activations="fp8", method="gptq", calibration=cal)),
-                ("fp4_e2m1 A8 awq", QuantConfig(format="fp4_e2m1", activations="fp8", method="awq", calibration=cal)),
-                ("auto4 calibrated", QuantConfig(format="auto4", calibration=cal)),
-                ("fp4_e2m1 g32 bf16", QuantConfig(format="fp4_e2m1", group_size=32, scale_dtype="bf16")),
-                ("int4 g32 bf16", QuantConfig(format="int4", group_size=32, scale_dtype="bf16")),
-                ("fp4_e2m1 g32 bf16 gptq", QuantConfig(format="fp4_e2m1", group_size=32, scale_dtype="bf16",
-                                                       method="gptq", calibration=cal)),
-                ("int4 g32 bf16 gptq", QuantConfig(format="int4", group_size=32, scale_dtype="bf16", method="gptq",
-                                                   calibration=cal)),
-                ("auto4 g32 bf16 gptq", QuantConfig(format="auto4", group_size=32, scale_dtype="bf16", method="gptq",
-                                                    calibration=cal)),
-                ("fp4_e2m1 g32 bf16 A8 gptq", QuantConfig(format="fp4_e2m1", group_size=32, scale_dtype="bf16",
-                                                          activations="fp8", method="gptq", calibration=cal)),
-                ("auto4 g32 bf16 A8 gptq", QuantConfig(format="auto4", group_size=32, scale_dtype="bf16",
-                                                       activations="fp8", method="gptq", calibration=cal)),
+                ("fp4_e2m1 g32 bf16 gptq", QuantConfig(format="fp4_e2m1", **g32)),
+                ("int4 g32 bf16 gptq", QuantConfig(format="int4", **g32)),
+                ("auto4 g32 bf16 gptq", QuantConfig(format="auto4", **g32)),
+                ("int4 g32 bf16 A8 gptq", QuantConfig(format="int4", activations="fp8", **g32)),
                 ("fp6_e2m3 A8 gptq", QuantConfig(format="fp6_e2m3", activations="fp8", method="gptq", calibration=cal)),
-                ("int4 g32 bf16 gptq budget=0.35", QuantConfig(format="int4", group_size=32, scale_dtype="bf16",
-                                                               method="gptq", calibration=cal, memory_budget=0.35)),
+                ("int4 g32 bf16 gptq budget=0.35", QuantConfig(format="int4", memory_budget=0.35, **g32)),
             ]
         if a.only:
             settings = [(n, q) for n, q in settings if re.search(a.only, n)]
