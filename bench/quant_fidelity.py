@@ -55,7 +55,9 @@ def ablations(model):
     out = []
     for g, pats in groups.items():
         if pats:
-            out.append((f"fp4_e2m1 quantize {g}", QuantConfig(format="fp4_e2m1", skip=[p for p in base if p not in pats])))
+            out.append(
+                (f"fp4_e2m1 quantize {g}", QuantConfig(format="fp4_e2m1", skip=[p for p in base if p not in pats]))
+            )
     return out
 
 
@@ -79,9 +81,17 @@ def torchao_settings():
     from torchao.quantization.granularity import PerGroup  # noqa: PLC0415
 
     s = [
-        ("torchao IntxWeightOnly int4 PerGroup(64)", lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)), 4.5),
+        (
+            "torchao IntxWeightOnly int4 PerGroup(64)",
+            lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)),
+            4.5,
+        ),
         ("torchao Float8WeightOnly", lambda: Float8WeightOnlyConfig(), 8.0),
-        ("torchao Int8DynAct Int4 PerGroup(64)", lambda: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(64)), 4.5),
+        (
+            "torchao Int8DynAct Int4 PerGroup(64)",
+            lambda: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(64)),
+            4.5,
+        ),
     ]
     try:
         from torchao.prototype.mx_formats import NVFP4WeightOnlyConfig  # noqa: PLC0415
@@ -133,7 +143,8 @@ def main(argv=None):
         row = dict(pipeline=name, setting=setting, psnr_db=round(fidelity.pooled_psnr(images, ref), 2),
                    psnr_worst_db=round(per.min().item(), 2), accuracy=round(classifier.accuracy(images, classes), 3),
                    bits_per_quantized_weight=None if qbits is None else round(qbits, 3),
-                   linear_memory_vs_fp32=None if mem is None else round(mem["quantized_bytes"] / mem["original_bytes"], 4),
+                   linear_memory_vs_fp32=None if mem is None else round(mem["quantized_bytes"] / mem["original_bytes"],
+                                                                          4),
                    seconds=round(seconds, 1), note=note)  # fmt: skip
         rows.append(row)
         print(row, flush=True)
@@ -204,7 +215,9 @@ def main(argv=None):
                 from torchao.quantization import quantize_
 
                 pipe.transformer = copy.deepcopy(original)
-                kept = [f for f, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear) and keep_hp(f, m)]
+                kept = [
+                    f for f, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear) and keep_hp(f, m)
+                ]
                 quantize_(pipe.transformer, make(),
                           filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and not keep_hp(fqn, m))  # fmt: skip
                 if nvfp4 and scope == "all layers":
@@ -237,7 +250,8 @@ def _write(rows, out_dir: Path):
              "PSNR pooled over all images).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for r in rows:
         v = [r.get("pipeline"), r.get("setting"), r.get("psnr_db"), r.get("psnr_worst_db"), r.get("accuracy"),
-             r.get("bits_per_quantized_weight"), r.get("linear_memory_vs_fp32"), r.get("seconds"), r.get("note", "")]  # fmt: skip
+             r.get("bits_per_quantized_weight"), r.get("linear_memory_vs_fp32"), r.get("seconds"),
+             r.get("note", "")]  # fmt: skip
         lines.append("| " + " | ".join("" if x is None else str(x) for x in v) + " |")
     (out_dir / "fidelity.md").write_text("\n".join(lines) + "\n")
 
@@ -257,8 +271,12 @@ def _plot(rows, out_dir: Path):
             if math.isinf(r["psnr_db"]):
                 continue
             tao = r["setting"].startswith("torchao")
-            ax.scatter(r["bits_per_quantized_weight"], r["psnr_db"], marker="s" if tao else "o",
-                       color="tab:red" if tao else ("tab:blue" if "A8" not in r["setting"] else "tab:orange"))  # fmt: skip
+            ax.scatter(
+                r["bits_per_quantized_weight"],
+                r["psnr_db"],
+                marker="s" if tao else "o",
+                color="tab:red" if tao else ("tab:orange" if "A8" in r["setting"] else "tab:blue"),
+            )
             ax.annotate(r["setting"], (r["bits_per_quantized_weight"], r["psnr_db"]), fontsize=6)
         ax.set_xlabel("bits per quantized weight (scales included; torchao: nominal)")
         ax.set_ylabel("PSNR vs fp32 pipeline (dB)")

@@ -35,7 +35,9 @@ def main():
     torch.manual_seed(0)
     blocks = {
         "double": FluxTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).to(torch.bfloat16),
-        "single": FluxSingleTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).to(torch.bfloat16),
+        "single": FluxSingleTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).to(
+            torch.bfloat16
+        ),
     }
     rows = []
     for bname, block in blocks.items():
@@ -60,7 +62,8 @@ def main():
              "| block | format | group | scales | bits/weight | bf16 MiB | quantized MiB | ratio | bias MiB |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['block']} | {r['format']} | {r['group_size']} | {r['scale_dtype']} | {r['bits_per_weight']:.3f} | "
+        lines.append(f"| {r['block']} | {r['format']} | {r['group_size']} | {r['scale_dtype']} | "
+                     f"{r['bits_per_weight']:.3f} | "
                      f"{r['bf16_bytes'] / 2**20:.1f} | {r['quantized_bytes'] / 2**20:.1f} | {r['ratio']:.4f}x | "
                      f"{r['bias_bytes_bf16'] / 2**20:.3f} |")  # fmt: skip
     (OUT / "memory_flux_block.md").write_text("\n".join(lines) + "\n")

@@ -28,7 +28,9 @@ GEMMS = {
     "wan_720p": [("q", 5120, 5120), ("ffn", 5120, 13824)],
 }
 MS = (1, 16, 256, 4096, 16384)
-SHAPES = {f"{model}_{proj}_M{M}": dict(M=M, K=K, N=N) for model, projs in GEMMS.items() for proj, K, N in projs for M in MS}
+SHAPES = {
+    f"{model}_{proj}_M{M}": dict(M=M, K=K, N=N) for model, projs in GEMMS.items() for proj, K, N in projs for M in MS
+}
 QUICK_SHAPES: dict = {}  # GPU-sized only: tests/quant/test_bench_fpx.py runs the cases' torch paths at a tiny shape
 G = 64
 

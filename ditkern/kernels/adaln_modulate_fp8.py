@@ -45,7 +45,9 @@ def _adaln_modulate_fp8_fwd_kernel(
     if HAS_BIAS:
         b_n = b_n + tl.load(BIAS + o_d, mask=m_d, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        b_n = b_n * (1.0 + tl.load(SCALE + i_b * stride_scb + i_s * stride_scs + o_d, mask=m_d, other=0.0).to(tl.float32))
+        b_n = b_n * (
+            1.0 + tl.load(SCALE + i_b * stride_scb + i_s * stride_scs + o_d, mask=m_d, other=0.0).to(tl.float32)
+        )
     if HAS_SHIFT:
         b_n = b_n + tl.load(SHIFT + i_b * stride_shb + i_s * stride_shs + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_o = b_n.to(OUT.dtype.element_ty)

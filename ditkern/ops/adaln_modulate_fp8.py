@@ -81,7 +81,11 @@ def _adaln_modulate_fp8_op(
 @_adaln_modulate_fp8_op.register_fake
 def _(x, shift, scale, weight, bias, norm, eps, grid, backend):
     B, S, D = x.shape
-    return x.new_empty(x.shape), x.new_empty((B * S, D), dtype=torch.float8_e4m3fn), x.new_empty((B * S,), dtype=torch.float32)
+    return (
+        x.new_empty(x.shape),
+        x.new_empty((B * S, D), dtype=torch.float8_e4m3fn),
+        x.new_empty((B * S,), dtype=torch.float32),
+    )
 
 
 def adaln_modulate_fp8(

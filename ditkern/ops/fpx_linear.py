@@ -1,4 +1,5 @@
-"""Weight-only FP4 / FP6 / int4 linear layer: ``fpx_linear(x, packed, scales, bias) = (x * inv_smooth) @ W_hat.T + bias``.
+"""Weight-only FP4 / FP6 / int4 linear layer: ``fpx_linear(x, packed, scales, bias)``
+= ``(x * inv_smooth) @ W_hat.T + bias``.
 
 ``W_hat[n, k] = value(code[n, k]) * scale[n, k // group_size]`` (``ditkern/quant/formats.py``: formats, packed layout
 ``[N, K_pad * bits / 8]`` uint8, scales ``[N, K_pad / G]`` fp32 / bf16 / E8M0-uint8). x ``[..., K]`` in fp32, fp16 or
@@ -75,7 +76,9 @@ def _check_x(x, in_features, inv_smooth):
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must be [..., K] with K=in_features={in_features}, got shape {tuple(x.shape)}")
     if inv_smooth is not None and (inv_smooth.shape != (in_features,) or inv_smooth.dtype != torch.float32):
-        raise ValueError(f"inv_smooth must be float32 [K={in_features}], got {inv_smooth.dtype} {tuple(inv_smooth.shape)}")
+        raise ValueError(
+            f"inv_smooth must be float32 [K={in_features}], got {inv_smooth.dtype} {tuple(inv_smooth.shape)}"
+        )
 
 
 CUDA_MAX_M = 16  # the CUDA kernel is the small-M GEMV (adaLN modulation linears: M = batch size)
@@ -87,7 +90,9 @@ def _cuda_can_run(x, packed=None, *others) -> str | None:
         return reason
     M = x.numel() // x.shape[-1]
     if M > CUDA_MAX_M:
-        return f"M={M} rows > {CUDA_MAX_M}: the CUDA kernel is the small-M GEMV (Triton's tensor-core GEMM runs larger M)"
+        return (
+            f"M={M} rows > {CUDA_MAX_M}: the CUDA kernel is the small-M GEMV (Triton's tensor-core GEMM runs larger M)"
+        )
     if packed is not None and (packed.data_ptr() % 4 or packed.stride(0) % 4):
         return "packed rows are not 4-byte aligned"
     return None

@@ -47,7 +47,9 @@ def _check(x, grid, inv_smooth):
         raise ValueError(f"grid={grid!r} is not one of {', '.join(ACT_GRIDS)}")
     if inv_smooth is not None:
         if inv_smooth.shape != (x.shape[-1],) or inv_smooth.dtype != torch.float32:
-            raise ValueError(f"inv_smooth must be float32 [K={x.shape[-1]}], got {inv_smooth.dtype} {tuple(inv_smooth.shape)}")
+            raise ValueError(
+                f"inv_smooth must be float32 [K={x.shape[-1]}], got {inv_smooth.dtype} {tuple(inv_smooth.shape)}"
+            )
         if inv_smooth.device != x.device:
             raise ValueError(f"inv_smooth is on {inv_smooth.device} but x is on {x.device}")
 

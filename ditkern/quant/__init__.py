@@ -9,5 +9,15 @@ from ditkern.quant.checkpoint import load_quantized, save_quantized
 from ditkern.quant.config import PRESETS, QuantConfig
 from ditkern.quant.formats import FORMATS, QuantizedWeight, dequantize, quantize
 
-__all__ = ["QuantConfig", "PRESETS", "FORMATS", "QuantizedWeight", "quantize", "dequantize", "calibrate", "Calibration", "save_quantized",
-           "load_quantized"]
+__all__ = [
+    "QuantConfig",
+    "PRESETS",
+    "FORMATS",
+    "QuantizedWeight",
+    "quantize",
+    "dequantize",
+    "calibrate",
+    "Calibration",
+    "save_quantized",
+    "load_quantized",
+]

@@ -45,7 +45,9 @@ class Calibration:
 def _transformers(obj) -> list[nn.Module]:
     if isinstance(obj, nn.Module):
         return [obj]
-    return [m for m in (getattr(obj, "transformer", None), getattr(obj, "transformer_2", None)) if isinstance(m, nn.Module)]
+    return [
+        m for m in (getattr(obj, "transformer", None), getattr(obj, "transformer_2", None)) if isinstance(m, nn.Module)
+    ]
 
 
 @torch.no_grad()

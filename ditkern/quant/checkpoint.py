@@ -47,7 +47,9 @@ def save_quantized(model_or_pipeline, path: str) -> str:
     model = _transformer(model_or_pipeline)
     layers = quantized_layers(model)
     if not layers:
-        raise ValueError("save_quantized: the model has no quantized layer; patch it with ditkern.patch(model, quant=...)")
+        raise ValueError(
+            "save_quantized: the model has no quantized layer; patch it with ditkern.patch(model, quant=...)"
+        )
     tensors = {}
     for k, v in model.state_dict().items():
         if k.endswith(".qweight_inv_smooth"):
@@ -59,7 +61,9 @@ def save_quantized(model_or_pipeline, path: str) -> str:
         if qw.smooth is not None:
             tensors[f"{p}.qweight_smooth"] = qw.smooth.cpu().contiguous()
         meta_layers[p] = {"format": qw.format, "group_size": qw.group_size, "shape": list(qw.shape)}
-    acts = {m.__dict__["_ditkern_quant"]["activations"] for _, m in model.named_modules() if "_ditkern_quant" in m.__dict__}
+    acts = {
+        m.__dict__["_ditkern_quant"]["activations"] for _, m in model.named_modules() if "_ditkern_quant" in m.__dict__
+    }
     kept = [p for p, m in model.named_modules() if type(m).__name__ == "Linear" and p not in layers]
     config = getattr(model, "config", None)
     meta = {
@@ -131,7 +135,8 @@ def load_quantized(model_or_class, path: str, **patch_options):
             raise ValueError(f"{path}: quantized layer {p!r} is not a Linear in this {type(model).__name__}")
         if list(m.weight.shape) != info["shape"]:
             raise ValueError(f"{path}: layer {p!r} has shape {info['shape']} in the file, {list(m.weight.shape)} here")
-        qw = QuantizedWeight(tensors.pop(f"{p}.qweight_packed").to(device), tensors.pop(f"{p}.qweight_scales").to(device),
+        packed, scales = tensors.pop(f"{p}.qweight_packed"), tensors.pop(f"{p}.qweight_scales")
+        qw = QuantizedWeight(packed.to(device), scales.to(device),
                              info["format"], info["group_size"], tuple(info["shape"]),
                              tensors.pop(f"{p}.qweight_smooth", None))  # fmt: skip
         if qw.smooth is not None:

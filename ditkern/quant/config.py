@@ -79,7 +79,9 @@ class QuantConfig:
             object.__setattr__(self, "skip", tuple(self.skip))
         b = self.memory_budget
         if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0):
-            raise ValueError(f"QuantConfig.memory_budget={b!r} must be None, bytes (int > 0) or a fraction (0 < f <= 1)")
+            raise ValueError(
+                f"QuantConfig.memory_budget={b!r} must be None, bytes (int > 0) or a fraction (0 < f <= 1)"
+            )
         if isinstance(b, float) and b > 1:
             raise ValueError(f"QuantConfig.memory_budget={b!r}: a float is a fraction of the bf16 size, at most 1.0")
         if not isinstance(self.fuse_adaln, bool):

@@ -27,7 +27,7 @@ UPGRADE = "fp6_e2m3"  # the format a layer moves to first under a memory budget
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
 
 DEFAULT_SKIP = (
-    "*embed*",  # patch/text/timestep/class embedders (x_embedder, context_embedder, time_text_embed, condition_embedder)
+    "*embed*",  # patch/text/timestep/class embedders (x_embedder, context_embedder, time_text_embed, ...)
     "caption_projection*",  # PixArt's text projection
     "adaln_single*",  # PixArt's shared timestep -> 6 x D modulation of every block
     "proj_out*",  # final projection (DiT: proj_out_1 / proj_out_2)
@@ -218,7 +218,13 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
         dev = p.device
         if dev.type != "cpu":
             p.data = p.data.to("cpu")  # frees the device copy; unpatch moves this very tensor back
-        module._ditkern_quant = {"param": p, "device": dev, "order": order, "qweight": qw, "activations": qc.activations}
+        module._ditkern_quant = {
+            "param": p,
+            "device": dev,
+            "order": order,
+            "qweight": qw,
+            "activations": qc.activations,
+        }
         module.register_buffer("qweight_packed", qw.packed.to(dev))
         module.register_buffer("qweight_scales", _int_view(qw.scales.to(dev)))
         if qw.smooth is not None:
@@ -356,7 +362,9 @@ QUANT = register_feature(Feature("quant", _rules))
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedWeight]:
     """{module path: QuantizedWeight} of a patched model's quantized linear layers."""
-    return {p: m.__dict__["_ditkern_quant"]["qweight"] for p, m in model.named_modules() if "_ditkern_quant" in m.__dict__}
+    return {
+        p: m.__dict__["_ditkern_quant"]["qweight"] for p, m in model.named_modules() if "_ditkern_quant" in m.__dict__
+    }
 
 
 def weight_memory(model: nn.Module) -> dict[str, int]:
@@ -374,5 +382,3 @@ def weight_memory(model: nn.Module) -> dict[str, int]:
             now += n
             before += n
     return {"quantized_bytes": now, "original_bytes": before}
-
-

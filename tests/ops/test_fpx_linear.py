@@ -30,7 +30,11 @@ def test_kernels_decode_every_code_exactly(fmt):
     f = F.FORMATS[fmt]
     K = 1 << f.bits  # every code once per row, rows shifted so each code meets every position parity
     codes = torch.stack([torch.roll(torch.arange(K), r) for r in range(3)]).to(torch.uint8).repeat(1, 2)  # [3, 2K]
-    codes = torch.cat([codes, torch.zeros(3, 64 - codes.shape[1] % 64, dtype=torch.uint8)], 1) if codes.shape[1] % 64 else codes
+    codes = (
+        torch.cat([codes, torch.zeros(3, 64 - codes.shape[1] % 64, dtype=torch.uint8)], 1)
+        if codes.shape[1] % 64
+        else codes
+    )
     Kp = codes.shape[1]
     packed = F.pack(codes, f)
     scales = torch.rand(3, Kp // 32) + 0.5

@@ -134,7 +134,11 @@ def test_non_finite_weight_names_the_layer():
     [
         (dict(format="fp5"), ValueError, "QuantConfig.format='fp5' is not a known format"),
         (dict(group_size=0), ValueError, "QuantConfig.group_size=0 must be positive"),
-        (dict(group_size=6, format="fp6_e3m2"), ValueError, "QuantConfig.group_size=6 must be a multiple of the packing unit"),
+        (
+            dict(group_size=6, format="fp6_e3m2"),
+            ValueError,
+            "QuantConfig.group_size=6 must be a multiple of the packing unit",
+        ),
         (dict(group_size=96), ValueError, "QuantConfig.group_size=96 is not supported"),
         (dict(group_size=64.0), TypeError, "QuantConfig.group_size must be an int"),
         (dict(activations="int8"), ValueError, "QuantConfig.activations='int8'"),
@@ -189,7 +193,9 @@ def test_awq_calibration_never_worse_on_its_rows():
     mods = _linears(model)
     for p, qw in awq.items():
         base = F.quantize(mods[p].weight.detach(), "fp4_e2m1", 64)
-        assert layer_error(mods[p].weight, qw, cal.layers[p]) <= layer_error(mods[p].weight, base, cal.layers[p]) + 1e-12
+        assert (
+            layer_error(mods[p].weight, qw, cal.layers[p]) <= layer_error(mods[p].weight, base, cal.layers[p]) + 1e-12
+        )
 
 
 def test_compile_fullgraph_of_quantized_block():
@@ -243,8 +249,11 @@ def test_load_rejects_mismatches(tmp_path):
     from ditkern.quant.checkpoint import read_metadata
 
     meta = read_metadata(path)
-    for key, value, match in [("ditkern_version", "9.9.0", "written by ditkern 9.9.0"),
-                              ("checkpoint_format", "ditkern-quant-0", "checkpoint format 'ditkern-quant-0'")]:  # fmt: skip
+    bad_meta = [
+        ("ditkern_version", "9.9.0", "written by ditkern 9.9.0"),
+        ("checkpoint_format", "ditkern-quant-0", "checkpoint format 'ditkern-quant-0'"),
+    ]
+    for key, value, match in bad_meta:
         bad = str(tmp_path / f"bad_{key}.safetensors")
         save_file(load_file(path), bad, metadata=meta | {key: value})
         with pytest.raises(ValueError, match=match):
