@@ -368,8 +368,6 @@ def _triton_can_run(q, *others) -> str | None:
     reason = triton_can_run_on(q)
     if reason:
         return reason
-    if q.shape[-1] < 16:
-        return f"head dim {q.shape[-1]} < 16 (tl.dot needs 16)"
     return None
 
 
