@@ -10,11 +10,12 @@ Public API::
 Importing ditkern never initialises CUDA, compiles anything, or touches the network.
 """
 
-from ditkern.attention import WindowAttention
+from ditkern.cache import TaylorCache
 from ditkern.config import PatchConfig
 from ditkern.info import info
 from ditkern.patch import PatchReport, is_patched, patch, patched, supported_models, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["patch", "unpatch", "patched", "is_patched", "PatchConfig", "PatchReport", "info", "supported_models", "WindowAttention"]
+__all__ = ["TaylorCache", "patch", "unpatch", "patched", "is_patched", "PatchConfig", "PatchReport", "info", "supported_models",
+           "WindowAttention"]
