@@ -10,6 +10,7 @@ Public API::
 Importing ditkern never initialises CUDA, compiles anything, or touches the network.
 """
 
+from ditkern.attention import WindowAttention
 from ditkern.cache import TaylorCache
 from ditkern.config import PatchConfig
 from ditkern.info import info
