@@ -33,6 +33,7 @@ class GridContext:
     """The token grid of the model call in progress (set by ``GridHook``, cleared after the call)."""
 
     grid: tuple[int, ...] | None = None
+    text: int = 0  # text tokens of the model call (the joint sequences hold 0 or this many)
     fixed: tuple[int, ...] | None = None  # WindowAttention(grid=...)
 
 
@@ -79,7 +80,7 @@ class WindowProcessor:
         return out
 
     def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        grid = self.ctx.fixed or self.ctx.grid
+        grid = self.ctx.grid
         if grid is None:
             raise RuntimeError(
                 f"ditkern window attention (block {self.index}): no token grid known; the block ran outside the "
@@ -96,10 +97,11 @@ class WindowProcessor:
                 f"{tuple(key.shape)}, {tuple(value.shape)}); only self-attention over text + image tokens is windowed"
             )
         S, N = query.shape[-2], math.prod(grid)
-        if S < N:
+        if S - N not in (0, self.ctx.text):
             raise ValueError(
-                f"ditkern window attention (block {self.index}): grid={grid} holds {N} tokens but the attention "
-                f"sequence has {S}; the grid does not match the sequence length"
+                f"ditkern window attention (block {self.index}): grid={grid} holds {N} image tokens and the model "
+                f"call has {self.ctx.text} text tokens, but the attention sequence has {S}; the grid does not match "
+                "the sequence length"
             )
         c = self.config
         return window_attention(
@@ -129,41 +131,42 @@ def _bound(model, args, kwargs) -> dict:
     return sig.bind_partial(model, *args, **kwargs).arguments
 
 
-def flux_grid(model, args, kwargs) -> tuple[int, int]:
+def flux_grid(model, args, kwargs) -> tuple[tuple[int, int], int, int]:
     """FLUX packs 2x2 latent patches in raster order and gives each token (0, row, col) in ``img_ids``."""
     a = _bound(model, args, kwargs)
     ids = a.get("img_ids")
     hs = a.get("hidden_states")
+    ehs = a.get("encoder_hidden_states")
+    text = ehs.shape[1] if ehs is not None else 0
+    n = hs.shape[1]
     if ids is None:
-        raise ValueError("ditkern window attention: FLUX was called without img_ids; pass WindowAttention(grid=...)")
+        return None, n, text
     if ids.dim() == 3:
         ids = ids[0]
     rows, cols = ids[:, 1].round().long(), ids[:, 2].round().long()
     r0, c0 = int(rows.min()), int(cols.min())
     h, w = int(rows.max()) - r0 + 1, int(cols.max()) - c0 + 1
-    n = hs.shape[1] if hs is not None else ids.shape[0]
     ok = h * w == n == ids.shape[0]
     if ok:
         expect_r = torch.arange(h, device=rows.device).repeat_interleave(w) + r0
         expect_c = torch.arange(w, device=cols.device).repeat(h) + c0
         ok = torch.equal(rows, expect_r) and torch.equal(cols, expect_c)
-    if not ok:
-        raise ValueError(
-            "ditkern window attention: FLUX img_ids are not one raster-ordered grid (e.g. Kontext reference images "
-            "are appended); pass WindowAttention(grid=...) or keep those layers dense"
-        )
-    return h, w
+    return ((h, w) if ok else None), n, text
 
 
-def spatial_grid(model, args, kwargs) -> tuple[int, ...]:
+def spatial_grid(model, args, kwargs) -> tuple[tuple[int, ...], int, int]:
     """SD3 / PixArt / DiT ([B, C, H, W]) and Wan ([B, C, F, H, W]): the latent shape over the patch size."""
     a = _bound(model, args, kwargs)
     hs = a["hidden_states"]
+    ehs = a.get("encoder_hidden_states")
+    text = ehs.shape[1] if ehs is not None and ehs.dim() == 3 else 0
     p = model.config.patch_size
     if hs.dim() == 4:
-        return hs.shape[-2] // p, hs.shape[-1] // p
-    pt, ph, pw = p
-    return hs.shape[-3] // pt, hs.shape[-2] // ph, hs.shape[-1] // pw
+        grid = (hs.shape[-2] // p, hs.shape[-1] // p)
+    else:
+        pt, ph, pw = p
+        grid = (hs.shape[-3] // pt, hs.shape[-2] // ph, hs.shape[-1] // pw)
+    return grid, math.prod(grid), text
 
 
 def grid_hook(ctx: GridContext, infer):
@@ -173,8 +176,21 @@ def grid_hook(ctx: GridContext, infer):
         _is_stateful = False
 
         def pre_forward(self, module, *args, **kwargs):
-            if ctx.fixed is None:
-                ctx.grid = tuple(infer(module, args, kwargs))
+            grid, n_image, ctx.text = infer(module, args, kwargs)
+            if ctx.fixed is not None:
+                if math.prod(ctx.fixed) != n_image:
+                    raise ValueError(
+                        f"ditkern window attention: WindowAttention(grid={ctx.fixed}) holds {math.prod(ctx.fixed)} "
+                        f"tokens but the model was called with {n_image} image tokens: grid does not match"
+                    )
+                grid = ctx.fixed
+            if grid is None:
+                raise ValueError(
+                    f"ditkern window attention: the image tokens of {type(module).__name__} do not form one "
+                    "raster-ordered grid (FLUX img_ids missing, or e.g. Kontext reference images appended); pass "
+                    "WindowAttention(grid=...) or keep those layers dense"
+                )
+            ctx.grid = tuple(grid)
             return args, kwargs
 
         def post_forward(self, module, output):
