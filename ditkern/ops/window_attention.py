@@ -253,16 +253,20 @@ def window_attention_ref(
 # ----------------------------------------------------------------------------------------------------------------------
 # torch backend (the CPU path): chunked masked SDPA, each query box against only the keys its window can reach
 # ----------------------------------------------------------------------------------------------------------------------
-CHUNK_TOKENS = 1024  # query tokens per SDPA call: bounds the [chunk, keys] mask and score memory
+CHUNK_TOKENS = 256  # query tokens per SDPA call (bounds the [chunk, key box] mask and scores)
 
 
 def _chunk_shape(spec: WindowSpec) -> tuple[int, int, int]:
-    """Query box per chunk: whole rows along w, as many h rows / t frames as fit in CHUNK_TOKENS."""
-    T, H, W = spec.grid
-    ch = max(1, min(H, CHUNK_TOKENS // W))
-    ct = max(1, min(T, CHUNK_TOKENS // (W * H))) if ch == H else 1
-    cw = W if W <= CHUNK_TOKENS else CHUNK_TOKENS
-    return ct, ch, cw
+    """Query box per chunk, grown by doubling the axis that is smallest relative to its window, so the box stays
+    shaped like the window and the key box it needs (box + window - 1 per axis) stays small."""
+    c = [1, 1, 1]
+    while math.prod(c) < CHUNK_TOKENS:
+        axes = [a for a in range(3) if c[a] < spec.grid[a]]
+        if not axes:
+            break
+        a = min(axes, key=lambda a: (c[a] / spec.window[a], -a))
+        c[a] = min(spec.grid[a], c[a] * 2)
+    return c[0], c[1], c[2]
 
 
 def window_attention_chunked(q, k, v, spec: WindowSpec, text_tokens, text_position, text_mask, scale):

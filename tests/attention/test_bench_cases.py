@@ -37,3 +37,12 @@ def test_linear_cases_agree_with_sana_eager():
     inputs = case.make_inputs("cpu", torch.float32)
     assert torch.allclose(case.impls["ditkern"](inputs), case.impls["sana_eager"](inputs), atol=1e-5)
     registry.REGISTRY.clear()
+
+
+def test_report_computes_fraction_of_ideal():
+    from bench.attention_report import table
+
+    env = dict(gpu="X", date="d", git_sha="s", dtype="bf16")
+    row = dict(op="window_attention", shape="flux_4096/q25", impl="ditkern", window="65x65", sparsity=0.9,
+               ideal_speedup=10.0, ms=1.0, speedup_vs_sdpa=7.5, speedup_vs_flex=2.0)  # fmt: skip
+    assert "| 0.75 |" in table({"env": env, "rows": [row]})
