@@ -120,9 +120,11 @@ CASES = [
     ((9, 11), 3, 5, "first", {}),  # odd grid, not a multiple of the 8x8 tile
     ((9, 11), 5, 5, "last", {}),
     ((6, 13), (3, 7), 0, "first", {}),  # no text, per-axis windows
-    ((3, 5, 7), (3, 3, 5), 4, "first", {"tile": (2, 2, 4)}),  # 3D grid, 3D query tiles
+    ((3, 5, 7), (3, 3, 5), 4, "first", {"tile": (2, 2, 4), "B": 1}),  # 3D grid, 3D query tiles
     ((9, 11), 5, 3, "first", {"shape": "circle"}),  # CLEAR's circular window
     ((16, 12), (12, 12), 5, "last", {"granularity": "tile", "tile": (4, 4)}),  # STA whole tiles
+    ((10, 13), (12, 4), 3, "first", {"granularity": "tile", "tile": (4, 4)}),  # tiles cut by the grid edge
+    ((13, 12), 11, 2, "first", {"tile": (4, 4), "B": 1, "H": 1}),  # key tiles inside every window: unmasked path
 ]
 
 
