@@ -38,8 +38,7 @@ class GridContext:
 
 
 class _RouteSDPA(TorchFunctionMode):
-    def __init__(self, processor: WindowProcessor):
-        super().__init__()
+    def __init__(self, processor: WindowProcessor):  # TorchFunctionMode.__init__ sets nothing (and dynamo cannot trace it)
         self.processor = processor
         self.calls = 0
 
@@ -131,7 +130,7 @@ def _bound(model, args, kwargs) -> dict:
     return sig.bind_partial(model, *args, **kwargs).arguments
 
 
-def flux_grid(model, args, kwargs) -> tuple[tuple[int, int], int, int]:
+def flux_grid(model, args, kwargs, read_ids: bool = True) -> tuple[tuple[int, int], int, int]:
     """FLUX packs 2x2 latent patches in raster order and gives each token (0, row, col) in ``img_ids``."""
     a = _bound(model, args, kwargs)
     ids = a.get("img_ids")
@@ -139,7 +138,7 @@ def flux_grid(model, args, kwargs) -> tuple[tuple[int, int], int, int]:
     ehs = a.get("encoder_hidden_states")
     text = ehs.shape[1] if ehs is not None else 0
     n = hs.shape[1]
-    if ids is None:
+    if ids is None or not read_ids:  # WindowAttention(grid=...): no data-dependent reads (torch.compile fullgraph)
         return None, n, text
     if ids.dim() == 3:
         ids = ids[0]
@@ -154,7 +153,7 @@ def flux_grid(model, args, kwargs) -> tuple[tuple[int, int], int, int]:
     return ((h, w) if ok else None), n, text
 
 
-def spatial_grid(model, args, kwargs) -> tuple[tuple[int, ...], int, int]:
+def spatial_grid(model, args, kwargs, read_ids: bool = True) -> tuple[tuple[int, ...], int, int]:
     """SD3 / PixArt / DiT ([B, C, H, W]) and Wan ([B, C, F, H, W]): the latent shape over the patch size."""
     a = _bound(model, args, kwargs)
     hs = a["hidden_states"]
@@ -176,7 +175,7 @@ def grid_hook(ctx: GridContext, infer):
         _is_stateful = False
 
         def pre_forward(self, module, *args, **kwargs):
-            grid, n_image, ctx.text = infer(module, args, kwargs)
+            grid, n_image, ctx.text = infer(module, args, kwargs, read_ids=ctx.fixed is None)
             if ctx.fixed is not None:
                 if math.prod(ctx.fixed) != n_image:
                     raise ValueError(
