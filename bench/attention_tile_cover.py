@@ -39,7 +39,7 @@ def main(argv=None):
     p.add_argument("--out", default="bench/results/attention/tile_cover.md")
     a = p.parse_args(argv)
     lines = [
-        "# Window attention: tile cover of the Triton kernel (host replay of its loop bounds, default 8x8 / 1x8x8 tiles)",
+        "# Window attention: tile cover of the Triton kernel (host replay of its loop bounds, token granularity: the auto-chosen 64-token tile; tile granularity: 8x8 / 1x8x8)",
         "",
         "`visited`: keys loaded per image query / keys in its window (1.0 = no waste). `ideal`: 1 / (1 - sparsity). "
         "`tile bound`: dense keys / loaded keys, the speedup over dense this tiling allows if every loaded tile ran "

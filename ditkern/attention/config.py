@@ -24,8 +24,9 @@ class WindowAttention:
                  mode; named so the choice is explicit where the config is written).
     shape:       "rect" (NATTEN-style clamped neighbourhood) or "circle" (CLEAR's circular window).
     granularity: "token" (a window per query) or "tile" (Sliding Tile Attention: whole tiles per query tile).
-    tile:        the kernel's query/key tile (powers of two, 16-256 tokens); in "tile" granularity it also
-                 defines the semantics. Default (8, 8) / (1, 8, 8).
+    tile:        the kernel's query/key tile (powers of two, 16-256 tokens). Token granularity: default = the
+                 64-token tile with the least key-tile work for the grid and window (a speed choice only). Tile
+                 granularity: default (8, 8) / (1, 8, 8), and it defines the semantics.
     grid:        the token grid, if it cannot be read from the model's inputs (FLUX's ``img_ids`` or the latent's
                  spatial shape and ``patch_size`` otherwise).
     backend:     None (``DITKERN_BACKEND`` / the patch's backend / auto), "triton" or "torch".

@@ -31,6 +31,7 @@ against flex_attention and dense masked SDPA in bench/results/attention/cpu_fall
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -112,7 +113,12 @@ def make_spec(grid, window, *, shape: str = "rect", granularity: str = "token", 
     w = _as_tuple(window, "window", dims)
     if any(v < 1 for v in w):
         raise ValueError(f"window must be >= 1 on every axis (zero or negative windows are meaningless), got window={window!r}")
-    t = _as_tuple(tile, "tile", dims) if tile is not None else (DEFAULT_TILE_2D if dims == 2 else DEFAULT_TILE_3D)
+    if tile is not None:
+        t = _as_tuple(tile, "tile", dims)
+    elif granularity == "token" and all(isinstance(v, int) and v >= 1 for v in w):
+        t = auto_tile(g, w, shape)
+    else:
+        t = DEFAULT_TILE_2D if dims == 2 else DEFAULT_TILE_3D
     if any(v < 1 or (v & (v - 1)) for v in t):
         raise ValueError(f"tile sizes must be powers of two (the kernel's block shape), got tile={t}")
     if math.prod(t) < 16 or math.prod(t) > 256:
@@ -139,6 +145,37 @@ def make_spec(grid, window, *, shape: str = "rect", granularity: str = "token", 
     if shape == "rect":
         w = tuple(min(wa, na) for wa, na in zip(w, g))
     return WindowSpec(grid=g, window=w, shape=shape, granularity=granularity, tile=t, dims=dims)
+
+
+_TILES_2D = ((8, 8), (4, 16), (16, 4), (2, 32), (32, 2))
+_TILES_3D = ((1, 8, 8), (1, 4, 16), (1, 16, 4), (2, 4, 8), (2, 8, 4), (4, 4, 4), (1, 2, 32))
+
+
+@functools.lru_cache(maxsize=256)
+def auto_tile(grid: tuple[int, ...], window: tuple[int, ...], shape: str = "rect") -> tuple[int, ...]:
+    """The 64-token query tile (token granularity only: there the tile is a speed choice, not semantics) that
+    minimises the key-tile work of the kernel: sum over query tiles of the key tiles covering their window box.
+
+    The box of a query tile is a product of per-axis ranges, so the total is the product over axes of per-axis sums.
+    """
+    g = (1, *grid) if len(grid) == 2 else tuple(grid)
+    w = (1, *window) if len(window) == 2 else tuple(window)
+    if shape == "rect":
+        w = tuple(min(a, n) for a, n in zip(w, g))
+    best, best_cost = None, None
+    for cand in _TILES_2D if len(grid) == 2 else _TILES_3D:
+        t = (1, *cand) if len(cand) == 2 else cand
+        spec = WindowSpec(g, w, shape, "token", t, 3)
+        cost = 1
+        for a in range(3):
+            axis = 0
+            for c0 in range(0, g[a], t[a]):
+                lo, hi = _key_range(spec, a, c0, min(c0 + t[a], g[a]) - 1)
+                axis += -(-(hi - lo) // t[a]) * t[a]
+            cost *= axis
+        if best_cost is None or cost < best_cost:
+            best, best_cost = cand, cost
+    return best
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -236,3 +236,19 @@ def test_gpu_matches_reference(dtype, kw):
 @pytest.mark.gpu
 def test_gpu_3d_wan_like():
     _check_case("triton", torch.bfloat16, (5, 9, 16), (3, 5, 7), 0, "first", "cuda", B=1, H=2, D=128)
+
+
+def test_auto_tile_is_a_64_token_tile_that_does_no_more_work_than_8x8():
+    from ditkern.kernels.window_attention import visited_key_fraction
+    from ditkern.ops.window_attention import auto_tile
+
+    for grid, window in [((64, 64), (9, 9)), ((21, 45, 80), (3, 7, 11)), ((9, 11), (3, 3))]:
+        t = auto_tile(grid, window)
+        assert math.prod(t) == 64 and len(t) == len(grid)
+        auto = make_spec(grid, window)
+        fixed = make_spec(grid, window, tile=(8, 8) if len(grid) == 2 else (1, 8, 8))
+        assert auto.tile[-len(t):] == t
+        n_auto = math.prod(-(-n // a) for n, a in zip(auto.grid, auto.tile))
+        n_fixed = math.prod(-(-n // a) for n, a in zip(fixed.grid, fixed.tile))
+        # total key work = query tiles x keys visited per query tile
+        assert n_auto * visited_key_fraction(auto) <= n_fixed * visited_key_fraction(fixed) + 1e-9
