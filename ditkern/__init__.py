@@ -10,6 +10,7 @@ Public API::
 Importing ditkern never initialises CUDA, compiles anything, or touches the network.
 """
 
+from ditkern.attention import WindowAttention
 from ditkern.cache import TaylorCache
 from ditkern.config import PatchConfig
 from ditkern.info import info
@@ -18,5 +19,6 @@ from ditkern.quant import QuantConfig, load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
-__all__ = ["TaylorCache", "patch", "unpatch", "patched", "is_patched", "PatchConfig", "PatchReport", "info", "supported_models"]
+__all__ = ["TaylorCache", "patch", "unpatch", "patched", "is_patched", "PatchConfig", "PatchReport", "info", "supported_models",
+           "WindowAttention"]
 __all__ += ["QuantConfig", "save_quantized", "load_quantized"]

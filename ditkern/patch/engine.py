@@ -246,7 +246,12 @@ def patch(model_or_pipeline, config: PatchConfig | None = None, **options) -> Pa
                 if isinstance(plan, str):
                     report.add(Row(full, type(module).__name__, "skipped", "", "", plan))
                     continue
-                state.installed.append(_install(module, plan))
+                try:
+                    state.installed.append(_install(module, plan))
+                except Exception:
+                    for entry in reversed(state.installed):  # never leave a model half-patched
+                        _uninstall(entry)
+                    raise
                 report.add(Row(full, type(module).__name__, "patched", plan.what, backend, "", plan.detail))
         if not state.installed:
             report.note(f"{label}: no module of {type(model).__name__} matched a ditkern rule")
