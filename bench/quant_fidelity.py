@@ -109,8 +109,26 @@ def main(argv=None):
     p.add_argument("--pipelines", nargs="*", default=["digits-dit", "digits-flux"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        help="combine fidelity.json files of several runs (a later run's row replaces "
+        "an earlier row of the same pipeline and setting) into --out, and exit",
+    )
     p.add_argument("--only", help="regex: run only the ditkern settings whose name matches (and no torchao rows)")
     a = p.parse_args(argv)
+    if a.merge:
+        merged: dict = {}
+        for path in a.merge:
+            for r in json.loads(Path(path).read_text()):
+                if r.get("setting") == "fp32 (reference)" and (r["pipeline"], r["setting"]) in merged:
+                    continue
+                merged[(r["pipeline"], r["setting"].replace("bf16 pipeline (no quantization)", "bf16 pipeline"))] = r
+        rows = list(merged.values())
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        _write(rows, Path(a.out))
+        _plot(rows, Path(a.out))
+        return
     torch.set_num_threads(1)
     import ditkern
     from ditkern import zoo
