@@ -37,10 +37,12 @@ def save_figure(results, out_path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(results), 2, figsize=(12, 2.9 * len(results)), squeeze=False)
-    for (ax_ref, ax_out), r in zip(axes, results):
-        ax_ref.imshow(_grid(r.images_unpatched).numpy(), cmap="gray", vmin=0, vmax=1)
-        ax_out.imshow(_grid(r.images_patched).numpy(), cmap="gray", vmin=0, vmax=1)
+    grids = [(_grid(r.images_unpatched), _grid(r.images_patched)) for r in results]
+    aspect = max(g[0].shape[0] / g[0].shape[1] for g in grids)
+    fig, axes = plt.subplots(len(results), 2, figsize=(12, len(results) * (6 * aspect + 0.8)), squeeze=False)
+    for (ax_ref, ax_out), r, (g_ref, g_out) in zip(axes, results, grids):
+        ax_ref.imshow(g_ref.numpy(), cmap="gray", vmin=0, vmax=1)
+        ax_out.imshow(g_out.numpy(), cmap="gray", vmin=0, vmax=1)
         steps = r.sampler.get("num_inference_steps")
         ax_ref.set_title(f"{r.pipeline} unpatched ({steps} steps)\n{r.seconds_unpatched:.2f} s, "
                          f"class accuracy {r.accuracy_unpatched:.0%}", fontsize=9)
@@ -102,3 +104,19 @@ def run_demo(
         print(table)
         print(f"wrote {out_path}")
     return table
+
+
+def main(argv=None):
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="ditkern demo: reference pipelines unpatched | patched, with numbers.")
+    p.add_argument("--out", default="ditkern_demo.png")
+    p.add_argument("--rows", type=int, default=2, help="grid rows of 10 digits")
+    p.add_argument("--options", default="{}", help="ditkern.patch options as JSON, e.g. '{\"window\": 8}'")
+    args = p.parse_args(argv)
+    run_demo(args.out, patch_options=json.loads(args.options), rows=args.rows)
+
+
+if __name__ == "__main__":
+    main()

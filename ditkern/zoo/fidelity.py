@@ -246,3 +246,29 @@ def baseline_accuracy(pipe, seeds: Iterable[int], classes: Sequence[int] | None 
     with tqdm(total=len(seeds), desc=f"{name_of(pipe)} baseline", disable=not progress, leave=False) as bar:
         images, _ = _timed_generate(pipe, classes, seeds, sampler, batch_size, bar)
     return classifier.accuracy(images, classes)
+
+
+def main(argv=None):
+    """``python -m ditkern.zoo.fidelity [--seeds 100]``: baseline class accuracy and sampling time per pipeline."""
+    import argparse
+
+    from . import DEFAULTS, NAMES, generate, load
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--seeds", type=int, default=100, help="images per pipeline (image i shows digit i % 10)")
+    p.add_argument("--pipelines", nargs="*", default=list(NAMES))
+    args = p.parse_args(argv)
+    print(f"classifier held-out accuracy on real digits: {classifier.heldout_accuracy():.2%}")
+    for name in args.pipelines:
+        pipe = load(name)
+        generate(pipe, [0], [0])  # warm-up
+        t0 = time.perf_counter()
+        generate(pipe, default_classes(20), list(range(20)))
+        t_grid = time.perf_counter() - t0
+        acc = baseline_accuracy(pipe, range(args.seeds))
+        print(f"{name}: class accuracy {acc:.1%} on {args.seeds} samples at {DEFAULTS[name]}; "
+              f"20-digit grid in {t_grid:.2f} s ({torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":
+    main()
