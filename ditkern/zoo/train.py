@@ -220,7 +220,7 @@ FLUX_CONFIG = dict(
 FLUX_TEXT_TOKENS = 4
 FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                       base_image_seq_len=256, max_image_seq_len=4096)
-FLUX_STEPS = 3500
+FLUX_STEPS = 2500
 FLUX_BATCH = 48
 FLUX_LR = 5e-4
 FLUX_LABEL_DROPOUT = 0.1  # labels dropped to the null row 10 of the class table (true classifier-free guidance)
