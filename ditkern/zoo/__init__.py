@@ -26,7 +26,7 @@ NAMES = ("digits-dit", "digits-flux")
 
 #: Default sampler settings per pipeline (what :func:`generate` uses unless told otherwise).
 DEFAULTS = {
-    "digits-dit": dict(num_inference_steps=20, guidance_scale=3.0),
+    "digits-dit": dict(num_inference_steps=12, guidance_scale=3.0),
     "digits-flux": dict(num_inference_steps=20, true_cfg_scale=3.0),
 }
 
