@@ -27,8 +27,12 @@ NAMES = ("digits-dit", "digits-flux")
 #: Default sampler settings per pipeline (what :func:`generate` uses unless told otherwise).
 DEFAULTS = {
     "digits-dit": dict(num_inference_steps=12, guidance_scale=3.0),
-    "digits-flux": dict(num_inference_steps=20, true_cfg_scale=3.0),
+    "digits-flux": dict(num_inference_steps=12, true_cfg_scale=3.0),
 }
+
+#: Class accuracy of the unpatched pipelines at :data:`DEFAULTS` (seeds 0-99, image i shows digit i % 10), as judged
+#: by :mod:`ditkern.zoo.classifier` (98.9% held-out accuracy on real digits); measured on the CPU, float32, 1 thread.
+BASELINE_ACCURACY = {"digits-dit": 1.00, "digits-flux": 1.00}
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

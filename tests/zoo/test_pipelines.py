@@ -17,9 +17,10 @@ REFS = os.path.join(os.path.dirname(__file__), "data", "reference_samples.safete
 # threads: see the report). 1e-2 is still far below what a wrong weight, config or scheduler does (> 0.1).
 REF_ATOL = 1e-2
 
-# Class accuracy (per the digit classifier) of 20 samples (seeds 0-19, two of each digit) at the default sampler
-# settings must reach at least these. The 100-sample baselines (seeds 0-99) are in BASELINE_ACCURACY.
-MIN_ACCURACY = {"digits-dit": 0.85, "digits-flux": 0.85}
+# Class accuracy (per the digit classifier) of 10 samples (seeds 0-9, one of each digit) at the default sampler
+# settings must reach the 100-sample baseline (zoo.BASELINE_ACCURACY, 100% for both) less a margin of 1 of the 10
+# images, so a borderline digit flipped by another machine's float rounding does not fail the suite.
+MIN_ACCURACY = {name: zoo.BASELINE_ACCURACY[name] - 0.10 for name in zoo.NAMES}
 
 
 def test_paths_hold_diffusers_layout():
@@ -78,7 +79,7 @@ def test_reproduces_reference_samples(pipe):
 
 def test_class_accuracy_at_default_settings(pipe):
     name = zoo.name_of(pipe)
-    seeds = list(range(20))
+    seeds = list(range(10))
     classes = [s % 10 for s in seeds]
     acc = classifier.accuracy(zoo.generate(pipe, classes, seeds), classes)
     assert acc >= MIN_ACCURACY[name], f"{name}: class accuracy {acc:.0%}"
