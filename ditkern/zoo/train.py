@@ -109,8 +109,13 @@ def train_vae(steps: int = VAE_STEPS, log=None):
 
 
 def load_vae():
+    """The float32 VAE from ``train vae``; without it, the float16 copy shipped in digits-dit (upcast; retraining
+    then is not bit-identical to the shipped weights, which came from the float32 VAE)."""
     from diffusers import AutoencoderKL
 
+    if not os.path.isdir(VAE_DIR):
+        print(f"{VAE_DIR} not found (run `train vae`); using the VAE shipped in digits-dit", flush=True)
+        return AutoencoderKL.from_pretrained(os.path.join(PIPELINES, "digits-dit", "vae"), torch_dtype=torch.float32).eval()
     return AutoencoderKL.from_pretrained(VAE_DIR).eval()
 
 
