@@ -5,9 +5,6 @@ which of their attention modules go local, where the text tokens sit in the join
 read from the model's inputs. Selected blocks get a ``WindowProcessor`` around their own processor (Plan.apply /
 Plan.undo through ``set_processor``); the transformer gets a pre-forward hook that records the grid of each call.
 Cross-attention (PixArt, DiT has none, Wan's text/image cross-attention) stays dense: its keys are the text.
-
-This module also imports the Sana family (``ditkern.patch.sana``) so that it is registered: the engine imports
-features but its family list is closed (see the lead's note in docs/attention.md).
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-import ditkern.patch.sana  # noqa: F401  (registers SanaTransformer2DModel)
 from ditkern.attention.config import WindowAttention
 from ditkern.attention.processors import GridContext, flux_grid, grid_hook, spatial_grid, wrap
 from ditkern.patch.engine import Feature, Plan, register_feature
