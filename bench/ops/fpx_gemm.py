@@ -28,8 +28,12 @@ GEMMS = {
     "wan_720p": [("q", 5120, 5120), ("ffn", 5120, 13824)],
 }
 MS = (1, 16, 256, 4096, 16384)
+EXTRA_M = {"flux_1024": (4608,), "sd3_1024": (4429,)}  # the real token counts (image + text tokens)
 SHAPES = {
-    f"{model}_{proj}_M{M}": dict(M=M, K=K, N=N) for model, projs in GEMMS.items() for proj, K, N in projs for M in MS
+    f"{model}_{proj}_M{M}": dict(M=M, K=K, N=N)
+    for model, projs in GEMMS.items()
+    for proj, K, N in projs
+    for M in sorted(MS + EXTRA_M.get(model, ()))
 }
 QUICK_SHAPES: dict = {}  # GPU-sized only: tests/quant/test_bench_fpx.py runs the cases' torch paths at a tiny shape
 G = 64

@@ -19,5 +19,6 @@ def test_cases_register_and_cpu_paths_run():
         rel = ((out - ref).norm() / ref.norm()).item()
         assert rel < 0.2, (name, rel)  # 4-bit weights: a few % error, not garbage
     assert case.flops(inputs) == 2 * 4 * 128 * 64 and case.bytes_moved(inputs) > 0
-    assert len(fpx_gemm.SHAPES) == 4 * 2 * 5 and fpx_gemm.QUICK_SHAPES == {}
+    assert fpx_gemm.SHAPES["flux_1024_qkv_M4608"] == dict(M=4608, K=3072, N=9216)
+    assert len(fpx_gemm.SHAPES) == 4 * 2 * 5 + 2 * 2 and fpx_gemm.QUICK_SHAPES == {}
     registry.REGISTRY.clear()
