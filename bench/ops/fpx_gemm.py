@@ -2,7 +2,8 @@
 
 Shapes: the QKV and MLP-up projections of real models (``flux_1024``: K=3072, N=9216 / 12288; ``sd3_1024``: K=1536,
 N=4608 / 6144; ``pixart_1024``: K=1152, N=3456 / 4608; ``wan_720p``: K=5120, N=5120 / 13824), each at
-M in {1, 16, 256, 4096, 16384} to show where weight-only (memory-bound, small M) and FP8 (compute-bound, large M) win.
+M in {1, 16, 256, 4096, 16384} (plus the real token counts: flux 4608, sd3 4429) to show where weight-only
+(memory-bound, small M) and FP8 (compute-bound, large M) win.
 Baselines in the same run: cuBLAS bf16 (``torch.matmul`` with the bf16 weight) and ``torch._scaled_mm`` FP8 (rowwise
 scales, activations and weights pre-quantized: the GEMM alone). ``ditkern-w4a8`` includes the activation
 quantization; ``ditkern-w4a8-gemm`` is the GEMM alone on a pre-quantized activation, comparable to ``_scaled_mm``.
