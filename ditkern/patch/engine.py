@@ -106,7 +106,11 @@ def _load_families():
 
     # features register themselves when their module is imported: ditkern/<feature>/feature.py
     for name in FEATURE_MODULES:
-        if importlib.util.find_spec(name) is not None:
+        try:
+            spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:  # the feature's package itself is absent
+            spec = None
+        if spec is not None:
             importlib.import_module(name)
 
 
