@@ -361,3 +361,37 @@ def test_gpu_grouped_swiglu_hidream_width(dtype):
     ref = moe_grouped_mlp_ref(x.float(), s, b, w1.float(), w3.float(), w2.float(), w, top_k=K)
     eager = _loop_same_dtype(x, ids, w, w1, w3, w2, None, "swiglu")
     assert _err(y, ref) <= 2 * _err(eager, ref) + FLOOR[dtype]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the CUDA moe_align: compiled here, error paths testable without a GPU
+# ----------------------------------------------------------------------------------------------------------------------
+def _nvcc():
+    import shutil
+
+    return shutil.which("nvcc") is not None
+
+
+@pytest.mark.skipif(not _nvcc(), reason="nvcc not on PATH: the package installs without the extension")
+def test_cuda_align_binding_validates_and_reports_cuda_errors():
+    from ditkern._ext import ext
+
+    assert hasattr(ext(), "moe_align")
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        ext().moe_align(0, 0, 10, 4, 24, 0, 0, 0, 96, 4, 0, 0)
+    with pytest.raises(ValueError, match="num_experts must be positive"):
+        ext().moe_align(0, 0, 10, 0, 16, 0, 0, 0, 64, 4, 0, 0)
+    with pytest.raises(ValueError, match="max_rows must equal max_blocks"):
+        ext().moe_align(0, 0, 10, 4, 16, 0, 0, 0, 63, 4, 0, 0)
+    if not HAS_GPU:
+        with pytest.raises(RuntimeError, match=r"ditkern\._C\.moe_align: CUDA error \d+"):
+            ext().moe_align(0, 0, 10, 4, 16, 0, 0, 0, 64, 4, 0, 0)
+
+
+def test_cuda_backend_says_why_it_cannot_run_on_cpu():
+    from ditkern._backend import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="backend 'cuda' was requested but cannot run"):
+        moe_align(torch.tensor([[0, 1]], dtype=torch.int32), 4, 16, backend="cuda")
+    with pytest.raises(BackendUnavailable, match="no CUDA kernel for this op"):
+        moe_combine(torch.randn(2, 2, 8), backend="cuda")
