@@ -12,8 +12,10 @@ Importing ditkern never initialises CUDA, compiles anything, or touches the netw
 
 from ditkern.config import PatchConfig
 from ditkern.info import info
+from ditkern.moe import MoEConfig, densify_to_moe
+from ditkern.nn import SparseMoE
 from ditkern.patch import PatchReport, is_patched, patch, patched, supported_models, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["patch", "unpatch", "patched", "is_patched", "PatchConfig", "PatchReport", "info", "supported_models"]
+__all__ = ["patch", "unpatch", "patched", "is_patched", "PatchConfig", "PatchReport", "info", "supported_models", "SparseMoE", "MoEConfig", "densify_to_moe"]
