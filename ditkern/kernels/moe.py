@@ -72,8 +72,10 @@ def _moe_route_fwd_kernel(
     b_ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
     b_w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        # ties go to the lower expert id (tl.max's left tie-break), as the reference's stable sort does
-        b_v, b_i = tl.max(b_s, axis=1, return_indices=True)
+        # ties go to the lower expert id, as the reference's stable sort does (two plain reductions: cheaper than an
+        # index-carrying max, which also compiled to a ~1 MB cubin at 64 experts)
+        b_v = tl.max(b_s, axis=1)
+        b_i = tl.min(tl.where(b_s == b_v[:, None], o_e[None, :], BLOCK_E), axis=1)
         b_ids = tl.where(o_k[None, :] == j, b_i[:, None], b_ids)
         b_w = tl.where(o_k[None, :] == j, b_v[:, None], b_w)
         b_s = tl.where(o_e[None, :] == b_i[:, None], -2.0, b_s)
@@ -88,8 +90,9 @@ def _moe_route_fwd_kernel(
 def moe_route_triton(logits, ids, weights, top_k: int, sigmoid: bool, renormalize: bool) -> None:
     T, E = logits.shape
     block_e = max(triton.next_power_of_2(E), 2)
-    # ~4k score elements per program keeps registers bounded for up to 256 experts
-    block_t = max(1, min(64, 4096 // block_e, triton.next_power_of_2(max(T, 1))))
+    # ~1k scores per program (8 per thread at 4 warps): the K selection passes unroll over each thread's scores, so
+    # larger tiles grow the code (64 x 64 compiled to 0.6 MB of cubin) without adding parallelism that T lacks
+    block_t = max(1, min(64, 1024 // block_e, triton.next_power_of_2(max(T, 1))))
     grid = (triton.cdiv(T, block_t),)
     _moe_route_fwd_kernel[grid](
         logits, ids, weights, T, E, logits.stride(0), logits.stride(1),
@@ -215,7 +218,7 @@ def _moe_gate_up_fwd_kernel(
     i_n = tl.program_id(1)
     e = tl.load(BLOCK_EXPERT + i_m)
     if e >= 0:  # blocks past the padded total hold no rows (the grid is the static upper bound)
-        e = e.to(tl.int64)
+        i_e = e.to(tl.int64)
         o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
         o_k = tl.arange(0, BLOCK_K)
@@ -224,8 +227,8 @@ def _moe_gate_up_fwd_kernel(
         b_tok = (b_row // TOP_K).to(tl.int64)  # gather: token of each sorted row
         m_n = o_n < F
         p_x = X + b_tok[:, None] * stride_xt + o_k[None, :] * stride_xd  # [BLOCK_M, BLOCK_K]
-        p_w1 = W1 + e * stride_w1e + o_n[None, :].to(tl.int64) * stride_w1f + o_k[:, None] * stride_w1d  # [BLOCK_K, BLOCK_N]
-        p_w3 = W3 + e * stride_w3e + o_n[None, :].to(tl.int64) * stride_w3f + o_k[:, None] * stride_w3d
+        p_w1 = W1 + i_e * stride_w1e + o_n[None, :].to(tl.int64) * stride_w1f + o_k[:, None] * stride_w1d  # [BLOCK_K, BLOCK_N]
+        p_w3 = W3 + i_e * stride_w3e + o_n[None, :].to(tl.int64) * stride_w3f + o_k[:, None] * stride_w3d
         b_a1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         b_a3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, tl.cdiv(D, BLOCK_K)):
@@ -246,7 +249,7 @@ def _moe_gate_up_fwd_kernel(
             p_w1 += BLOCK_K * stride_w1d
             p_w3 += BLOCK_K * stride_w3d
         if HAS_B1:
-            b_a1 += tl.load(B1 + e * stride_b1e + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+            b_a1 += tl.load(B1 + i_e * stride_b1e + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
         if ACT == 0:
             b_h = b_a1 / (1.0 + tl.exp(-b_a1)) * b_a3
         elif ACT == 1:
@@ -283,7 +286,7 @@ def _moe_down_fwd_kernel(
     i_n = tl.program_id(1)
     e = tl.load(BLOCK_EXPERT + i_m)
     if e >= 0:
-        e = e.to(tl.int64)
+        i_e = e.to(tl.int64)
         o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
         o_k = tl.arange(0, BLOCK_K)
@@ -291,7 +294,7 @@ def _moe_down_fwd_kernel(
         m_m = b_row < N_ROWS
         m_n = o_n < D
         p_h = H + o_m[:, None].to(tl.int64) * stride_hr + o_k[None, :]  # [BLOCK_M, BLOCK_K]
-        p_w2 = W2 + e * stride_w2e + o_n[None, :].to(tl.int64) * stride_w2d + o_k[:, None] * stride_w2f
+        p_w2 = W2 + i_e * stride_w2e + o_n[None, :].to(tl.int64) * stride_w2d + o_k[:, None] * stride_w2f
         b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, tl.cdiv(F, BLOCK_K)):
             m_k = o_k < F - k * BLOCK_K
