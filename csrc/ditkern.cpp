@@ -11,6 +11,7 @@
 
 #include "adaln_modulate/adaln_modulate.h"
 #include "moe/moe_align.h"
+#include "taylor/taylor.h"
 
 namespace py = pybind11;
 
@@ -33,6 +34,28 @@ static void moe_align(uintptr_t ids, int ids_int64, int64_t N, int64_t E, int64_
   ditkern::moe_align_launch(a);
 }
 
+static ditkern::TaylorArgs taylor_args(uintptr_t x, uintptr_t base, uintptr_t d0, uintptr_t d1, uintptr_t d2,
+                                       uintptr_t out, uintptr_t c1, uintptr_t c2, uintptr_t mask, int64_t B, int64_t N,
+                                       int order, int dtype, uintptr_t stream, int device) {
+  return ditkern::TaylorArgs{x, base, d0, d1, d2, out, c1, c2, mask, B, N, order, dtype, stream, device};
+}
+
+static void taylor_update(uintptr_t x, uintptr_t base, uintptr_t d0, uintptr_t d1, uintptr_t d2, uintptr_t out,
+                          uintptr_t c1, uintptr_t c2, uintptr_t mask, int64_t B, int64_t N, int order, int dtype,
+                          uintptr_t stream, int device) {
+  auto a = taylor_args(x, base, d0, d1, d2, out, c1, c2, mask, B, N, order, dtype, stream, device);
+  py::gil_scoped_release release;
+  ditkern::taylor_update_launch(a);
+}
+
+static void taylor_forecast(uintptr_t x, uintptr_t base, uintptr_t d0, uintptr_t d1, uintptr_t d2, uintptr_t out,
+                            uintptr_t a1, uintptr_t a2, uintptr_t mask, int64_t B, int64_t N, int order, int dtype,
+                            uintptr_t stream, int device) {
+  auto a = taylor_args(x, base, d0, d1, d2, out, a1, a2, mask, B, N, order, dtype, stream, device);
+  py::gil_scoped_release release;
+  ditkern::taylor_forecast_launch(a);
+}
+
 // (error code, message) of cudaGetDeviceCount: tells `ditkern info` whether a driver and a device are present.
 static std::tuple<int, std::string, int> cuda_status() {
   int count = 0;
@@ -50,6 +73,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "ditkern CUDA kernels (raw-pointer bindings; see ditkern/ops for the public API)";
   m.def("adaln_modulate", &adaln_modulate, "fused (gated residual +) norm + adaLN modulate");
   m.def("moe_align", &moe_align, "MoE rows sorted by expert, padded per expert to block_m (static sizes, no host sync)");
+  m.def("taylor_update", &taylor_update, "Taylor divided-difference state update (in place)");
+  m.def("taylor_forecast", &taylor_forecast, "Taylor forecast + residual add");
   m.def("cuda_status", &cuda_status, "(error code, message, device count) from cudaGetDeviceCount");
   m.def("cuda_runtime_version", &cuda_runtime_version, "CUDA runtime version the extension was built with");
 }

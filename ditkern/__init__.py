@@ -10,6 +10,7 @@ Public API::
 Importing ditkern never initialises CUDA, compiles anything, or touches the network.
 """
 
+from ditkern.cache import TaylorCache
 from ditkern.config import PatchConfig
 from ditkern.info import info
 from ditkern.moe import MoEConfig, densify_to_moe
@@ -18,4 +19,4 @@ from ditkern.patch import PatchReport, is_patched, patch, patched, supported_mod
 
 __version__ = "0.1.0"
 
-__all__ = ["patch", "unpatch", "patched", "is_patched", "PatchConfig", "PatchReport", "info", "supported_models", "SparseMoE", "MoEConfig", "densify_to_moe"]
+__all__ = ["TaylorCache", "patch", "unpatch", "patched", "is_patched", "PatchConfig", "PatchReport", "info", "supported_models", "SparseMoE", "MoEConfig", "densify_to_moe"]

@@ -1,6 +1,7 @@
 """The optional CUDA extension (built where nvcc exists), its error path without a GPU, `ditkern info`, and the
 promise that `import ditkern` initialises no CUDA and imports neither triton nor diffusers."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import torch
 
 from ditkern._ext import ext, ext_missing
 
-NVCC = shutil.which("nvcc") is not None
+# Where nvcc exists the install builds the extension (unless told not to): then it must import and work.
+NVCC = shutil.which("nvcc") is not None and os.environ.get("DITKERN_SKIP_CUDA_BUILD", "0") != "1"
 
 
 def test_import_is_light():
@@ -22,7 +24,7 @@ def test_import_is_light():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.skipif(not NVCC, reason="nvcc not on PATH: the package installs without the extension")
+@pytest.mark.skipif(not NVCC, reason="nvcc not on PATH (or DITKERN_SKIP_CUDA_BUILD=1): installed without the extension")
 def test_extension_was_built_and_imports():
     assert ext_missing() is None, ext_missing()
     code, message, count = ext().cuda_status()
@@ -59,6 +61,6 @@ def test_info_reports_backends_and_reasons(capsys):
     assert "torch" in text and "ditkern._C" in text
     assert "adaln_modulate" in text
     if not torch.cuda.is_available():
-        assert "cuda    cannot: tensors are on cpu" in text
+        assert "cuda    cannot: " in text
     out = subprocess.run([sys.executable, "-m", "ditkern", "info"], capture_output=True, text=True, check=True).stdout
     assert "ops (backend order cuda -> triton -> torch" in out

@@ -59,8 +59,7 @@ def flops(dims, layer) -> int:
 def dense_equal(i):
     """Same FLOPs, no routing: the gate GEMM, one expert on all T*K rows, the shared expert."""
     layer, x = i["layer"], i["x"]
-    torch.nn.functional.linear(x, layer.gate.weight)
-    return layer.experts[0](i["x_rep"]).sum() + layer.shared_experts(x).sum()
+    return torch.nn.functional.linear(x, layer.gate.weight), layer.experts[0](i["x_rep"]), layer.shared_experts(x)
 
 
 @functools.cache

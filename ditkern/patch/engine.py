@@ -44,6 +44,7 @@ class Plan:
     apply: Callable[[nn.Module], None] | None = None
     undo: Callable[[nn.Module], None] | None = None
     detail: str = ""
+    wraps: bool = False  # new_forward(module, inner, *args, **kwargs): inner is the forward it replaces
 
 
 # A rule maps a module to a Plan, or to a string: the reason it is skipped.
@@ -121,11 +122,14 @@ def _hook_class():
     class DitkernHook(ModelHook):
         _is_stateful = False
 
-        def __init__(self, new_forward: Callable):
+        def __init__(self, new_forward: Callable, wraps: bool):
             super().__init__()
             self._new_forward = new_forward
+            self._wraps = wraps
 
         def new_forward(self, module, *args, **kwargs):
+            if self._wraps:
+                return self._new_forward(module, self.fn_ref.original_forward, *args, **kwargs)
             return self._new_forward(module, *args, **kwargs)
 
     return DitkernHook
@@ -171,7 +175,7 @@ def _install(module: nn.Module, plan: Plan) -> _Installed:
         registry = HookRegistry.check_if_exists_or_initialize(module)
         name = HOOK_PREFIX + plan.name
         try:
-            registry.register_hook(_hook_class()(plan.new_forward), name)
+            registry.register_hook(_hook_class()(plan.new_forward, plan.wraps), name)
         except Exception:
             if plan.undo is not None:
                 plan.undo(module)
@@ -242,7 +246,12 @@ def patch(model_or_pipeline, config: PatchConfig | None = None, **options) -> Pa
                 if isinstance(plan, str):
                     report.add(Row(full, type(module).__name__, "skipped", "", "", plan))
                     continue
-                state.installed.append(_install(module, plan))
+                try:
+                    state.installed.append(_install(module, plan))
+                except Exception:
+                    for entry in reversed(state.installed):  # never leave a model half-patched
+                        _uninstall(entry)
+                    raise
                 report.add(Row(full, type(module).__name__, "patched", plan.what, backend, "", plan.detail))
         if not state.installed:
             report.note(f"{label}: no module of {type(model).__name__} matched a ditkern rule")

@@ -1,0 +1,283 @@
+"""Block caching on the reference pipelines: ditkern's TaylorCache (fixed and gated) vs diffusers' own cache hooks.
+
+``python -m bench.cache_sweep [--steps 50] [--seeds 20] [--pipelines digits-dit,digits-flux] [--quick]``
+
+For each pipeline: generate the seeds uncached (the reference), then once per setting, same seeds, same run, and
+report the wall-time speedup over uncached, the fraction of transformer blocks actually executed (counted by a
+forward pre-hook on each block's attention module, so it is the same measure for every method and deterministic),
+PSNR against the uncached images (pooled over the set, and the worst image), and class accuracy. Writes
+``bench/results/cache/cache_sweep.{csv,md,json}`` and a speedup-vs-PSNR plot, one curve per method.
+
+diffusers' baselines: ``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig`` (its default attention-level mode, and with
+``cache_identifiers`` matching whole transformer blocks) and ``MagCacheConfig`` (calibrated on the same model first).
+``DiTTransformer2DModel`` lacks diffusers' ``CacheMixin`` and DiTPipeline sets no cache context, so here only (never
+in the package) the DiT transformer gets the mixin and a forward that opens a cache context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "results" / "cache"
+
+
+# ---- block execution counter (same for every method) ------------------------------------------------------------------
+def _blocks(transformer):
+    names = ("transformer_blocks", "single_transformer_blocks", "blocks")
+    return [b for n in names for b in getattr(transformer, n, [])]
+
+
+class BlockCounter:
+    """Counts real block executions: a block that runs calls its attention module; a skipped or cached one does not."""
+
+    def __init__(self, transformer):
+        self.runs = 0
+        self.handles = []
+        self.n_blocks = len(_blocks(transformer))
+        for b in _blocks(transformer):
+            attn = getattr(b, "attn", None) or getattr(b, "attn1")
+            self.handles.append(attn.register_forward_pre_hook(self._hit))
+
+    def _hit(self, *a):
+        self.runs += 1
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+# ---- diffusers' baselines ---------------------------------------------------------------------------------------------
+def _enable_diffusers_cache(pipe, config):
+    """transformer.enable_cache(config); DiT gets CacheMixin and a cache context (bench-only shim, see module doc)."""
+    from diffusers.models.cache_utils import CacheMixin  # noqa: PLC0415
+
+    tr = pipe.transformer
+    if not isinstance(tr, CacheMixin):
+        base = type(tr)
+        tr.__class__ = type(f"{base.__name__}WithCache", (base, CacheMixin), {})
+        inner = tr.forward
+
+        def forward(*args, **kwargs):
+            with tr.cache_context("cond_uncond"):
+                return inner(*args, **kwargs)
+
+        tr.forward = forward
+        tr._ditkern_bench_shim = base
+    tr.enable_cache(config)
+
+
+def _disable_diffusers_cache(pipe):
+    tr = pipe.transformer
+    tr.disable_cache()
+    base = tr.__dict__.pop("_ditkern_bench_shim", None)
+    if base is not None:
+        del tr.forward
+        tr.__class__ = base
+
+
+def _calibrate_magcache(pipe, classes, seeds, steps):
+    """MagCache's calibration mode prints the per-step magnitude ratios at the end of a generation: capture them."""
+    import ast  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    from diffusers import MagCacheConfig  # noqa: PLC0415
+
+    import ditkern.zoo as zoo  # noqa: PLC0415
+
+    buf = io.StringIO()
+    _enable_diffusers_cache(pipe, MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    try:
+        with contextlib.redirect_stdout(buf):
+            zoo.generate(pipe, classes[:2], seeds[:2], num_inference_steps=steps)
+    finally:
+        _disable_diffusers_cache(pipe)
+    for line in buf.getvalue().splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]") and "MagCache" not in line:
+            ratios = ast.literal_eval(line)
+            if len(ratios) >= steps:
+                return [float(r) for r in ratios[:steps]]
+    return None
+
+
+def settings(name: str, steps: int, quick: bool):
+    """(method, label, kind, config) tuples; kind is "ditkern" or "diffusers"."""
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig  # noqa: PLC0415
+
+    from ditkern import TaylorCache  # noqa: PLC0415
+
+    block_ids = ["transformer_blocks\\.\\d+", "single_transformer_blocks\\.\\d+"]
+    out = []
+    intervals = (2, 4) if quick else (2, 3, 4, 6)
+    gates = (0.1, 0.3) if quick else (0.05, 0.1, 0.2, 0.3, 0.5)
+    for order in (1, 2):
+        for n in intervals:
+            out.append((f"ditkern fixed o{order}", f"interval={n}", "ditkern", TaylorCache(order=order, interval=n)))
+    for order in (0, 1, 2):
+        for g in gates:
+            out.append((f"ditkern gated o{order}", f"gate={g}", "ditkern", TaylorCache(order=order, gate=g, warmup=2)))
+    for th in ((0.1, 0.3) if quick else (0.05, 0.1, 0.2, 0.3, 0.5)):
+        out.append(("diffusers FirstBlockCache", f"threshold={th}", "diffusers", FirstBlockCacheConfig(threshold=th)))
+    for n in intervals:
+        out.append(("diffusers TaylorSeer (attention)", f"interval={n}", "diffusers",
+                    TaylorSeerCacheConfig(cache_interval=n, disable_cache_before_step=2, max_order=1)))  # fmt: skip
+        out.append(("diffusers TaylorSeer (blocks)", f"interval={n}", "diffusers",
+                    TaylorSeerCacheConfig(cache_interval=n, disable_cache_before_step=2, max_order=1,
+                                          cache_identifiers=block_ids, taylor_factors_dtype=torch.float32)))  # fmt: skip
+    return out
+
+
+def run(pipelines, steps, n_seeds, quick, out_dir: Path, progress=True):
+    from tqdm import tqdm  # noqa: PLC0415
+
+    import ditkern  # noqa: PLC0415
+    import ditkern.zoo as zoo  # noqa: PLC0415
+    from ditkern.zoo import classifier  # noqa: PLC0415
+    from ditkern.zoo.fidelity import psnr  # noqa: PLC0415
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = []
+    for name in pipelines:
+        pipe = zoo.load(name)
+        seeds = list(range(n_seeds))
+        classes = [s % 10 for s in seeds]
+        sett = settings(name, steps, quick)
+        mag = _calibrate_magcache(pipe, classes, seeds, steps)
+        if mag is not None:
+            from diffusers import MagCacheConfig  # noqa: PLC0415
+
+            for th in ((0.06, 0.24) if quick else (0.03, 0.06, 0.12, 0.24)):
+                sett.append(("diffusers MagCache", f"threshold={th}", "diffusers",
+                             MagCacheConfig(threshold=th, num_inference_steps=steps, mag_ratios=mag, max_skip_steps=3)))  # fmt: skip
+        counter = BlockCounter(pipe.transformer)
+
+        def gen():
+            counter.runs = 0
+            t0 = time.perf_counter()
+            imgs = zoo.generate(pipe, classes, seeds, num_inference_steps=steps)
+            return imgs, time.perf_counter() - t0, counter.runs
+
+        zoo.generate(pipe, classes[:1], seeds[:1], num_inference_steps=2)  # warm-up
+        ref, t_ref, runs_ref = gen()
+        acc_ref = classifier.accuracy(ref, classes)
+        rows.append(dict(pipeline=name, method="uncached", setting="", speedup=1.0, block_fraction=1.0,
+                         psnr_db=math.inf, psnr_worst_db=math.inf, psnr_mean_db=100.0, accuracy=acc_ref, seconds=t_ref, error=""))  # fmt: skip
+        for method, label, kind, cfg in tqdm(sett, desc=name, disable=not progress, file=sys.stderr):
+            try:
+                if kind == "ditkern":
+                    ditkern.patch(pipe, cache=cfg)
+                else:
+                    _enable_diffusers_cache(pipe, cfg)
+                try:
+                    imgs, secs, runs = gen()
+                finally:
+                    ditkern.unpatch(pipe) if kind == "ditkern" else _disable_diffusers_cache(pipe)
+            except Exception as exc:  # a baseline that fails on this model is reported, not fatal
+                rows.append(dict(pipeline=name, method=method, setting=label, speedup=None, block_fraction=None,
+                                 psnr_db=None, psnr_worst_db=None, psnr_mean_db=None, accuracy=None, seconds=None,
+                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))  # fmt: skip
+                continue
+            p = psnr(imgs, ref)
+            mse = ((imgs - ref) ** 2).mean().item()
+            rows.append(dict(
+                pipeline=name, method=method, setting=label, speedup=t_ref / secs, block_fraction=runs / runs_ref,
+                psnr_db=math.inf if mse == 0 else -10 * math.log10(mse), psnr_worst_db=float(p.min()),
+                psnr_mean_db=float(p.clamp(max=100.0).mean()),
+                accuracy=classifier.accuracy(imgs, classes), seconds=secs, error="",
+            ))  # fmt: skip
+        counter.remove()
+    write(rows, dict(steps=steps, seeds=n_seeds, torch=torch.__version__, date=time.strftime("%Y-%m-%d")), out_dir)
+    return rows
+
+
+def _fmt(v, nd=2):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.{nd}f}"
+    return str(v)
+
+
+def write(rows, meta, out_dir: Path):
+    """Write the table; rows of pipelines not in this run are kept from the previous file (run them separately)."""
+    import csv  # noqa: PLC0415
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prev = out_dir / "cache_sweep.json"
+    if prev.exists():
+        done = {r["pipeline"] for r in rows}
+        old = json.loads(prev.read_text())
+        rows = [r for r in old["rows"] if r["pipeline"] not in done] + rows
+    rows = sorted(rows, key=lambda r: r["pipeline"])
+    (out_dir / "cache_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    with open(out_dir / "cache_sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# Block caching on the reference pipelines ({meta['steps']} steps, {meta['seeds']} seeds, CPU, {meta['date']})", ""]
+    lines.append("PSNR against the uncached images of the same seeds: pooled = of the mean squared error over all images; "
+                 "mean = of the per-image PSNRs (each capped at 100 dB); worst = the lowest image's. "
+                 "'blocks run' = block executions / uncached block executions.")
+    lines.append("")
+    lines.append("| pipeline | method | setting | speedup | blocks run | PSNR pooled | PSNR mean | PSNR worst | accuracy | note |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lines.append("| " + " | ".join([r["pipeline"], r["method"], r["setting"], _fmt(r["speedup"]) + ("x" if r["speedup"] else ""),
+                                        _fmt(r["block_fraction"]), _fmt(r["psnr_db"], 1), _fmt(r.get("psnr_mean_db"), 1),
+                                        _fmt(r["psnr_worst_db"], 1),
+                                        _fmt(r["accuracy"]), r["error"]]) + " |")  # fmt: skip
+    (out_dir / "cache_sweep.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out_dir / "cache_sweep.png")
+
+
+def plot(rows, path: Path):
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    pipes = sorted({r["pipeline"] for r in rows})
+    fig, axes = plt.subplots(1, len(pipes), figsize=(7 * len(pipes), 5), squeeze=False)
+    for ax, name in zip(axes[0], pipes):
+        methods = sorted({r["method"] for r in rows if r["pipeline"] == name and r["method"] != "uncached"})
+        for m in methods:
+            pts = sorted((r["speedup"], r["speedup"], min(r["psnr_mean_db"], 60.0)) for r in rows
+                         if r["pipeline"] == name and r["method"] == m and r["speedup"])  # fmt: skip
+            if pts:
+                style = "-o" if m.startswith("ditkern") else "--s"
+                ax.plot([p[1] for p in pts], [p[2] for p in pts], style, label=m, markersize=4)
+        ax.axhline(35, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("wall-time speedup over uncached (same run, CPU)")
+        ax.set_ylabel("mean PSNR vs uncached, dB (capped at 60)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.cache_sweep", description=__doc__)
+    p.add_argument("--pipelines", default="digits-dit,digits-flux")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="fewer settings")
+    p.add_argument("--out", default=str(OUT))
+    a = p.parse_args(argv)
+    rows = run(a.pipelines.split(","), a.steps, a.seeds, a.quick, Path(a.out))
+    print((Path(a.out) / "cache_sweep.md").read_text())
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

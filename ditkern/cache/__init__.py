@@ -1,0 +1,107 @@
+"""Cached-block Taylor extrapolation: ``ditkern.patch(model, cache=ditkern.TaylorCache(...))``.
+
+Two schedules share one engine (ditkern/cache/feature.py):
+
+* fixed (TaylorSeer, arXiv 2503.06923, applied at block-stack level): every ``interval``-th step runs the whole
+  block stack and refreshes the Taylor state of the stack's residual (output - input); the steps between skip every
+  block and add the forecast residual to the stack's input.
+* gated (confidence-gated Taylor, "Forecasting When to Forecast", arXiv 2508.02240): every step runs the first block
+  and compares its residual with the Taylor forecast of it; if the relative error is below ``gate`` the rest of the
+  stack is skipped and the forecast of its residual is added, otherwise everything runs and both states refresh.
+  ``order=0`` forecasts by reuse: that is the FirstBlockCache rule.
+
+Derivatives are Newton divided differences over the real timesteps the model receives, so non-uniform schedules
+(FLUX's shifted sigmas) are handled exactly for polynomial trajectories. State is kept per call slot (the k-th call
+with the same timestep within a step: a pipeline that runs the conditional and unconditional passes as two calls gets
+two states), per batch item (each item decides for itself; a batch runs the blocks if any item needs them, and the
+items that accepted the forecast still get the forecast), and per stream; it is reset when the timestep goes back up
+(a new generation), by :func:`reset`, and dropped by ``ditkern.unpatch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TaylorCache", "reset", "stats"]
+
+
+@dataclass(frozen=True)
+class TaylorCache:
+    """Configuration of the Taylor block cache. Give exactly one of ``interval`` (fixed) or ``gate`` (gated).
+
+    order:       Taylor order 0 (reuse), 1 or 2.
+    interval:    fixed schedule: run the full stack every ``interval`` steps (1 = never forecast).
+    gate:        gated schedule: forecast when the first block's relative forecast error is below this.
+    warmup:      full steps at the start of each generation (a step without any state is always full).
+    full_below:  run every step whose timestep is at most this fraction of the generation's first timestep (the
+                 last steps, where detail forms); 0 disables.
+    max_skip:    most consecutive forecast steps per item (None: unbounded for the gate; interval - 1 for fixed).
+    state_dtype: dtype of the Taylor state (None: bfloat16 on CUDA, float32 elsewhere).
+    """
+
+    order: int = 1
+    interval: int | None = None
+    gate: float | None = None
+    warmup: int = 1
+    full_below: float = 0.0
+    max_skip: int | None = None
+    state_dtype: torch.dtype | None = None
+
+    def __post_init__(self):
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or not 0 <= self.order <= 2:
+            raise ValueError(f"TaylorCache.order must be 0, 1 or 2, got {self.order!r}")
+        if (self.interval is None) == (self.gate is None):
+            raise ValueError(
+                "TaylorCache needs exactly one of interval (fixed schedule) or gate (confidence-gated), got "
+                f"interval={self.interval!r}, gate={self.gate!r}"
+            )
+        if self.interval is not None and (isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1):
+            raise ValueError(f"TaylorCache.interval must be an int >= 1, got {self.interval!r}")
+        if self.gate is not None and (not isinstance(self.gate, (int, float)) or isinstance(self.gate, bool) or not self.gate >= 0):
+            raise ValueError(f"TaylorCache.gate must be a threshold >= 0, got {self.gate!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"TaylorCache.warmup must be an int >= 0, got {self.warmup!r}")
+        if not isinstance(self.full_below, (int, float)) or not 0 <= self.full_below <= 1:
+            raise ValueError(f"TaylorCache.full_below must be in [0, 1], got {self.full_below!r}")
+        if self.max_skip is not None and (isinstance(self.max_skip, bool) or not isinstance(self.max_skip, int) or self.max_skip < 1):
+            raise ValueError(f"TaylorCache.max_skip must be None or an int >= 1, got {self.max_skip!r}")
+        if self.state_dtype is not None and self.state_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"TaylorCache.state_dtype must be float32, float16 or bfloat16, got {self.state_dtype!r}")
+
+    @property
+    def mode(self) -> str:
+        return "fixed" if self.interval is not None else "gated"
+
+    def describe(self) -> str:
+        sched = f"interval={self.interval}" if self.interval is not None else f"gate={self.gate:g}"
+        return f"Taylor order {self.order}, {sched}, warmup={self.warmup}" + (
+            f", full_below={self.full_below:g}" if self.full_below else ""
+        ) + (f", max_skip={self.max_skip}" if self.max_skip else "")
+
+
+def _state(model_or_pipeline):
+    from ditkern.cache.feature import STATE_ATTR  # noqa: PLC0415
+    from ditkern.patch.engine import _targets  # noqa: PLC0415
+
+    for _, m in _targets(model_or_pipeline):
+        st = m.__dict__.get(STATE_ATTR)
+        if st is not None:
+            return st
+    raise ValueError("this model has no ditkern cache: patch it with ditkern.patch(model, cache=ditkern.TaylorCache(...))")
+
+
+def reset(model_or_pipeline) -> None:
+    """Drop the Taylor state now (it is also dropped automatically when a new generation starts)."""
+    _state(model_or_pipeline).reset()
+
+
+def stats(model_or_pipeline) -> dict:
+    """Counters since the patch (or the last ``reset_stats``): calls, forecast calls, blocks run / total, the fraction
+    of block executions, and the bytes of Taylor state held now."""
+    return _state(model_or_pipeline).stats()
+
+
+def reset_stats(model_or_pipeline) -> None:
+    _state(model_or_pipeline).reset_stats()

@@ -1,0 +1,232 @@
+"""ditkern.patch(model, cache=TaylorCache(...)) on tiny random models of every family."""
+
+import copy
+
+import pytest
+import torch
+
+import ditkern
+from ditkern.cache import TaylorCache, stats
+from tests.patch import tiny
+
+TS = [999.0, 950.0, 820.0, 700.0, 560.0, 430.0, 300.0, 180.0, 60.0]  # non-uniform, like shifted schedules
+
+
+def _timestep(family, t, batch):
+    v = torch.full((batch,), t)
+    return v / 1000 if family == "flux" else (v.long() if family in ("dit", "pixart") else v)
+
+
+def _denoise(model, family, inputs, ts=TS, drift=0.05, per_item_noise=None):
+    """A stand-in sampler: the latent drifts smoothly from step to step; returns every step's output."""
+    inputs = dict(inputs)
+    x = inputs["hidden_states"].clone()
+    batch = x.shape[0]
+    outs = []
+    for i, t in enumerate(ts):
+        inputs["hidden_states"] = x
+        inputs["timestep"] = _timestep(family, t, batch)
+        with torch.no_grad():
+            out = model(**inputs, return_dict=False)[0]
+        outs.append(out)
+        x = x * (1 - drift) + drift * torch.tanh(out[..., : x.shape[-1]] if family == "flux" else x)
+        if per_item_noise is not None:
+            x = x + per_item_noise(i, x)
+    return outs
+
+
+@pytest.mark.parametrize("family", sorted(tiny.FAMILIES))
+def test_interval_one_equals_uncached_and_unpatch_exact(family):
+    model, inputs = tiny.FAMILIES[family]()
+    model.eval()
+    pristine = _denoise(model, family, inputs, TS[:4])
+    ditkern.patch(model, backend="torch")
+    fused = _denoise(model, family, inputs, TS[:4])
+    report = ditkern.patch(model, cache=TaylorCache(order=2, interval=1), backend="torch")
+    assert any("Taylor cache over" in r.what for r in report.patched), str(report)
+    cached = _denoise(model, family, inputs, TS[:4])
+    for a, b in zip(cached, fused):
+        assert torch.equal(a, b)
+    st = stats(model)
+    assert st["block_fraction"] == 1.0 and st["forecast_calls"] == 0 and st["calls"] == 4
+    ditkern.unpatch(model)
+    assert not any(hasattr(m, "_diffusers_hook") or "forward" in m.__dict__ for m in model.modules())
+    assert "_ditkern_cache_state" not in model.__dict__
+    for a, b in zip(_denoise(model, family, inputs, TS[:4]), pristine):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["dit", "flux", "wan"])
+def test_fixed_schedule_forecast_is_newton_extrapolation_of_stack_residual(family):
+    """On a forecast step, stack output == stack input + the order-2 Newton extrapolation (over the real, non-uniform
+    timesteps) of the stack residuals of the three previous full steps."""
+    model, inputs = tiny.FAMILIES[family](batch=1)
+    model.eval()
+    blocks = {"flux": lambda m: [*m.transformer_blocks, *m.single_transformer_blocks], "wan": lambda m: list(m.blocks)}.get(
+        family, lambda m: list(m.transformer_blocks)
+    )(model)
+    rec = {"in": [], "out": []}
+
+    def pre(mod, args, kwargs):
+        rec["in"].append((kwargs.get("hidden_states", args[0] if args else None)).clone())
+
+    def post(mod, args, kwargs, out):
+        rec["out"].append((out if torch.is_tensor(out) else out[1]).clone())
+
+    h1 = blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = blocks[-1].register_forward_hook(post, with_kwargs=True)
+    ditkern.patch(model, cache=TaylorCache(order=2, interval=5, warmup=2), backend="triton")
+    _denoise(model, family, inputs, TS[:5])
+    h1.remove(), h2.remove()
+    st = stats(model)
+    assert st["calls"] == 5 and st["forecast_calls"] == 2  # steps 0, 1, 2 full; 3, 4 forecast
+    assert st["blocks_run"] == 3 * len(blocks)
+    scale = 1000.0 if family != "flux" else 1.0
+    t = [v / scale for v in TS[:4]]
+    r = [(o - i).double() for i, o in zip(rec["in"][:3], rec["out"][:3])]
+    d1a, d1b = (r[1] - r[0]) / (t[1] - t[0]), (r[2] - r[1]) / (t[2] - t[1])
+    d2 = (d1b - d1a) / (t[2] - t[0])
+    expected = rec["in"][3].double() + r[2] + d1b * (t[3] - t[2]) + d2 * (t[3] - t[2]) * (t[3] - t[1])
+    torch.testing.assert_close(rec["out"][3].double(), expected, atol=1e-4, rtol=1e-4)
+    ditkern.unpatch(model)
+
+
+def _smooth_and_rough(i, x):
+    """Item 0 drifts smoothly; item 1 gets fresh noise every step (its forecast is always poor)."""
+    noise = torch.zeros_like(x)
+    noise[1:] = torch.randn_like(x[1:]) * 2.0
+    return noise
+
+
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_batch_items_have_isolated_state_and_decisions(family):
+    model, inputs = tiny.FAMILIES[family](batch=2)
+    model.eval()
+    cache = TaylorCache(order=1, gate=0.5, warmup=2)
+    torch.manual_seed(1)
+    ditkern.patch(model, cache=cache, backend="torch")
+    both = _denoise(model, family, inputs, per_item_noise=_smooth_and_rough)
+    st = stats(model)
+    assert st["forecast_calls"] == 0  # item 1 never accepts, so the batch always runs the blocks...
+    torch.manual_seed(1)
+    solo0 = _denoise(model, family, {k: (v[:1] if torch.is_tensor(v) and v.shape[:1] == (2,) else v) for k, v in inputs.items()})
+    assert stats(model)["forecast_calls"] > 0  # ...while item 0 alone does take forecasts
+    for a, b in zip(both, solo0):  # and item 0 of the batch got exactly its own forecasts
+        torch.testing.assert_close(a[:1], b, atol=1e-5, rtol=1e-5)
+    ditkern.unpatch(model)
+
+
+def test_two_calls_per_step_keep_separate_state():
+    """A pipeline that runs cond and uncond as two calls per step (Wan): each call has its own state."""
+    model, inputs = tiny.wan(batch=1)
+    model.eval()
+    other = dict(inputs, encoder_hidden_states=torch.randn_like(inputs["encoder_hidden_states"]) * 3)
+    cache = TaylorCache(order=2, interval=3)
+    ref_model = copy.deepcopy(model)
+
+    def run(m, calls):
+        x = inputs["hidden_states"].clone()
+        outs = []
+        for t in TS:
+            step = []
+            for inp in calls:
+                with torch.no_grad():
+                    step.append(m(**dict(inp, hidden_states=x, timestep=torch.tensor([t])), return_dict=False)[0])
+            outs.extend(step)
+            x = x * 0.95 + 0.05 * torch.tanh(step[0])  # the latent follows the cond output
+        return outs
+
+    ditkern.patch(model, cache=cache, backend="torch")
+    interleaved = run(model, [inputs, other])
+    ditkern.patch(ref_model, cache=cache, backend="torch")
+    alone = run(ref_model, [inputs])  # the cond stream with a model of its own
+    torch.testing.assert_close(torch.stack(interleaved[0::2]), torch.stack(alone), atol=1e-5, rtol=1e-5)
+    assert stats(model)["forecast_calls"] > 0
+
+
+def test_state_resets_at_each_new_generation():
+    model, inputs = tiny.dit(batch=1)
+    model.eval()
+    cache = TaylorCache(order=2, interval=3)
+    ditkern.patch(model, cache=cache, backend="torch")
+    _denoise(model, "dit", inputs)
+    second = _denoise(model, "dit", dict(inputs, hidden_states=inputs["hidden_states"] * -1))
+    assert stats(model)["generations"] == 1
+    fresh, _ = tiny.dit(batch=1)
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    ditkern.patch(fresh, cache=cache, backend="torch")
+    expected = _denoise(fresh, "dit", dict(inputs, hidden_states=inputs["hidden_states"] * -1))
+    for a, b in zip(second, expected):
+        assert torch.equal(a, b)
+    ditkern.cache.reset(model)
+    assert stats(model)["state_bytes"] == 0
+
+
+def test_gated_order0_is_first_block_cache_and_counts_blocks():
+    model, inputs = tiny.flux(batch=1)
+    model.eval()
+    ditkern.patch(model, cache=TaylorCache(order=0, gate=10.0, warmup=1), backend="torch")
+    _denoise(model, "flux", inputs, TS[:5])
+    st = stats(model)
+    n = len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    # step 0 full; steps 1-4 accepted (huge threshold): each runs only the first block
+    assert st["forecast_calls"] == 4 and st["blocks_run"] == n + 4 and st["blocks_total"] == 5 * n
+    ditkern.unpatch(model)
+
+
+def test_cache_through_a_pipeline():
+    from tests.patch.test_pipeline import _tiny_dit_pipeline
+
+    pipe = _tiny_dit_pipeline()
+    g = torch.Generator().manual_seed(0)
+    ref = pipe(class_labels=[1, 7], num_inference_steps=8, generator=g, output_type="np").images
+    report = ditkern.patch(pipe, cache=TaylorCache(order=1, interval=2), backend="torch")
+    assert any(r.module == "transformer" and "Taylor cache" in r.what for r in report.patched)
+    g = torch.Generator().manual_seed(0)
+    out = pipe(class_labels=[1, 7], num_inference_steps=8, generator=g, output_type="np").images
+    st = ditkern.cache.stats(pipe)
+    assert st["calls"] == 8 and 0 < st["forecast_calls"] < 8 and st["block_fraction"] < 1
+    assert out.shape == ref.shape and abs(out - ref).max() > 0
+    ditkern.unpatch(pipe)
+
+
+def test_compiled_blocks_with_cache_match_eager():
+    model, inputs = tiny.dit(batch=1)
+    model.eval()
+    cache = TaylorCache(order=1, gate=0.5, warmup=1)
+    ditkern.patch(model, cache=cache, backend="triton")
+    eager = _denoise(model, "dit", inputs, TS[:5])
+    ditkern.patch(model, cache=cache, backend="triton")
+    for b in model.transformer_blocks:
+        b.compile(backend="aot_eager")  # graph break at the gate decision (first block), by design
+    compiled = _denoise(model, "dit", inputs, TS[:5])
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ditkern.unpatch(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(order=-1, interval=2), "order must be 0, 1 or 2"),
+        (dict(order=3, interval=2), "order must be 0, 1 or 2"),
+        (dict(gate=-0.1), "gate must be a threshold >= 0"),
+        (dict(interval=0), "interval must be an int >= 1"),
+        (dict(), "exactly one of interval"),
+        (dict(interval=2, gate=0.1), "exactly one of interval"),
+        (dict(interval=2, warmup=-1), "warmup must be an int >= 0"),
+        (dict(gate=0.1, max_skip=0), "max_skip must be None or an int >= 1"),
+        (dict(gate=0.1, state_dtype=torch.int8), "state_dtype must be"),
+    ],
+)
+def test_bad_configs_are_rejected_naming_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TaylorCache(**kwargs)
+
+
+def test_cache_option_must_be_a_taylor_cache():
+    model, _ = tiny.dit()
+    with pytest.raises(TypeError, match="cache must be a ditkern.TaylorCache, got str"):
+        ditkern.patch(model, cache="taylor")
+    assert not ditkern.is_patched(model)
