@@ -185,6 +185,18 @@ def _gelu_tanh(x):
 
 
 @triton.jit
+def _grouped_tile(M_BLOCKS, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column tile) of this program, GROUP_M row blocks at a time across all column tiles, so the
+    gathered x rows and an expert's weight tiles are reused from L2 (the grouped ordering of Triton's matmul tutorial)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_tiles
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(M_BLOCKS - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
 def _moe_gate_up_fwd_kernel(
     X,
     W1,
@@ -193,6 +205,7 @@ def _moe_gate_up_fwd_kernel(
     H,
     SORTED,
     BLOCK_EXPERT,
+    M_BLOCKS,
     N_ROWS,
     D,
     F,
@@ -213,9 +226,9 @@ def _moe_gate_up_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_n = tl.program_id(1)
+    i_m, i_n = _grouped_tile(M_BLOCKS, F, BLOCK_N, GROUP_M)
     e = tl.load(BLOCK_EXPERT + i_m)
     if e >= 0:  # blocks past the padded total hold no rows (the grid is the static upper bound)
         i_e = e.to(tl.int64)
@@ -268,6 +281,7 @@ def _moe_down_fwd_kernel(
     Y,
     SORTED,
     BLOCK_EXPERT,
+    M_BLOCKS,
     N_ROWS,
     F,
     D,
@@ -281,9 +295,9 @@ def _moe_down_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_n = tl.program_id(1)
+    i_m, i_n = _grouped_tile(M_BLOCKS, D, BLOCK_N, GROUP_M)
     e = tl.load(BLOCK_EXPERT + i_m)
     if e >= 0:
         i_e = e.to(tl.int64)
@@ -313,6 +327,7 @@ def _moe_down_fwd_kernel(
         tl.store(p_y, b_acc.to(Y.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
+GROUP_M = 8  # row blocks swept together across the column tiles (L2 reuse)
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) for the two GEMMs; BLOCK_M comes from moe_align's block_m.
 GEMM_CONFIG = {"gate_up": (64, 64, 4, 3), "down": (64, 64, 4, 3)}
 INTERPRET_CONFIG = {"gate_up": (128, 64, 1, 1), "down": (64, 128, 1, 1)}  # fewer, larger programs: faster on CPU
@@ -330,18 +345,18 @@ def moe_grouped_mlp_triton(
     cfg = INTERPRET_CONFIG if interpret else GEMM_CONFIG
     bn, bk, nw, ns = cfg["gate_up"]
     w3_ = w3 if w3 is not None else w1
-    _moe_gate_up_fwd_kernel[(max_blocks, triton.cdiv(F, bn))](
-        x, w1, w3_, b1 if b1 is not None else w1, h, sorted_ids, block_expert, n_rows, D, F,
+    _moe_gate_up_fwd_kernel[(max_blocks * triton.cdiv(F, bn),)](
+        x, w1, w3_, b1 if b1 is not None else w1, h, sorted_ids, block_expert, max_blocks, n_rows, D, F,
         x.stride(0), x.stride(1), *w1.stride(), *w3_.stride(), b1.stride(0) if b1 is not None else 0, h.stride(0),
         TOP_K=top_k, ACT=act, HAS_B1=b1 is not None, IEEE=ieee,
-        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns,
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=nw, num_stages=ns,
     )  # fmt: skip
     bn, bk, nw, ns = cfg["down"]
-    _moe_down_fwd_kernel[(max_blocks, triton.cdiv(D, bn))](
-        h, w2, weights if weights is not None else h, y, sorted_ids, block_expert, n_rows, F, D,
+    _moe_down_fwd_kernel[(max_blocks * triton.cdiv(D, bn),)](
+        h, w2, weights if weights is not None else h, y, sorted_ids, block_expert, max_blocks, n_rows, F, D,
         h.stride(0), *w2.stride(), y.stride(0),
         HAS_WEIGHTS=weights is not None, IEEE=ieee,
-        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns,
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=nw, num_stages=ns,
     )  # fmt: skip
 
 
