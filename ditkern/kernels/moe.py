@@ -17,8 +17,8 @@ synchronisation and the whole layer traces under ``torch.compile(fullgraph=True)
 * ``_moe_gate_up_fwd_kernel``    H[r] = act(x[tok(r)] @ w1[e]^T (+ b1[e]), x[tok(r)] @ w3[e]^T) for every sorted row r
                                  of a block of expert e, gathering x rows by ``sorted_ids // K`` inside the GEMM (no
                                  permuted copy of x). act = silu(a) * b (SwiGLU) or gelu(a) (GELU MLP experts).
-* ``_moe_down_fwd_kernel``       Y[row] = g[row] * (H[r] @ w2[e]^T), stored at the row's own (token, slot) position,
-                                 so the combine needs no scatter.
+* ``_moe_down_fwd_kernel``       Y[row] = g[row] * (H[r] @ w2[e]^T (+ b2[e])), stored at the row's own (token, slot)
+                                 position, so the combine needs no scatter.
 * ``_moe_combine_fwd_kernel``    out[t] = sum_j Y[t, j] (+ shared[t]) (+ bias): deterministic, fp32 accumulation.
 
 Layouts: x [T, D]; w1, w3 [E, F, D] and w2 [E, D, F] (nn.Linear's [out, in] per expert, stacked); H [R_pad, F] in
@@ -277,6 +277,7 @@ def _moe_gate_up_fwd_kernel(
 def _moe_down_fwd_kernel(
     H,
     W2,
+    B2,
     WEIGHTS,
     Y,
     SORTED,
@@ -289,7 +290,9 @@ def _moe_down_fwd_kernel(
     stride_w2e,
     stride_w2d,
     stride_w2f,
+    stride_b2e,
     stride_yr,
+    HAS_B2: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -320,6 +323,8 @@ def _moe_down_fwd_kernel(
                 b_acc += tl.dot(b_h, b_w2)
             p_h += BLOCK_K
             p_w2 += BLOCK_K * stride_w2f
+        if HAS_B2:  # per-expert output bias, inside the routing weight
+            b_acc += tl.load(B2 + i_e * stride_b2e + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
         if HAS_WEIGHTS:  # routing weight in the epilogue
             b_acc *= tl.load(WEIGHTS + b_row, mask=m_m, other=0.0).to(tl.float32)[:, None]
         # each (token, slot) row has its own output row: a permutation, not a reduction
@@ -334,7 +339,8 @@ INTERPRET_CONFIG = {"gate_up": (128, 64, 1, 1), "down": (64, 128, 1, 1)}  # fewe
 
 
 def moe_grouped_mlp_triton(
-    x, sorted_ids, block_expert, w1, w3, b1, w2, weights, h, y, *, top_k: int, act: int, block_m: int, interpret: bool
+    x, sorted_ids, block_expert, w1, w3, b1, w2, weights, h, y, *, top_k: int, act: int, block_m: int, interpret: bool,
+    b2=None,
 ) -> None:
     """Launch the two grouped GEMMs. ``h`` [R_pad, F] scratch, ``y`` [T*K, D] output (row = token * K + slot)."""
     T, D = x.shape
@@ -353,9 +359,9 @@ def moe_grouped_mlp_triton(
     )  # fmt: skip
     bn, bk, nw, ns = cfg["down"]
     _moe_down_fwd_kernel[(max_blocks * triton.cdiv(D, bn),)](
-        h, w2, weights if weights is not None else h, y, sorted_ids, block_expert, max_blocks, n_rows, F, D,
-        h.stride(0), *w2.stride(), y.stride(0),
-        HAS_WEIGHTS=weights is not None, IEEE=ieee,
+        h, w2, b2 if b2 is not None else h, weights if weights is not None else h, y, sorted_ids, block_expert,
+        max_blocks, n_rows, F, D, h.stride(0), *w2.stride(), b2.stride(0) if b2 is not None else 0, y.stride(0),
+        HAS_B2=b2 is not None, HAS_WEIGHTS=weights is not None, IEEE=ieee,
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=nw, num_stages=ns,
     )  # fmt: skip
 

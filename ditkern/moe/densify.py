@@ -17,6 +17,9 @@ each token activates. This module does the training-free part of that recipe:
 3. The router only selects (``weighting="ones"``): a selected expert contributes its full output, as in the dense
    layer. With ``top_k = num_experts`` every neuron is used and the layer equals the dense FFN up to float
    reassociation.
+4. (``compensate=True``) A skipped expert is replaced by its mean output over the calibration tokens that skip it:
+   a constant folded into biases (``b2[e] = -c_e`` inside each expert, ``+ sum_e c_e`` on the layer output), so the
+   sparse layer is unbiased where the router drops an expert, at no extra compute.
 
 Supported FFNs: diffusers ``FeedForward`` with a GELU / tanh-GELU projection (DiT, PixArt, FLUX double blocks, SD3),
 HiDream's ``HiDreamImageFeedForwardSwiGLU`` (w1, w3, w2) and ``nn.Sequential(Linear, GELU, Linear)``. If F is not a
@@ -115,6 +118,7 @@ def densify_to_moe(
     calibration_inputs: torch.Tensor,
     *,
     ridge: float = 1e-3,
+    compensate: bool = True,
     kmeans_iters: int = 10,
     max_tokens: int = 4096,
     seed: int = 0,
@@ -125,7 +129,10 @@ def densify_to_moe(
 
     ``calibration_inputs``: inputs of the FFN ``[..., D]`` (e.g. recorded with a forward hook while the pipeline
     runs); at most ``max_tokens`` rows (a seeded random subset) are used. ``ridge``: the weight of the pull towards
-    the centroid initialisation in the router fit, relative to the mean diagonal of ``X^T X``. The result has the
+    the centroid initialisation in the router fit, relative to the mean diagonal of ``X^T X``. ``compensate``: give
+    each expert an output bias ``-c_e`` and the layer ``+sum_e c_e``, with ``c_e`` the mean output of expert e on the
+    calibration tokens that do not select it, so an expert that is skipped still contributes its typical output
+    (a constant: no compute); a selected expert's terms cancel. The result has the
     FFN's device and dtype; with ``top_k == num_experts`` it equals the FFN up to float reassociation.
     """
     dense = dense_ffn(ffn)
@@ -169,9 +176,9 @@ def densify_to_moe(
         return out
 
     # 2. router: target = norm of each expert's output contribution; init from the experts' mean input weights
-    S = torch.stack(
-        [(take_rows(H.t(), grp).t() @ take_rows(d.w2.t(), grp)).norm(dim=1) for grp in groups], dim=1
-    )  # [n, E]
+    C = torch.stack([take_rows(H.t(), grp).t() @ take_rows(d.w2.t(), grp) for grp in groups], dim=1)  # [n, E, D]
+    # what skipping expert e costs token x: its contribution, less the constant that compensation adds back
+    S = (C - C.mean(0, keepdim=True)).norm(dim=2) if compensate else C.norm(dim=2)  # [n, E]
     R0 = torch.stack([take_rows(d.w1, grp)[: int((grp < Fh).sum())].mean(0) if (grp < Fh).any() else
                       torch.zeros(D, dtype=torch.float64) for grp in groups])  # [E, D] fmt: skip
     z0 = Xd @ R0.t()
@@ -185,12 +192,20 @@ def densify_to_moe(
     reg[D, D] = 0.0  # the router bias is not pulled
     Rb = torch.linalg.solve(A + reg, Xa.t() @ S + reg @ prior.t()).t()  # [E, D + 1]
 
+    # compensation: the mean output of each expert over the calibration tokens whose routing skips it
+    comp = None
+    if compensate and top_k < num_experts:
+        chosen = torch.zeros(Xd.shape[0], num_experts, dtype=torch.bool)
+        chosen.scatter_(1, (Xa @ Rb.t()).topk(top_k, dim=1).indices, True)
+        skipped = (~chosen).double()  # [n, E]
+        comp = (C * skipped[:, :, None]).sum(0) / skipped.sum(0).clamp(min=1)[:, None]  # [E, D]
+
     # 3. the SparseMoE
     p = dense.w1
     moe = SparseMoE(
         D, per, num_experts, top_k, activation=dense.activation, expert_bias=dense.b1 is not None,
-        out_bias=dense.b2 is not None, weighting="ones", router_bias=True, block_m=block_m, backend=backend,
-        device=p.device, dtype=p.dtype,
+        expert_out_bias=comp is not None, out_bias=dense.b2 is not None or comp is not None, weighting="ones",
+        router_bias=True, block_m=block_m, backend=backend, device=p.device, dtype=p.dtype,
     )  # fmt: skip
     to = dict(device=p.device, dtype=p.dtype)
     moe.w1.copy_(torch.stack([take_rows(d.w1, grp) for grp in groups]).to(**to))
@@ -200,7 +215,10 @@ def densify_to_moe(
     if moe.b1 is not None:
         moe.b1.copy_(torch.stack([take_rows(d.b1[:, None], grp)[:, 0] for grp in groups]).to(**to))
     if moe.out_bias is not None:
-        moe.out_bias.copy_(d.b2.to(**to))
+        b_out = d.b2 if d.b2 is not None else torch.zeros(D, dtype=torch.float64)
+        moe.out_bias.copy_((b_out + (comp.sum(0) if comp is not None else 0)).to(**to))
+    if comp is not None:
+        moe.b2.copy_((-comp).to(**to))
     moe.router.weight.copy_(Rb[:, :D].to(**to))
     moe.router.bias.copy_(Rb[:, D].to(**to))
     moe.neuron_groups = [grp[grp < Fh] for grp in groups]  # for inspection: the dense neurons of each expert

@@ -6,7 +6,8 @@
     out[t] = sum_j y[t, j] + shared(x_t) + out_bias      moe_combine
 
 Experts are stacked SwiGLU (``w2 @ (silu(w1 x) * w3 x)``, HiDream / Llama style) or GELU MLPs
-(``w2 @ gelu(w1 x + b1)``, diffusers' FeedForward) in ``[E, ...]`` parameters. ``weighting="ones"`` uses the router
+(``w2 @ gelu(w1 x + b1)``, diffusers' FeedForward) in ``[E, ...]`` parameters, with an optional per-expert output
+bias ``b2[e]`` (inside the routing weight). ``weighting="ones"`` uses the router
 only to select experts (each selected expert counts fully): the converter ``ditkern.moe.densify_to_moe`` needs it,
 so that ``top_k = num_experts`` reproduces the dense FFN exactly. Every step runs on the device with static shapes:
 no host synchronisation, and ``torch.compile(fullgraph=True)`` traces the layer.
@@ -41,6 +42,7 @@ class SparseMoE(nn.Module):
         *,
         activation: str = "swiglu",
         expert_bias: bool = False,
+        expert_out_bias: bool = False,
         out_bias: bool = False,
         shared_expert: nn.Module | None = None,
         score: str = "softmax",
@@ -70,6 +72,7 @@ class SparseMoE(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **kw)) if activation == "swiglu" else None
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **kw))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim, **kw)) if expert_bias else None
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim, **kw)) if expert_out_bias else None
         self.out_bias = nn.Parameter(torch.zeros(dim, **kw)) if out_bias else None
         self.shared = shared_expert
         for w in (self.w1, self.w3, self.w2):
@@ -84,7 +87,7 @@ class SparseMoE(nn.Module):
         sorted_ids, block_expert, _ = moe_align(ids, self.num_experts, self.block_m, backend=self.backend)
         y = moe_grouped_mlp(
             xf, sorted_ids, block_expert, self.w1, self.w2, None if self.weighting == "ones" else weights,
-            w3=self.w3, b1=self.b1, top_k=self.top_k, activation=self.activation, backend=self.backend,
+            w3=self.w3, b1=self.b1, b2=self.b2, top_k=self.top_k, activation=self.activation, backend=self.backend,
         )  # fmt: skip
         shared = self.shared(xf) if self.shared is not None else None
         if shared is not None and shared.dtype != y.dtype:
@@ -99,7 +102,7 @@ class SparseMoE(nn.Module):
     # ------------------------------------------------------------------------------------------------------------------
     def expert_parameters(self) -> int:
         """Parameters of one routed expert."""
-        n = sum(w[0].numel() for w in (self.w1, self.w3, self.w2, self.b1) if w is not None)
+        n = sum(w[0].numel() for w in (self.w1, self.w3, self.w2, self.b1, self.b2) if w is not None)
         return n
 
     def activated_parameters(self) -> int:
@@ -112,7 +115,7 @@ class SparseMoE(nn.Module):
 
     def stacked_bytes(self) -> int:
         """Bytes held by the stacked expert weights (the copy made when converting a model's experts)."""
-        return sum(w.numel() * w.element_size() for w in (self.w1, self.w3, self.w2, self.b1) if w is not None)
+        return sum(w.numel() * w.element_size() for w in (self.w1, self.w3, self.w2, self.b1, self.b2) if w is not None)
 
     def extra_repr(self) -> str:
         return (

@@ -3,7 +3,7 @@
 ``moe_route(logits, top_k)``                 -> (ids [T, K] int32, weights [T, K] fp32)
 ``moe_align(ids, num_experts, block_m)``     -> (sorted_ids [R] int32, block_expert [R // block_m] int32, num_rows [1])
 ``moe_grouped_swiglu(x, sorted_ids, block_expert, w1, w3, w2, weights)`` -> y [T, K, D]
-``moe_grouped_mlp(x, sorted_ids, block_expert, w1, w2, weights, b1=None, activation="gelu_tanh")`` -> y [T, K, D]
+``moe_grouped_mlp(x, sorted_ids, block_expert, w1, w2, weights, b1=None, b2=None, activation=...)`` -> y [T, K, D]
 ``moe_combine(y, shared=None, bias=None)``   -> out [T, D] = sum_j y[:, j] (+ shared) (+ bias)
 
 Semantics are those of HiDream-I1's ``MoEGate`` + ``MOEFeedForwardSwiGLU.moe_infer`` in diffusers (DeepSeek-style
@@ -17,7 +17,8 @@ rows ``[b * block_m, (b + 1) * block_m)``, -1 past the padded total ``num_rows``
 ``R = max_blocks * block_m`` with ``max_blocks = (N + min(E, N) * (block_m - 1)) // block_m`` (N = T * K rows), so no
 size depends on the routing: nothing synchronises with the host and ``torch.compile(fullgraph=True)`` traces it.
 
-Weights are stacked per expert: w1, w3 ``[E, F, D]``, w2 ``[E, D, F]`` (each nn.Linear's ``[out, in]``), b1 ``[E, F]``.
+Weights are stacked per expert: w1, w3 ``[E, F, D]``, w2 ``[E, D, F]`` (each nn.Linear's ``[out, in]``), b1 ``[E, F]``,
+b2 ``[E, D]``.
 Arithmetic is fp32 (the grouped GEMM keeps its hidden activation in x's dtype between its two GEMMs, as the model
 does); outputs have x's dtype. Ids and weights are validated on CPU; on CUDA their values are not read (that would be
 a host synchronisation): ids outside ``[0, E)`` then select no expert and leave their rows of y unwritten.
@@ -111,8 +112,10 @@ def _act_ref(a, b, activation):
     return F.gelu(a, approximate="tanh")
 
 
-def moe_grouped_mlp_ref(x, sorted_ids, block_expert, w1, w3, w2, weights, *, top_k, b1=None, activation="swiglu"):
-    """y [T, K, D]: ``weights[t, j] * w2[e] @ act(w1[e] @ x_t + b1[e], w3[e] @ x_t)`` with e = the row's expert."""
+def moe_grouped_mlp_ref(
+    x, sorted_ids, block_expert, w1, w3, w2, weights, *, top_k, b1=None, activation="swiglu", b2=None
+):
+    """y [T, K, D]: ``weights[t, j] * (w2[e] @ act(w1[e] @ x_t + b1[e], w3[e] @ x_t) + b2[e])``, e = the row's expert."""
     T, D = x.shape
     N = T * top_k
     row_expert = _row_experts(sorted_ids, block_expert, N)
@@ -128,6 +131,8 @@ def moe_grouped_mlp_ref(x, sorted_ids, block_expert, w1, w3, w2, weights, *, top
             a = a + b1[e].float()
         h = _act_ref(a, xe @ w3[e].float().t() if w3 is not None else None, activation)
         out = h @ w2[e].float().t()
+        if b2 is not None:
+            out = out + b2[e].float()
         if weights is not None:
             out = out * weights.reshape(-1)[rows].float()[:, None]
         y[rows] = out
@@ -193,7 +198,7 @@ def _check_align(expert_ids, num_experts, block_m):
             raise ValueError(f"expert_ids must lie in [0, num_experts={num_experts}), got values in [{lo}, {hi}]")
 
 
-def _check_grouped(x, sorted_ids, block_expert, w1, w3, w2, weights, top_k, b1, activation):
+def _check_grouped(x, sorted_ids, block_expert, w1, w3, w2, weights, top_k, b1, activation, b2=None):
     _tensor("x", x, (2,), _FLOATS)
     _tensor("sorted_ids", sorted_ids, (1,), (torch.int32,))
     _tensor("block_expert", block_expert, (1,), (torch.int32,))
@@ -219,6 +224,10 @@ def _check_grouped(x, sorted_ids, block_expert, w1, w3, w2, weights, top_k, b1, 
         _tensor("b1", b1, (2,), _FLOATS)
         if tuple(b1.shape) != (E, Fh):
             raise ValueError(f"b1 must be [E, F] = {(E, Fh)}, got {tuple(b1.shape)}")
+    if b2 is not None:
+        _tensor("b2", b2, (2,), _FLOATS)
+        if tuple(b2.shape) != (E, D):
+            raise ValueError(f"b2 must be [E, D] = {(E, D)}, got {tuple(b2.shape)}")
     if weights is not None:
         _tensor("weights", weights, (2,), _FLOATS)
         if tuple(weights.shape) != (T, top_k):
@@ -233,7 +242,7 @@ def _check_grouped(x, sorted_ids, block_expert, w1, w3, w2, weights, top_k, b1, 
     block_m = sorted_ids.numel() // n_blocks
     if block_m & (block_m - 1) or block_m < 16:
         raise ValueError(f"sorted_ids / block_expert imply block_m={block_m}, not a power of two >= 16")
-    _same_device("x", x, sorted_ids=sorted_ids, block_expert=block_expert, w1=w1, w3=w3, w2=w2, weights=weights, b1=b1)
+    _same_device("x", x, sorted_ids=sorted_ids, block_expert=block_expert, w1=w1, w3=w3, w2=w2, weights=weights, b1=b1, b2=b2)
     if x.device.type == "cpu" and not _compiling() and block_expert.numel():
         if int(block_expert.max()) >= E or int(block_expert.min()) < -1:
             raise ValueError(f"block_expert holds expert ids outside [-1, E={E}) (E from w1.shape[0])")
@@ -352,6 +361,7 @@ def _moe_grouped_mlp_op(
     w2: torch.Tensor,
     weights: torch.Tensor | None,
     b1: torch.Tensor | None,
+    b2: torch.Tensor | None,
     top_k: int,
     activation: str,
     backend: str,
@@ -360,7 +370,7 @@ def _moe_grouped_mlp_op(
     name = choose("moe_grouped_swiglu", BACKENDS, x, backend=backend)
     if name == "torch" or T == 0 or block_expert.numel() == 0:
         return moe_grouped_mlp_ref(
-            x, sorted_ids, block_expert, w1, w3, w2, weights, top_k=top_k, b1=b1, activation=activation
+            x, sorted_ids, block_expert, w1, w3, w2, weights, top_k=top_k, b1=b1, activation=activation, b2=b2
         )
     from ditkern.kernels.moe import moe_grouped_mlp_triton  # noqa: PLC0415
 
@@ -369,13 +379,13 @@ def _moe_grouped_mlp_op(
     y = torch.empty(T, top_k, D, dtype=x.dtype, device=x.device)
     moe_grouped_mlp_triton(
         x, sorted_ids, block_expert, w1, w3, b1, w2, weights, h, y.view(T * top_k, D),
-        top_k=top_k, act=_ACT_CODE[activation], block_m=block_m, interpret=triton_interpreted(),
+        top_k=top_k, act=_ACT_CODE[activation], block_m=block_m, interpret=triton_interpreted(), b2=b2,
     )  # fmt: skip
     return y
 
 
 @_moe_grouped_mlp_op.register_fake
-def _(x, sorted_ids, block_expert, w1, w3, w2, weights, b1, top_k, activation, backend):
+def _(x, sorted_ids, block_expert, w1, w3, w2, weights, b1, b2, top_k, activation, backend):
     return x.new_empty((x.shape[0], top_k, x.shape[1]))
 
 
@@ -462,11 +472,12 @@ def moe_grouped_mlp(
     *,
     w3: torch.Tensor | None = None,
     b1: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
     top_k: int | None = None,
     activation: str = "gelu_tanh",
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Grouped expert MLP: ``weights * w2[e] @ act(w1[e] @ x + b1[e] [, w3[e] @ x])`` -> [T, K, D].
+    """Grouped expert MLP: ``weights * (w2[e] @ act(w1[e] @ x + b1[e] [, w3[e] @ x]) + b2[e])`` -> [T, K, D].
 
     ``activation``: "swiglu" (needs w3), "gelu" or "gelu_tanh" (diffusers' FeedForward GELU MLPs).
     """
@@ -475,9 +486,9 @@ def moe_grouped_mlp(
     if top_k is None:
         raise ValueError("top_k must be given when weights is None")
     _positive_int("top_k", top_k)
-    _check_grouped(x, sorted_ids, block_expert, w1, w3, w2, weights, top_k, b1, activation)
+    _check_grouped(x, sorted_ids, block_expert, w1, w3, w2, weights, top_k, b1, activation, b2)
     return _moe_grouped_mlp_op(
-        x, sorted_ids, block_expert, w1, w3, w2, weights, b1, top_k, activation, requested_backend(backend)
+        x, sorted_ids, block_expert, w1, w3, w2, weights, b1, b2, top_k, activation, requested_backend(backend)
     )
 
 

@@ -54,7 +54,8 @@ def test_fitted_router_matches_the_oracle_and_beats_random_routing():
     def tokens(m):
         return centers[torch.randint(0, 6, (m,))] + 0.3 * torch.randn(m, D)
 
-    moe = densify_to_moe(ffn, E, K, tokens(2000), block_m=16, backend="torch")
+    calib = tokens(2000)
+    moe = densify_to_moe(ffn, E, K, calib, block_m=16, backend="torch", compensate=False)
     x = tokens(n)  # held out
     with torch.no_grad():
         dense = ffn(x)
@@ -69,6 +70,11 @@ def test_fitted_router_matches_the_oracle_and_beats_random_routing():
         err_random = ((moe(x) - dense).norm() / dense.norm()).item()
     assert err <= 1.05 * err_oracle, (err, err_oracle)
     assert err < 0.8 * err_random, (err, err_random)
+    # compensating skipped experts with their mean output lowers the error further, at top_k = E exactness kept
+    comp = densify_to_moe(ffn, E, K, calib, block_m=16, backend="torch")
+    with torch.no_grad():
+        err_comp = ((comp(x) - dense).norm() / dense.norm()).item()
+    assert err_comp < err, (err_comp, err)
 
 
 def test_activated_parameters():
@@ -76,7 +82,8 @@ def test_activated_parameters():
     moe = densify_to_moe(ffn, 8, 2, torch.randn(64, 32), backend="torch")
     dense = dense_parameters(ffn)
     assert dense == 32 * 128 * 2 + 128 + 32
-    assert moe.activated_parameters() == (32 + 1) * 8 + 2 * (2 * 32 * 16 + 16) + 32
+    # router (D + 1) x E, two experts (w1, b1, w2 and the compensation bias b2), the output bias
+    assert moe.activated_parameters() == (32 + 1) * 8 + 2 * (2 * 32 * 16 + 16 + 32) + 32
     assert moe.activated_parameters() < 0.35 * dense
 
 

@@ -45,9 +45,9 @@ KERNELS = {
     "gate_up": (K._moe_gate_up_fwd_kernel, {"X": BF, "W1": BF, "W3": BF, "B1": BF, "H": BF, "SORTED": "*i32",
                                               "BLOCK_EXPERT": "*i32"},
                 dict(TOP_K=2, ACT=0, HAS_B1=False, IEEE=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 3),
-    "down": (K._moe_down_fwd_kernel, {"H": BF, "W2": BF, "WEIGHTS": "*fp32", "Y": BF, "SORTED": "*i32",
+    "down": (K._moe_down_fwd_kernel, {"H": BF, "W2": BF, "B2": BF, "WEIGHTS": "*fp32", "Y": BF, "SORTED": "*i32",
                                        "BLOCK_EXPERT": "*i32"},
-             dict(HAS_WEIGHTS=True, IEEE=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 3),
+             dict(HAS_B2=True, HAS_WEIGHTS=True, IEEE=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 3),
     "combine": (K._moe_combine_fwd_kernel, {"Y": BF, "SHARED": BF, "BIAS": BF, "OUT": BF},
                 dict(TOP_K=8, HAS_SHARED=True, HAS_BIAS=True, BLOCK_D=2048), 8, 1),
 }  # fmt: skip

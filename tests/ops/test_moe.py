@@ -144,7 +144,7 @@ def test_align_compiles_fullgraph_with_static_sizes():
 # ----------------------------------------------------------------------------------------------------------------------
 # grouped expert MLP
 # ----------------------------------------------------------------------------------------------------------------------
-def _loop_same_dtype(x, ids, w, w1, w3, w2, b1, activation):
+def _loop_same_dtype(x, ids, w, w1, w3, w2, b1, activation, b2=None):
     """HiDream's moe_infer arithmetic in the input dtype: one GEMM chain per expert, product with the weight."""
     T, K = ids.shape
     y = torch.zeros(T, K, x.shape[1], dtype=x.dtype, device=x.device)
@@ -159,7 +159,7 @@ def _loop_same_dtype(x, ids, w, w1, w3, w2, b1, activation):
             h = F.silu(a) * (x[t] @ w3[e].t())
         else:
             h = F.gelu(a, approximate="tanh" if activation == "gelu_tanh" else "none")
-        out = h @ w2[e].t()
+        out = h @ w2[e].t() + (b2[e] if b2 is not None else 0)
         y[t, j] = out * w[t, j, None].to(x.dtype) if w is not None else out
     return y
 
@@ -212,9 +212,17 @@ def test_grouped_gelu_mlp_with_bias_and_unit_weights(activation, device):
     ids = _routing(T, E, K, "random", device)
     w1, _, w2, b1 = _experts(E, D, Fh, torch.float32, device, activation, bias=True)
     s, b, _ = moe_align(ids, E, 16)
+    b2 = torch.randn(E, D, device=device) * 0.1
+    w = torch.rand(T, K, device=device)
     y = moe_grouped_mlp(x, s, b, w1, w2, None, b1=b1, top_k=K, activation=activation, backend="triton")
     eager = _loop_same_dtype(x.double(), ids, None, w1.double(), None, w2.double(), b1.double(), activation)
     assert _err(y, eager) <= 1e-5
+    y = moe_grouped_mlp(x, s, b, w1, w2, w, b1=b1, b2=b2, top_k=K, activation=activation, backend="triton")
+    eager = _loop_same_dtype(x.double(), ids, w.double(), w1.double(), None, w2.double(), b1.double(), activation,
+                             b2.double())  # fmt: skip
+    assert _err(y, eager) <= 1e-5
+    with pytest.raises(ValueError, match=r"b2 must be \[E, D\]"):
+        moe_grouped_mlp(x, s, b, w1, w2, w, b1=b1, b2=b2[:, :5], activation=activation)
 
 
 def test_grouped_gathers_noncontiguous_x():
