@@ -71,7 +71,7 @@ def test_fitted_router_matches_the_oracle_and_beats_random_routing():
     assert err <= 1.05 * err_oracle, (err, err_oracle)
     assert err < 0.8 * err_random, (err, err_random)
     # compensating skipped experts with their mean output lowers the error further, at top_k = E exactness kept
-    comp = densify_to_moe(ffn, E, K, calib, block_m=16, backend="torch")
+    comp = densify_to_moe(ffn, E, K, calib, block_m=16, backend="torch", compensate=True)
     with torch.no_grad():
         err_comp = ((comp(x) - dense).norm() / dense.norm()).item()
     assert err_comp < err, (err_comp, err)
@@ -79,7 +79,7 @@ def test_fitted_router_matches_the_oracle_and_beats_random_routing():
 
 def test_activated_parameters():
     ffn = _feedforward(32)
-    moe = densify_to_moe(ffn, 8, 2, torch.randn(64, 32), backend="torch")
+    moe = densify_to_moe(ffn, 8, 2, torch.randn(64, 32), backend="torch", compensate=True)
     dense = dense_parameters(ffn)
     assert dense == 32 * 128 * 2 + 128 + 32
     # router (D + 1) x E, two experts (w1, b1, w2 and the compensation bias b2), the output bias
