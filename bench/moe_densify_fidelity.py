@@ -45,8 +45,12 @@ def _ffns(pipe):
 
 def _calibrate(pipe, ffns, zoo):
     rec = {path: [] for path, _, _ in ffns}
+
+    def grab(module, args, p):
+        rec[p].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
     hooks = [
-        getattr(parent, attr).register_forward_pre_hook(lambda m, args, p=path: rec[p].append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        getattr(parent, attr).register_forward_pre_hook(lambda m, args, p=path: grab(m, args, p))
         for path, parent, attr in ffns
     ]
     try:
@@ -88,8 +92,8 @@ def run(pipe_name: str, seeds: int, out_dir: str, rows: list, images: dict):
             for path, parent, attr in ffns:
                 setattr(parent, attr, originals[path])
 
-        r = fidelity.compare(pipe, seeds=range(seeds), apply=apply, undo=undo, setting=f"E={E} top-{K}{' comp' if comp else ''}",
-                              progress=False)
+        setting = f"E={E} top-{K}{' comp' if comp else ''}"
+        r = fidelity.compare(pipe, seeds=range(seeds), apply=apply, undo=undo, setting=setting, progress=False)
         active = sum(m.activated_parameters() for m in moes.values())
         row = dict(
             pipeline=pipe_name, experts=E, top_k=K, compensate=comp, ffn_layers=len(ffns), dense_ffn_params=dense_total,
@@ -111,7 +115,8 @@ def _write(rows, out_dir):
         w.writeheader()
         w.writerows(rows)
     cols = ["pipeline", "experts", "top_k", "compensate", "ffn_layers", "dense_ffn_params", "activated_params",
-            "activated_reduction_pct", "psnr_db", "psnr_worst_db", "accuracy_dense", "accuracy_moe", "images"]  # fmt: skip
+            "activated_reduction_pct", "psnr_db", "psnr_worst_db", "accuracy_dense", "accuracy_moe",
+            "images"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
@@ -134,7 +139,8 @@ def _plot(rows, out_dir):
             axes[0].plot(x, [r["psnr_db"] for r in rs], marker, label=label)
             axes[1].plot(x, [r["accuracy_moe"] for r in rs], marker, label=label)
             for r in rs:
-                axes[0].annotate(f"{r['experts']}/{r['top_k']}", (r["activated_reduction_pct"], r["psnr_db"]), fontsize=7)
+                xy = (r["activated_reduction_pct"], r["psnr_db"])
+                axes[0].annotate(f"{r['experts']}/{r['top_k']}", xy, fontsize=7)
         base = [r["accuracy_dense"] for r in rows if r["pipeline"] == name][0]
         axes[1].axhline(base, ls="--", lw=0.8, color=axes[1].lines[-1].get_color())
     axes[0].set(xlabel="activated FFN parameters saved (%)", ylabel="PSNR vs dense (dB)", title="fidelity")

@@ -187,7 +187,8 @@ def _gelu_tanh(x):
 @triton.jit
 def _grouped_tile(M_BLOCKS, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(row block, column tile) of this program, GROUP_M row blocks at a time across all column tiles, so the
-    gathered x rows and an expert's weight tiles are reused from L2 (the grouped ordering of Triton's matmul tutorial)."""
+    gathered x rows and an expert's weight tiles are reused from L2 (the grouped ordering of Triton's matmul
+    tutorial)."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * n_tiles
@@ -240,7 +241,8 @@ def _moe_gate_up_fwd_kernel(
         b_tok = (b_row // TOP_K).to(tl.int64)  # gather: token of each sorted row
         m_n = o_n < F
         p_x = X + b_tok[:, None] * stride_xt + o_k[None, :] * stride_xd  # [BLOCK_M, BLOCK_K]
-        p_w1 = W1 + i_e * stride_w1e + o_n[None, :].to(tl.int64) * stride_w1f + o_k[:, None] * stride_w1d  # [BLOCK_K, BLOCK_N]
+        # [BLOCK_K, BLOCK_N] tiles of w1[e]^T and w3[e]^T, read through strides (no transposed copy)
+        p_w1 = W1 + i_e * stride_w1e + o_n[None, :].to(tl.int64) * stride_w1f + o_k[:, None] * stride_w1d
         p_w3 = W3 + i_e * stride_w3e + o_n[None, :].to(tl.int64) * stride_w3f + o_k[:, None] * stride_w3d
         b_a1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         b_a3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)

@@ -72,7 +72,8 @@ def dense_ffn(ffn: nn.Module) -> DenseFFN:
             kind = "gelu_tanh" if getattr(proj, "approximate", "none") == "tanh" else "gelu"
             return DenseFFN(proj.proj.weight, proj.proj.bias, None, out.weight, out.bias, kind)
         raise ValueError(f"ffn (FeedForward with {act}): only GELU / tanh-GELU projections are supported")
-    if isinstance(ffn, nn.Sequential) and len(ffn) == 3 and isinstance(ffn[0], nn.Linear) and isinstance(ffn[2], nn.Linear):
+    seq = isinstance(ffn, nn.Sequential) and len(ffn) == 3
+    if seq and isinstance(ffn[0], nn.Linear) and isinstance(ffn[2], nn.Linear):
         if isinstance(ffn[1], nn.GELU):
             kind = "gelu_tanh" if ffn[1].approximate == "tanh" else "gelu"
             return DenseFFN(ffn[0].weight, ffn[0].bias, None, ffn[2].weight, ffn[2].bias, kind)
@@ -144,7 +145,8 @@ def densify_to_moe(
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
     if not isinstance(calibration_inputs, torch.Tensor) or calibration_inputs.shape[-1] != D:
-        shape = tuple(calibration_inputs.shape) if isinstance(calibration_inputs, torch.Tensor) else type(calibration_inputs)
+        ci = calibration_inputs
+        shape = tuple(ci.shape) if isinstance(ci, torch.Tensor) else type(ci).__name__
         raise ValueError(f"calibration_inputs must be a tensor [..., D={D}], got {shape}")
     if dense.w2.shape[0] != D:
         raise ValueError(f"ffn maps {D} -> {dense.w2.shape[0]} features; SparseMoE needs equal input and output widths")

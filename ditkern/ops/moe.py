@@ -115,7 +115,8 @@ def _act_ref(a, b, activation):
 def moe_grouped_mlp_ref(
     x, sorted_ids, block_expert, w1, w3, w2, weights, *, top_k, b1=None, activation="swiglu", b2=None
 ):
-    """y [T, K, D]: ``weights[t, j] * (w2[e] @ act(w1[e] @ x_t + b1[e], w3[e] @ x_t) + b2[e])``, e = the row's expert."""
+    """y [T, K, D]: ``weights[t, j] * (w2[e] @ act(w1[e] @ x_t + b1[e], w3[e] @ x_t) + b2[e])``, e = the row's
+    expert."""
     T, D = x.shape
     N = T * top_k
     row_expert = _row_experts(sorted_ids, block_expert, N)
@@ -237,12 +238,15 @@ def _check_grouped(x, sorted_ids, block_expert, w1, w3, w2, weights, top_k, b1, 
         return
     if n_blocks == 0 or sorted_ids.numel() % n_blocks:
         raise ValueError(
-            f"sorted_ids ({sorted_ids.numel()}) must be block_expert ({n_blocks}) blocks of block_m rows: pass moe_align's outputs"
+            f"sorted_ids ({sorted_ids.numel()}) must be block_expert ({n_blocks}) blocks of block_m rows: "
+            "pass moe_align's outputs"
         )
     block_m = sorted_ids.numel() // n_blocks
     if block_m & (block_m - 1) or block_m < 16:
         raise ValueError(f"sorted_ids / block_expert imply block_m={block_m}, not a power of two >= 16")
-    _same_device("x", x, sorted_ids=sorted_ids, block_expert=block_expert, w1=w1, w3=w3, w2=w2, weights=weights, b1=b1, b2=b2)
+    _same_device(
+        "x", x, sorted_ids=sorted_ids, block_expert=block_expert, w1=w1, w3=w3, w2=w2, weights=weights, b1=b1, b2=b2
+    )
     if x.device.type == "cpu" and not _compiling() and block_expert.numel():
         if int(block_expert.max()) >= E or int(block_expert.min()) < -1:
             raise ValueError(f"block_expert holds expert ids outside [-1, E={E}) (E from w1.shape[0])")
@@ -390,7 +394,9 @@ def _(x, sorted_ids, block_expert, w1, w3, w2, weights, b1, b2, top_k, activatio
 
 
 @torch.library.custom_op("ditkern::moe_combine", mutates_args=())
-def _moe_combine_op(y: torch.Tensor, shared: torch.Tensor | None, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+def _moe_combine_op(
+    y: torch.Tensor, shared: torch.Tensor | None, bias: torch.Tensor | None, backend: str
+) -> torch.Tensor:
     name = choose("moe_combine", BACKENDS, y, backend=backend)
     if name == "torch" or y.shape[0] == 0 or y.shape[2] == 0:
         return moe_combine_ref(y, shared, bias)

@@ -101,7 +101,8 @@ def moe_ffn_rule(m, cfg):
 
 
 def _block_reason(block, single: bool) -> str | None:
-    names = ["adaLN_modulation", "norm1_i", "attn1", "norm3_i", "ff_i"] + ([] if single else ["norm1_t", "norm3_t", "ff_t"])
+    names = ["adaLN_modulation", "norm1_i", "attn1", "norm3_i", "ff_i"]
+    names += [] if single else ["norm1_t", "norm3_t", "ff_t"]
     reason = has_attrs(block, *names) or check_fingerprint(block, FINGERPRINTS[type(block).__name__])
     if reason:
         return reason

@@ -36,8 +36,8 @@ def test_hidream_patched_matches_unpatched_and_unpatch_is_exact():
 
     report = ditkern.patch(model, backend="triton")
     classes = sorted(r.cls for r in report.patched)
-    assert classes == sorted(["MOEFeedForwardSwiGLU"] * 2 + ["HiDreamImageTransformerBlock",
-                                                            "HiDreamImageSingleTransformerBlock"]), str(report)  # fmt: skip
+    blocks = ["HiDreamImageTransformerBlock", "HiDreamImageSingleTransformerBlock"]
+    assert classes == sorted(["MOEFeedForwardSwiGLU"] * 2 + blocks), str(report)
     assert not report.skipped and "stacked copy" in str(report)
     assert model.state_dict().keys() == state.keys()  # the stacked experts are not registered in the model
     patched = _run(model, inputs)

@@ -40,7 +40,8 @@ BF = "*bf16"
 KERNELS = {
     "route": (K._moe_route_fwd_kernel, {"LOGITS": BF, "IDS": "*i32", "WEIGHTS": "*fp32"},
               dict(TOP_K=8, SIGMOID=False, RENORMALIZE=True, BLOCK_T=16, BLOCK_E=64, BLOCK_K=8), 4, 1),
-    "align": (K._moe_align_fwd_kernel, {"IDS": "*i32", "SORTED": "*i32", "BLOCK_EXPERT": "*i32", "NUM_POST_PAD": "*i32"},
+    "align": (K._moe_align_fwd_kernel,
+              {"IDS": "*i32", "SORTED": "*i32", "BLOCK_EXPERT": "*i32", "NUM_POST_PAD": "*i32"},
               dict(BLOCK_M=64, BLOCK_E=64, BLOCK_N=256), 4, 1),
     "gate_up": (K._moe_gate_up_fwd_kernel, {"X": BF, "W1": BF, "W3": BF, "B1": BF, "H": BF, "SORTED": "*i32",
                                               "BLOCK_EXPERT": "*i32"},
@@ -70,7 +71,10 @@ def test_kernels_compile_to_cubin(arch):
     # the test session interprets Triton (conftest); compile in a fresh interpreter-free process
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    code = f"from tests.moe.test_kernels_compile import KERNELS, compile_one\nfor n in sorted(KERNELS): print(compile_one(n, {arch}))"
+    code = (
+        "from tests.moe.test_kernels_compile import KERNELS, compile_one\n"
+        f"for n in sorted(KERNELS): print(compile_one(n, {arch}))"
+    )
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(r.stdout.strip().splitlines()) == len(KERNELS), r.stdout
