@@ -10,6 +10,7 @@ Public API::
 Importing ditkern never initialises CUDA, compiles anything, or touches the network.
 """
 
+from ditkern.attention import WindowAttention
 from ditkern.cache import TaylorCache
 from ditkern.config import PatchConfig
 from ditkern.info import info
@@ -19,4 +20,5 @@ from ditkern.patch import PatchReport, is_patched, patch, patched, supported_mod
 
 __version__ = "0.1.0"
 
-__all__ = ["TaylorCache", "patch", "unpatch", "patched", "is_patched", "PatchConfig", "PatchReport", "info", "supported_models", "SparseMoE", "MoEConfig", "densify_to_moe"]
+__all__ = ["TaylorCache", "patch", "unpatch", "patched", "is_patched", "PatchConfig", "PatchReport", "info", "supported_models",
+           "WindowAttention", "SparseMoE", "MoEConfig", "densify_to_moe"]

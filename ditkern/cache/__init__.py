@@ -13,8 +13,8 @@ Two schedules share one engine (ditkern/cache/feature.py):
 Derivatives are Newton divided differences over the real timesteps the model receives, so non-uniform schedules
 (FLUX's shifted sigmas) are handled exactly for polynomial trajectories. State is kept per call slot (the k-th call
 with the same timestep within a step: a pipeline that runs the conditional and unconditional passes as two calls gets
-two states), per batch item (each item decides for itself; a batch runs the blocks if any item needs them, and the
-items that accepted the forecast still get the forecast), and per stream; it is reset when the timestep goes back up
+two states), per batch item (by default one gate decision per call; with ``sync_batch=False`` each item decides for itself, a
+batch runs the blocks if any item needs them and the items that accepted still get the forecast), and per stream; it is reset when the timestep goes back up
 (a new generation), by :func:`reset`, and dropped by ``ditkern.unpatch``.
 """
 
@@ -39,6 +39,11 @@ class TaylorCache:
                  last steps, where detail forms); 0 disables.
     max_skip:    most consecutive forecast steps per item (None: unbounded for the gate; interval - 1 for fixed).
     state_dtype: dtype of the Taylor state (None: bfloat16 on CUDA, float32 elsewhere).
+    sync_batch:  gated: the batch forecasts only when every item accepts (one decision per call, so a batch with
+                 classifier-free guidance inside it skips together). False: each item decides alone; the blocks run
+                 if any item needs them and the items that accepted still get their forecast, so an item's output
+                 does not depend on the rest of the batch (slower when items disagree). Either way each item's
+                 Taylor state holds only its own features.
     """
 
     order: int = 1
@@ -48,6 +53,7 @@ class TaylorCache:
     full_below: float = 0.0
     max_skip: int | None = None
     state_dtype: torch.dtype | None = None
+    sync_batch: bool = True
 
     def __post_init__(self):
         if isinstance(self.order, bool) or not isinstance(self.order, int) or not 0 <= self.order <= 2:
@@ -67,6 +73,8 @@ class TaylorCache:
             raise ValueError(f"TaylorCache.full_below must be in [0, 1], got {self.full_below!r}")
         if self.max_skip is not None and (isinstance(self.max_skip, bool) or not isinstance(self.max_skip, int) or self.max_skip < 1):
             raise ValueError(f"TaylorCache.max_skip must be None or an int >= 1, got {self.max_skip!r}")
+        if not isinstance(self.sync_batch, bool):
+            raise ValueError(f"TaylorCache.sync_batch must be True or False, got {self.sync_batch!r}")
         if self.state_dtype is not None and self.state_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"TaylorCache.state_dtype must be float32, float16 or bfloat16, got {self.state_dtype!r}")
 

@@ -277,6 +277,8 @@ class CacheState:
             rel = (err2 / ref2.clamp_min(1e-30)).sqrt()
             if compared:
                 accept = eligible & (rel < self.config.gate)
+                if self.config.sync_batch:  # one decision for the whole call
+                    accept = accept.all().expand_as(accept).clone()
         call.accept = accept
         if bool(accept.all()):
             call.skip_rest = True

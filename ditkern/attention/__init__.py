@@ -1,0 +1,9 @@
+"""Windowed and linear attention for diffusers DiTs: ``ditkern.patch(model, attention=WindowAttention(...))``.
+
+The ops live in ``ditkern.ops.window_attention`` / ``ditkern.ops.linear_attention``; the feature (processor swaps per
+family) in ``ditkern.attention.feature``, imported by the patch engine.
+"""
+
+from ditkern.attention.config import WindowAttention
+
+__all__ = ["WindowAttention"]
