@@ -19,9 +19,9 @@ each token activates. This module does the training-free part of that recipe:
    reassociation.
 4. (``compensate=True``, off by default) A skipped expert is replaced by its mean output over the calibration tokens
    that skip it: a constant folded into biases (``b2[e] = -c_e`` inside each expert, ``+ sum_e c_e`` on the layer
-   output), at no extra compute. It lowers the single layer's error (tests/moe/test_densify.py) but, measured on the
-   digits-dit reference pipeline, it did not raise the sampled images' PSNR and lowered class accuracy at top-2 of 8
-   (bench/results/moe/densify_fidelity.md), hence off.
+   output), at no extra compute. It lowers a single layer's error (tests/moe/test_densify.py); on the reference
+   pipelines it added 0.5-2.7 dB PSNR on digits-flux but lowered PSNR and class accuracy on digits-dit
+   (bench/results/moe/densify_fidelity.md), hence off by default.
 
 Supported FFNs: diffusers ``FeedForward`` with a GELU / tanh-GELU projection (DiT, PixArt, FLUX double blocks, SD3),
 HiDream's ``HiDreamImageFeedForwardSwiGLU`` (w1, w3, w2) and ``nn.Sequential(Linear, GELU, Linear)``. If F is not a
