@@ -20,7 +20,7 @@ each token activates. This module does the training-free part of that recipe:
 4. (``compensate=True``, off by default) A skipped expert is replaced by its mean output over the calibration tokens
    that skip it: a constant folded into biases (``b2[e] = -c_e`` inside each expert, ``+ sum_e c_e`` on the layer
    output), at no extra compute. It lowers a single layer's error (tests/moe/test_densify.py); on the reference
-   pipelines it added 0.5-2.7 dB PSNR on digits-flux but lowered PSNR and class accuracy on digits-dit
+   pipelines it added 0.5-2.0 dB PSNR on digits-flux but lowered PSNR and class accuracy on digits-dit
    (bench/results/moe/densify_fidelity.md), hence off by default.
 
 Supported FFNs: diffusers ``FeedForward`` with a GELU / tanh-GELU projection (DiT, PixArt, FLUX double blocks, SD3),
