@@ -7,7 +7,6 @@ the same function (fp32 arithmetic, same routing); ``moe=`` only carries its opt
 from __future__ import annotations
 
 from ditkern.moe.config import resolve
-from ditkern.patch import hidream  # noqa: F401  registers HiDreamImageTransformer2DModel (until the engine lists it)
 from ditkern.patch.engine import Feature, register_feature
 
 
