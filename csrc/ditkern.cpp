@@ -11,6 +11,7 @@
 
 #include "adaln_modulate/adaln_modulate.h"
 #include "fpx/fpx_gemv.h"
+#include "moe/moe_align.h"
 #include "taylor/taylor.h"
 
 namespace py = pybind11;
@@ -26,6 +27,12 @@ static void adaln_modulate(uintptr_t x, uintptr_t y, uintptr_t gate, uintptr_t s
                        x_dtype, mod_dtype, is_rms, static_cast<float>(eps), stream, device};
   py::gil_scoped_release release;
   ditkern::adaln_modulate_launch(a);
+}
+
+static void moe_align(uintptr_t ids, int ids_int64, int64_t N, int64_t E, int64_t block_m, uintptr_t sorted_ids, uintptr_t block_expert, uintptr_t num_post_pad, int64_t max_rows, int64_t max_blocks, uintptr_t stream, int device) {
+  ditkern::MoeAlignArgs a{ids, ids_int64, N, E, block_m, sorted_ids, block_expert, num_post_pad, max_rows, max_blocks, stream, device};
+  py::gil_scoped_release release;
+  ditkern::moe_align_launch(a);
 }
 
 static ditkern::TaylorArgs taylor_args(uintptr_t x, uintptr_t base, uintptr_t d0, uintptr_t d1, uintptr_t d2,
@@ -80,6 +87,7 @@ static int cuda_runtime_version() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ditkern CUDA kernels (raw-pointer bindings; see ditkern/ops for the public API)";
   m.def("adaln_modulate", &adaln_modulate, "fused (gated residual +) norm + adaLN modulate");
+  m.def("moe_align", &moe_align, "MoE rows sorted by expert, padded per expert to block_m (static sizes, no host sync)");
   m.def("taylor_update", &taylor_update, "Taylor divided-difference state update (in place)");
   m.def("taylor_forecast", &taylor_forecast, "Taylor forecast + residual add");
   m.def("fpx_gemv", &fpx_gemv, "weight-only FP4/FP6/int4 GEMV for M <= 16");

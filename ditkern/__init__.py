@@ -14,11 +14,13 @@ from ditkern.attention import WindowAttention
 from ditkern.cache import TaylorCache
 from ditkern.config import PatchConfig
 from ditkern.info import info
+from ditkern.moe import MoEConfig, densify_to_moe
+from ditkern.nn import SparseMoE
 from ditkern.patch import PatchReport, is_patched, patch, patched, supported_models, unpatch
 from ditkern.quant import QuantConfig, load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
 __all__ = ["TaylorCache", "patch", "unpatch", "patched", "is_patched", "PatchConfig", "PatchReport", "info", "supported_models",
-           "WindowAttention"]
+           "WindowAttention", "SparseMoE", "MoEConfig", "densify_to_moe"]
 __all__ += ["QuantConfig", "save_quantized", "load_quantized"]

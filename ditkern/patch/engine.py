@@ -102,11 +102,15 @@ def supported_models() -> list[str]:
 
 def _load_families():
     # importing the family modules registers them (kept lazy so `import ditkern` stays light)
-    from ditkern.patch import dit, flux, pixart, sana, sd3, wan  # noqa: F401, PLC0415
+    from ditkern.patch import dit, flux, hidream, pixart, sana, sd3, wan  # noqa: F401, PLC0415
 
     # features register themselves when their module is imported: ditkern/<feature>/feature.py
     for name in FEATURE_MODULES:
-        if importlib.util.find_spec(name) is not None:
+        try:
+            spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:  # the feature's package itself is absent
+            spec = None
+        if spec is not None:
             importlib.import_module(name)
 
 

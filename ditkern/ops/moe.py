@@ -1,0 +1,531 @@
+"""Sparse mixture-of-experts dispatch: route, align, grouped expert MLP, combine.
+
+``moe_route(logits, top_k)``                 -> (ids [T, K] int32, weights [T, K] fp32)
+``moe_align(ids, num_experts, block_m)``     -> (sorted_ids [R] int32, block_expert [R // block_m] int32, num_rows [1])
+``moe_grouped_swiglu(x, sorted_ids, block_expert, w1, w3, w2, weights)`` -> y [T, K, D]
+``moe_grouped_mlp(x, sorted_ids, block_expert, w1, w2, weights, b1=None, b2=None, activation=...)`` -> y [T, K, D]
+``moe_combine(y, shared=None, bias=None)``   -> out [T, D] = sum_j y[:, j] (+ shared) (+ bias)
+
+Semantics are those of HiDream-I1's ``MoEGate`` + ``MOEFeedForwardSwiGLU.moe_infer`` in diffusers (DeepSeek-style
+top-k routing): scores = softmax(logits) (or sigmoid), held in the logits' dtype as the gate holds them; the top_k
+highest scores (ties -> the lower expert id) are the experts, their scores the routing weights (divided by their sum
++ 1e-20 with ``renormalize``); each selected expert's MLP output is multiplied by its weight and summed per token.
+
+Rows: routed row ``r = t * K + j`` is token t's j-th choice. ``moe_align`` sorts the rows by expert (stable) and pads
+each expert's segment to a multiple of ``block_m`` with the sentinel ``T * K``; ``block_expert[b]`` is the expert of
+rows ``[b * block_m, (b + 1) * block_m)``, -1 past the padded total ``num_rows``. Its outputs have the static size
+``R = max_blocks * block_m`` with ``max_blocks = (N + min(E, N) * (block_m - 1)) // block_m`` (N = T * K rows), so no
+size depends on the routing: nothing synchronises with the host and ``torch.compile(fullgraph=True)`` traces it.
+
+Weights are stacked per expert: w1, w3 ``[E, F, D]``, w2 ``[E, D, F]`` (each nn.Linear's ``[out, in]``), b1 ``[E, F]``,
+b2 ``[E, D]``.
+Arithmetic is fp32 (the grouped GEMM keeps its hidden activation in x's dtype between its two GEMMs, as the model
+does); outputs have x's dtype. Ids and weights are validated on CPU; on CUDA their values are not read (that would be
+a host synchronisation): ids outside ``[0, E)`` then select no expert and leave their rows of y unwritten.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ditkern._backend import choose, requested_backend, triton_can_run_on, triton_interpreted
+from ditkern._ext import cuda_can_run_on, ext, stream_of
+
+SCORES = ("softmax", "sigmoid")
+ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh")
+_ACT_CODE = {"swiglu": 0, "gelu": 1, "gelu_tanh": 2}
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_INTS = (torch.int32, torch.int64)
+DEFAULT_BLOCK_M = 64
+
+
+def align_sizes(num_rows: int, num_experts: int, block_m: int) -> tuple[int, int]:
+    """(max_rows, max_blocks): the static output sizes of ``moe_align`` for ``num_rows = T * K`` routed rows.
+
+    Each non-empty expert adds fewer than ``block_m`` padding rows, and at most ``min(E, N)`` experts are non-empty.
+    """
+    max_blocks = (num_rows + min(num_experts, num_rows) * (block_m - 1)) // block_m
+    return max_blocks * block_m, max_blocks
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# references (fp32 internally): the semantics, the CPU path and the oracle of the tests
+# ----------------------------------------------------------------------------------------------------------------------
+def moe_route_ref(logits: torch.Tensor, top_k: int, *, renormalize: bool = False, score: str = "softmax"):
+    """Top-k experts and weights of each row of ``logits`` [T, E]; see the module docstring."""
+    lf = logits.float()
+    s = lf.softmax(-1) if score == "softmax" else torch.sigmoid(lf)
+    s = s.to(logits.dtype).float()  # the gate's scores live in the logits' dtype
+    # a stable descending sort keeps the lower expert id first among equal scores (torch.topk leaves ties unspecified)
+    vals, idx = torch.sort(s, dim=-1, descending=True, stable=True)
+    w, ids = vals[:, :top_k], idx[:, :top_k]
+    if renormalize:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return ids.to(torch.int32), w.contiguous()
+
+
+def moe_align_ref(expert_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Sorted rows, block experts and padded row count with static shapes only (it compiles with fullgraph=True)."""
+    ids = expert_ids.reshape(-1).long()
+    N = ids.numel()
+    max_rows, max_blocks = align_sizes(N, num_experts, block_m)
+    dev = ids.device
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=dev)
+    valid = (ids >= 0) & (ids < num_experts)
+    key = torch.where(valid, ids, num_experts)  # out-of-range ids: a bin of their own, never placed
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    seg_end = padded.cumsum(0)
+    seg_start = seg_end - padded
+    order = torch.sort(key, stable=True).indices  # rows grouped by expert, in input order within one
+    sorted_key = key[order]
+    first = torch.cumsum(torch.cat([counts.new_zeros(1), counts]), 0)  # start of each expert in `order`
+    kk = sorted_key.clamp(max=num_experts - 1) if num_experts > 0 else sorted_key
+    rank = torch.arange(N, device=dev) - first[kk]
+    pos = torch.where(sorted_key < num_experts, seg_start[kk] + rank, max_rows)  # invalid rows -> dropped slot
+    sorted_ids = torch.full((max_rows + 1,), N, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, pos, order.to(torch.int32))
+    total = padded.sum()
+    blk = torch.arange(max_blocks, device=dev) * block_m
+    block_expert = torch.searchsorted(seg_end, blk, right=True).to(torch.int32)
+    block_expert = torch.where(blk < total, block_expert, -1).to(torch.int32)
+    return sorted_ids[:max_rows], block_expert, total.reshape(1).to(torch.int32)
+
+
+def _row_experts(sorted_ids, block_expert, n_rows: int) -> torch.Tensor:
+    """Expert of every routed row ``[N]`` (-1 where a row was dropped), from the aligned layout."""
+    block_m = sorted_ids.numel() // max(block_expert.numel(), 1)
+    pos_expert = block_expert.long().repeat_interleave(block_m) if block_m else block_expert.long()
+    row_expert = torch.full((n_rows + 1,), -1, dtype=torch.long, device=sorted_ids.device)
+    row_expert.scatter_(0, sorted_ids.long().clamp(max=n_rows), pos_expert)
+    row_expert[n_rows] = -1
+    return row_expert[:n_rows]
+
+
+def _act_ref(a, b, activation):
+    if activation == "swiglu":
+        return F.silu(a) * b
+    if activation == "gelu":
+        return F.gelu(a)
+    return F.gelu(a, approximate="tanh")
+
+
+def moe_grouped_mlp_ref(
+    x, sorted_ids, block_expert, w1, w3, w2, weights, *, top_k, b1=None, activation="swiglu", b2=None
+):
+    """y [T, K, D]: ``weights[t, j] * (w2[e] @ act(w1[e] @ x_t + b1[e], w3[e] @ x_t) + b2[e])``, e = the row's
+    expert."""
+    T, D = x.shape
+    N = T * top_k
+    row_expert = _row_experts(sorted_ids, block_expert, N)
+    y = torch.zeros(N, D, dtype=torch.float32, device=x.device)
+    xf = x.float()
+    for e in range(w1.shape[0]):
+        rows = (row_expert == e).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        xe = xf[rows // top_k]
+        a = xe @ w1[e].float().t()
+        if b1 is not None:
+            a = a + b1[e].float()
+        h = _act_ref(a, xe @ w3[e].float().t() if w3 is not None else None, activation)
+        out = h @ w2[e].float().t()
+        if b2 is not None:
+            out = out + b2[e].float()
+        if weights is not None:
+            out = out * weights.reshape(-1)[rows].float()[:, None]
+        y[rows] = out
+    return y.to(x.dtype).reshape(T, top_k, D)
+
+
+def moe_combine_ref(y, shared=None, bias=None):
+    """out [T, D] = sum_j y[:, j] (+ shared) (+ bias) in fp32, in y's dtype."""
+    out = y.float().sum(1)
+    if shared is not None:
+        out = out + shared.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(y.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# validation: errors naming the argument
+# ----------------------------------------------------------------------------------------------------------------------
+def _tensor(name, t, dims=None, dtypes=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must be one of {', '.join(str(d) for d in dtypes)}, got {t.dtype}")
+
+
+def _same_device(ref_name, ref, **others):
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def _check_route(logits, top_k, renormalize, score):
+    _tensor("logits", logits, (2,), _FLOATS)
+    _positive_int("top_k", top_k)
+    E = logits.shape[1]
+    if top_k > E:
+        raise ValueError(f"top_k={top_k} exceeds the number of experts E={E} (logits.shape[1])")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be True or False, got {renormalize!r}")
+
+
+def _check_align(expert_ids, num_experts, block_m):
+    _tensor("expert_ids", expert_ids, None, _INTS)
+    _positive_int("num_experts", num_experts)
+    _positive_int("block_m", block_m)
+    if block_m & (block_m - 1) or block_m < 16:
+        raise ValueError(f"block_m must be a power of two >= 16 (a GEMM tile height), got {block_m}")
+    if expert_ids.numel() >= 2**31 - 1:
+        raise ValueError(f"expert_ids has {expert_ids.numel()} entries; int32 row indices allow at most 2^31 - 2")
+    if expert_ids.device.type == "cpu" and expert_ids.numel() and not _compiling():
+        lo, hi = int(expert_ids.min()), int(expert_ids.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"expert_ids must lie in [0, num_experts={num_experts}), got values in [{lo}, {hi}]")
+
+
+def _check_grouped(x, sorted_ids, block_expert, w1, w3, w2, weights, top_k, b1, activation, b2=None):
+    _tensor("x", x, (2,), _FLOATS)
+    _tensor("sorted_ids", sorted_ids, (1,), (torch.int32,))
+    _tensor("block_expert", block_expert, (1,), (torch.int32,))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    T, D = x.shape
+    _tensor("w1", w1, (3,), (x.dtype,))
+    E, Fh, D1 = w1.shape
+    if D1 != D:
+        raise ValueError(f"w1 must be [E, F, D] with D={D} (x.shape[1]), got {tuple(w1.shape)}")
+    if activation == "swiglu":
+        if w3 is None:
+            raise ValueError("w3 must be given for activation='swiglu' (the up projection)")
+        _tensor("w3", w3, (3,), (x.dtype,))
+        if w3.shape != w1.shape:
+            raise ValueError(f"w3 must have w1's shape {tuple(w1.shape)} [E, F, D], got {tuple(w3.shape)}")
+    elif w3 is not None:
+        raise ValueError(f"w3 must be None for activation={activation!r}")
+    _tensor("w2", w2, (3,), (x.dtype,))
+    if tuple(w2.shape) != (E, D, Fh):
+        raise ValueError(f"w2 must be [E, D, F] = {(E, D, Fh)} (from w1 and x), got {tuple(w2.shape)}")
+    if b1 is not None:
+        _tensor("b1", b1, (2,), _FLOATS)
+        if tuple(b1.shape) != (E, Fh):
+            raise ValueError(f"b1 must be [E, F] = {(E, Fh)}, got {tuple(b1.shape)}")
+    if b2 is not None:
+        _tensor("b2", b2, (2,), _FLOATS)
+        if tuple(b2.shape) != (E, D):
+            raise ValueError(f"b2 must be [E, D] = {(E, D)}, got {tuple(b2.shape)}")
+    if weights is not None:
+        _tensor("weights", weights, (2,), _FLOATS)
+        if tuple(weights.shape) != (T, top_k):
+            raise ValueError(f"weights must be [T, top_k] = {(T, top_k)}, got {tuple(weights.shape)}")
+    n_blocks = block_expert.numel()
+    if n_blocks == 0 and sorted_ids.numel() == 0:
+        return
+    if n_blocks == 0 or sorted_ids.numel() % n_blocks:
+        raise ValueError(
+            f"sorted_ids ({sorted_ids.numel()}) must be block_expert ({n_blocks}) blocks of block_m rows: "
+            "pass moe_align's outputs"
+        )
+    block_m = sorted_ids.numel() // n_blocks
+    if block_m & (block_m - 1) or block_m < 16:
+        raise ValueError(f"sorted_ids / block_expert imply block_m={block_m}, not a power of two >= 16")
+    _same_device(
+        "x", x, sorted_ids=sorted_ids, block_expert=block_expert, w1=w1, w3=w3, w2=w2, weights=weights, b1=b1, b2=b2
+    )
+    if x.device.type == "cpu" and not _compiling() and block_expert.numel():
+        if int(block_expert.max()) >= E or int(block_expert.min()) < -1:
+            raise ValueError(f"block_expert holds expert ids outside [-1, E={E}) (E from w1.shape[0])")
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# backends
+# ----------------------------------------------------------------------------------------------------------------------
+def _cuda_align_can_run(ids, *others) -> str | None:
+    reason = cuda_can_run_on(ids)
+    if reason:
+        return reason
+    if not hasattr(ext(), "moe_align"):
+        return "ditkern._C was built without moe_align (rebuild the extension)"
+    return None
+
+
+def _no_cuda(*tensors) -> str | None:
+    return "no CUDA kernel for this op: the Triton kernel is the fast path"
+
+
+def _triton_can_run(t, *others) -> str | None:
+    return triton_can_run_on(t)
+
+
+def _torch_can_run(*tensors) -> str | None:
+    return None
+
+
+ALIGN_BACKENDS = {"cuda": _cuda_align_can_run, "triton": _triton_can_run, "torch": _torch_can_run}
+BACKENDS = {"cuda": _no_cuda, "triton": _triton_can_run, "torch": _torch_can_run}
+OP_NAMES = "moe_route / moe_grouped_swiglu / moe_combine"
+
+
+def info_sample(device, dtype):
+    """Sample inputs for ``python -m ditkern info`` (HiDream-Full width, 4 experts)."""
+    return (torch.empty(16, 2560, device=device, dtype=dtype),)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# custom ops (torch.compile traces through them; the backend choice happens inside, out of the graph)
+# ----------------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("ditkern::moe_route", mutates_args=())
+def _moe_route_op(
+    logits: torch.Tensor, top_k: int, renormalize: bool, score: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    name = choose("moe_route", BACKENDS, logits, backend=backend)
+    if name == "torch" or logits.shape[0] == 0:
+        return moe_route_ref(logits, top_k, renormalize=renormalize, score=score)
+    from ditkern.kernels.moe import moe_route_triton  # noqa: PLC0415
+
+    T = logits.shape[0]
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=logits.device)
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
+    moe_route_triton(logits, ids, weights, top_k, score == "sigmoid", renormalize)
+    return ids, weights
+
+
+@_moe_route_op.register_fake
+def _(logits, top_k, renormalize, score, backend):
+    T = logits.shape[0]
+    return (
+        logits.new_empty((T, top_k), dtype=torch.int32),
+        logits.new_empty((T, top_k), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("ditkern::moe_align", mutates_args=())
+def _moe_align_op(
+    expert_ids: torch.Tensor, num_experts: int, block_m: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = expert_ids.reshape(-1)
+    N = ids.numel()
+    name = choose("moe_align", ALIGN_BACKENDS, ids, backend=backend)
+    if name == "torch" or N == 0:
+        return moe_align_ref(ids, num_experts, block_m)
+    max_rows, max_blocks = align_sizes(N, num_experts, block_m)
+    sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=ids.device)
+    num_rows = torch.empty(1, dtype=torch.int32, device=ids.device)
+    ids = ids.contiguous()
+    if name == "triton":
+        from ditkern.kernels.moe import moe_align_triton  # noqa: PLC0415
+
+        moe_align_triton(ids, sorted_ids, block_expert, num_rows, num_experts, block_m)
+    else:
+        dev = ids.device.index if ids.device.index is not None else torch.cuda.current_device()
+        ext().moe_align(
+            ids.data_ptr(), int(ids.dtype == torch.int64), N, num_experts, block_m, sorted_ids.data_ptr(),
+            block_expert.data_ptr(), num_rows.data_ptr(), max_rows, max_blocks, stream_of(ids), dev,
+        )  # fmt: skip
+    return sorted_ids, block_expert, num_rows
+
+
+@_moe_align_op.register_fake
+def _(expert_ids, num_experts, block_m, backend):
+    max_rows, max_blocks = align_sizes(expert_ids.numel(), num_experts, block_m)
+    return (
+        expert_ids.new_empty((max_rows,), dtype=torch.int32),
+        expert_ids.new_empty((max_blocks,), dtype=torch.int32),
+        expert_ids.new_empty((1,), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("ditkern::moe_grouped_mlp", mutates_args=())
+def _moe_grouped_mlp_op(
+    x: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor | None,
+    w2: torch.Tensor,
+    weights: torch.Tensor | None,
+    b1: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    top_k: int,
+    activation: str,
+    backend: str,
+) -> torch.Tensor:
+    T, D = x.shape
+    name = choose("moe_grouped_swiglu", BACKENDS, x, backend=backend)
+    if name == "torch" or T == 0 or block_expert.numel() == 0:
+        return moe_grouped_mlp_ref(
+            x, sorted_ids, block_expert, w1, w3, w2, weights, top_k=top_k, b1=b1, activation=activation, b2=b2
+        )
+    from ditkern.kernels.moe import moe_grouped_mlp_triton  # noqa: PLC0415
+
+    block_m = sorted_ids.numel() // block_expert.numel()
+    h = torch.empty(sorted_ids.numel(), w1.shape[1], dtype=x.dtype, device=x.device)
+    y = torch.empty(T, top_k, D, dtype=x.dtype, device=x.device)
+    moe_grouped_mlp_triton(
+        x, sorted_ids, block_expert, w1, w3, b1, w2, weights, h, y.view(T * top_k, D),
+        top_k=top_k, act=_ACT_CODE[activation], block_m=block_m, interpret=triton_interpreted(), b2=b2,
+    )  # fmt: skip
+    return y
+
+
+@_moe_grouped_mlp_op.register_fake
+def _(x, sorted_ids, block_expert, w1, w3, w2, weights, b1, b2, top_k, activation, backend):
+    return x.new_empty((x.shape[0], top_k, x.shape[1]))
+
+
+@torch.library.custom_op("ditkern::moe_combine", mutates_args=())
+def _moe_combine_op(
+    y: torch.Tensor, shared: torch.Tensor | None, bias: torch.Tensor | None, backend: str
+) -> torch.Tensor:
+    name = choose("moe_combine", BACKENDS, y, backend=backend)
+    if name == "torch" or y.shape[0] == 0 or y.shape[2] == 0:
+        return moe_combine_ref(y, shared, bias)
+    from ditkern.kernels.moe import moe_combine_triton  # noqa: PLC0415
+
+    T, K, D = y.shape
+    out = torch.empty(T, D, dtype=y.dtype, device=y.device)
+    y = y if y.stride(2) == 1 else y.contiguous()
+    shared = shared if shared is None or shared.stride(1) == 1 else shared.contiguous()
+    moe_combine_triton(y, shared, bias.contiguous() if bias is not None else None, out)
+    return out
+
+
+@_moe_combine_op.register_fake
+def _(y, shared, bias, backend):
+    return y.new_empty((y.shape[0], y.shape[2]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------------------
+def moe_route(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    renormalize: bool = False,
+    score: str = "softmax",
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing of ``logits`` [T, E] -> (ids [T, top_k] int32, weights [T, top_k] fp32), in descending score.
+
+    ``score``: "softmax" (HiDream, DeepSeek-V2) or "sigmoid" (DeepSeek-V3); ``renormalize`` divides the selected
+    weights by their sum (+ 1e-20), HiDream's ``norm_topk_prob`` (off in HiDream-I1).
+    """
+    _check_route(logits, top_k, renormalize, score)
+    return _moe_route_op(logits, top_k, renormalize, score, requested_backend(backend))
+
+
+def moe_align(
+    expert_ids: torch.Tensor, num_experts: int, block_m: int = DEFAULT_BLOCK_M, *, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows sorted by expert and padded per expert to ``block_m`` -> (sorted_ids, block_expert, num_rows).
+
+    ``expert_ids``: [T, K] (or flat) int32/int64 from :func:`moe_route`. Output sizes depend only on
+    ``(T * K, num_experts, block_m)`` (see :func:`align_sizes`); computed on the device without host synchronisation.
+    """
+    _check_align(expert_ids, num_experts, block_m)
+    return _moe_align_op(expert_ids, num_experts, block_m, requested_backend(backend))
+
+
+def moe_grouped_swiglu(
+    x: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    weights: torch.Tensor | None,
+    *,
+    top_k: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``y[t, j] = weights[t, j] * w2[e] @ (silu(w1[e] @ x_t) * (w3[e] @ x_t))`` for each routed row -> [T, K, D].
+
+    x [T, D] is gathered by ``sorted_ids // K`` inside the GEMM (no permuted copy). ``weights`` [T, K] (None: 1, then
+    pass ``top_k``). w1, w3 [E, F, D], w2 [E, D, F] in x's dtype.
+    """
+    return moe_grouped_mlp(x, sorted_ids, block_expert, w1, w2, weights, w3=w3, top_k=top_k, activation="swiglu",
+                           backend=backend)  # fmt: skip
+
+
+def moe_grouped_mlp(
+    x: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    weights: torch.Tensor | None,
+    *,
+    w3: torch.Tensor | None = None,
+    b1: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    top_k: int | None = None,
+    activation: str = "gelu_tanh",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Grouped expert MLP: ``weights * (w2[e] @ act(w1[e] @ x + b1[e] [, w3[e] @ x]) + b2[e])`` -> [T, K, D].
+
+    ``activation``: "swiglu" (needs w3), "gelu" or "gelu_tanh" (diffusers' FeedForward GELU MLPs).
+    """
+    if weights is not None and isinstance(weights, torch.Tensor) and weights.dim() == 2:
+        top_k = weights.shape[1] if top_k is None else top_k
+    if top_k is None:
+        raise ValueError("top_k must be given when weights is None")
+    _positive_int("top_k", top_k)
+    _check_grouped(x, sorted_ids, block_expert, w1, w3, w2, weights, top_k, b1, activation, b2)
+    return _moe_grouped_mlp_op(
+        x, sorted_ids, block_expert, w1, w3, w2, weights, b1, b2, top_k, activation, requested_backend(backend)
+    )
+
+
+def moe_combine(
+    y: torch.Tensor,
+    shared: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``out[t] = sum_j y[t, j] (+ shared[t]) (+ bias)`` -> [T, D] in y's dtype; fp32 sum in a fixed order.
+
+    y [T, K, D] from :func:`moe_grouped_swiglu` (weights already applied); shared [T, D] (the shared expert's
+    output); bias [D].
+    """
+    _tensor("y", y, (3,), _FLOATS)
+    T, K, D = y.shape
+    if shared is not None:
+        _tensor("shared", shared, (2,), _FLOATS)
+        if tuple(shared.shape) != (T, D):
+            raise ValueError(f"shared must be [T, D] = {(T, D)} (from y), got {tuple(shared.shape)}")
+    if bias is not None:
+        _tensor("bias", bias, (1,), _FLOATS)
+        if bias.shape[0] != D:
+            raise ValueError(f"bias must be [D] with D={D}, got {tuple(bias.shape)}")
+    _same_device("y", y, shared=shared, bias=bias)
+    return _moe_combine_op(y, shared, bias, requested_backend(backend))
+
+
+def flops_per_token(dim: int, hidden: int, top_k: int, activation: str = "swiglu") -> int:
+    """Multiply-add FLOPs (x2) of the routed experts for one token (for the benchmarks)."""
+    mats = 3 if activation == "swiglu" else 2
+    return 2 * mats * dim * hidden * top_k
+
