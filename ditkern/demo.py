@@ -62,11 +62,15 @@ def quick_demo() -> dict:
 
 def demo_settings() -> dict[str, dict]:
     """The rows of the demo table: {label: ditkern.patch options}. The PNG shows the first. Each feature adds its row."""
+    from ditkern.attention import WindowAttention  # noqa: PLC0415
     from ditkern.cache import TaylorCache  # noqa: PLC0415
+    from ditkern.quant import QuantConfig  # noqa: PLC0415
 
     return {
         "fused adaLN (lossless)": {},
         "+ Taylor cache (fixed, order 2, interval 3)": {"cache": TaylorCache(order=2, interval=3, warmup=3)},
+        "+ int4 weights (g32, bf16 scales, absmax)": {"quant": QuantConfig(format="int4", group_size=32, scale_dtype="bf16")},
+        "+ window attention (5x5 + text)": {"attention": WindowAttention(window=5)},
     }
 
 
