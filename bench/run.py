@@ -106,6 +106,7 @@ def run(quick: bool = False, ops=None, shapes=None, dtype=None, out=None, impls=
     for case in tqdm(cases, desc="bench", disable=not progress, file=sys.stderr):
         first = case.make_inputs(device, dtype)
         nbytes = case.bytes_moved(first)
+        nflops = case.flops(first)
         n_sets = 1 if device == "cpu" else max(1, math.ceil(L2_BYTES_BOUND / max(nbytes, 1)))
         sets = [first] + [case.make_inputs(device, dtype) for _ in range(n_sets - 1)]
         results = {}
@@ -137,6 +138,7 @@ def run(quick: bool = False, ops=None, shapes=None, dtype=None, out=None, impls=
                 "ms": _sig(ms),
                 "GBps": _sig(None if ms is None else nbytes / (ms * 1e-3) / 1e9),
                 "pct_peak_bw": _sig(None if ms is None else 100 * nbytes / (ms * 1e-3) / 1e9 / peak),
+                "TFLOPs": _sig(None if ms is None or not nflops else nflops / (ms * 1e-3) / 1e12),
                 "note": note,
             }
             for b, bms in base.items():
@@ -174,11 +176,11 @@ def markdown(result: dict) -> str:
     if not rows:
         return "\n".join(lines + ["(no cases)"])
     speed_cols = [k for k in rows[0] if k.startswith("speedup_vs_")]
-    head = ["op", "shape", "impl", "ms", "GB/s", "% peak BW", *[c.replace("speedup_vs_", "x vs ") for c in speed_cols], "note"]
+    head = ["op", "shape", "impl", "ms", "GB/s", "% peak BW", "TFLOP/s", *[c.replace("speedup_vs_", "x vs ") for c in speed_cols], "note"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in rows:
-        vals = [r["op"], r["shape"], r["impl"], r["ms"], r["GBps"], r["pct_peak_bw"], *[r.get(c) for c in speed_cols], r["note"]]
+        vals = [r["op"], r["shape"], r["impl"], r["ms"], r["GBps"], r["pct_peak_bw"], r.get("TFLOPs"), *[r.get(c) for c in speed_cols], r["note"]]
         lines.append("| " + " | ".join("" if v is None else str(v) for v in vals) + " |")
     return "\n".join(lines) + "\n"
 
