@@ -227,7 +227,7 @@ def write(rows, meta, out_dir: Path):
     rows = sorted(rows, key=lambda r: (r["pipeline"], order.get(r["method"], 99), r["setting"]))
     (out_dir / "cache_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     with open(out_dir / "cache_sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     seeds = {r["pipeline"]: r.get("seeds", 10) for r in rows}
@@ -294,7 +294,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer settings")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--methods", help="comma-separated method names to (re)run, e.g. 'ditkern gated o2'")
+    p.add_argument("--rewrite", action="store_true", help="only rewrite the CSV, markdown and plot from the JSON")
     a = p.parse_args(argv)
+    if a.rewrite:
+        saved = json.loads((Path(a.out) / "cache_sweep.json").read_text())
+        write(saved["rows"], saved["meta"], Path(a.out))
+        print((Path(a.out) / "cache_sweep.md").read_text())
+        return 0
     methods = set(a.methods.split(",")) if a.methods else None
     rows = run(a.pipelines.split(","), a.steps, a.seeds, a.quick, Path(a.out), methods=methods)
     print((Path(a.out) / "cache_sweep.md").read_text())
