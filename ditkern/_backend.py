@@ -68,6 +68,15 @@ def cuda_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def fp8_missing(device: torch.device) -> str | None:
+    """Reason this device has no FP8 (E4M3) tensor cores, or None (CPU: the interpreter/reference handle fp8)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    cap = cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+    return None if cap >= (8, 9) else f"FP8 (E4M3) tensor cores need compute capability >= (8, 9), device has {cap}"
+
+
 def choose(op: str, backends: Mapping[str, Callable[..., str | None]], *tensors, backend: str | None = None) -> str:
     """Name of the backend that runs ``op`` on ``tensors``.
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ditkern._backend import choose, triton_can_run_on
+from ditkern._backend import choose, requested_backend, triton_can_run_on
 from ditkern._ext import cuda_can_run_on, dtype_code, ext, stream_of
 
 NORMS = ("layer", "rms")
@@ -282,7 +282,7 @@ def adaln_modulate(
     ``backend``: None (``DITKERN_BACKEND`` or auto), "auto", "cuda", "triton" or "torch".
     """
     _check(x, None, None, shift, scale, weight, bias, norm, eps)
-    return _adaln_modulate_op(x, shift, scale, weight, bias, norm, float(eps), _backend_arg(backend))
+    return _adaln_modulate_op(x, shift, scale, weight, bias, norm, float(eps), requested_backend(backend))
 
 
 def gated_residual_adaln(
@@ -305,10 +305,6 @@ def gated_residual_adaln(
     if y is None:
         raise ValueError("y must be a tensor (the sub-block output added to the residual stream x)")
     _check(x, y, gate, shift, scale, weight, bias, norm, eps)
-    return _gated_residual_adaln_op(x, y, gate, shift, scale, weight, bias, norm, float(eps), _backend_arg(backend))
+    return _gated_residual_adaln_op(x, y, gate, shift, scale, weight, bias, norm, float(eps), requested_backend(backend))
 
 
-def _backend_arg(backend: str | None) -> str:
-    from ditkern._backend import requested_backend  # noqa: PLC0415
-
-    return requested_backend(backend)

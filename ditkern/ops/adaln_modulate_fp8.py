@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ditkern._backend import choose, requested_backend, triton_can_run_on
+from ditkern._backend import choose, fp8_missing, requested_backend, triton_can_run_on
 from ditkern.ops.adaln_modulate import _check, _expand, adaln_modulate_ref
 from ditkern.ops.quantize_fp8 import quantize_fp8_ref
 from ditkern.quant.formats import ACT_GRIDS
@@ -31,13 +31,7 @@ def _triton_can_run(x, *others) -> str | None:
 
     if x.shape[-1] > MAX_BLOCK_D:
         return f"D={x.shape[-1]} exceeds the register-resident row limit {MAX_BLOCK_D}"
-    if x.device.type == "cuda":
-        from ditkern._backend import cuda_capability  # noqa: PLC0415
-
-        cap = cuda_capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
-        if cap < (8, 9):
-            return f"FP8 (E4M3) needs compute capability >= (8, 9), device has {cap}"
-    return None
+    return fp8_missing(x.device)
 
 
 def _torch_can_run(x, *others) -> str | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ditkern._backend import choose, requested_backend, triton_can_run_on
+from ditkern._backend import choose, fp8_missing, requested_backend, triton_can_run_on
 from ditkern.ops.fpx_linear import _check_x, check_packed, dequantize_ref
 from ditkern.ops.quantize_fp8 import quantize_fp8
 from ditkern.quant.formats import ACT_GRIDS, FORMATS
@@ -45,13 +45,7 @@ def _triton_can_run(xq, *others) -> str | None:
     reason = triton_can_run_on(xq)
     if reason:
         return reason
-    if xq.device.type == "cuda":
-        from ditkern._backend import cuda_capability  # noqa: PLC0415
-
-        cap = cuda_capability(xq.device.index if xq.device.index is not None else torch.cuda.current_device())
-        if cap < (8, 9):
-            return f"FP8 tensor cores need compute capability >= (8, 9), device has {cap}"
-    return None
+    return fp8_missing(xq.device)
 
 
 def _torch_can_run(xq, *others) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ditkern._backend import choose, requested_backend, triton_can_run_on
+from ditkern._backend import choose, fp8_missing, requested_backend, triton_can_run_on
 from ditkern.quant.formats import ACT_GRIDS
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -58,13 +58,7 @@ def _triton_can_run(x, *others) -> str | None:
     reason = triton_can_run_on(x)
     if reason:
         return reason
-    if x.device.type == "cuda":
-        from ditkern._backend import cuda_capability  # noqa: PLC0415
-
-        cap = cuda_capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
-        if cap < (8, 9):
-            return f"FP8 (E4M3) needs compute capability >= (8, 9), device has {cap}"
-    return None
+    return fp8_missing(x.device)
 
 
 def _torch_can_run(x, *others) -> str | None:

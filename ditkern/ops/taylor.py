@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ditkern._backend import choose, triton_can_run_on
+from ditkern._backend import choose, requested_backend, triton_can_run_on
 from ditkern._ext import cuda_can_run_on, dtype_code, ext, stream_of
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -191,8 +191,6 @@ def _(base, d0, d1, d2, a1, a2, order, out_dtype, backend):
 def taylor_update(x, d0, d1, d2, c1, c2, mask, *, base=None, order: int, backend: str | None = None) -> None:
     """Refresh the divided differences (d0, d1, d2) of items with ``mask != 0`` from the feature ``x - base``, in
     place. d1 is needed for order >= 1 and d2 for order 2 (pass None otherwise)."""
-    from ditkern._backend import requested_backend  # noqa: PLC0415
-
     _check(order, d0, d0.device, dict(x=x, base=base, d0=d0, d1=d1 if order >= 1 else None, d2=d2 if order >= 2 else None),
            dict(c1=c1, c2=c2, mask=mask))  # fmt: skip
     if order >= 1 and d1 is None or order >= 2 and d2 is None:
@@ -203,8 +201,6 @@ def taylor_update(x, d0, d1, d2, c1, c2, mask, *, base=None, order: int, backend
 
 def taylor_forecast(d0, d1, d2, a1, a2, *, base=None, order: int, out_dtype=None, backend: str | None = None):
     """``base + d0 + a1 * d1 + a2 * d2`` per batch item (terms above ``order`` omitted), in one pass."""
-    from ditkern._backend import requested_backend  # noqa: PLC0415
-
     _check(order, d0, d0.device, dict(base=base, d0=d0, d1=d1 if order >= 1 else None, d2=d2 if order >= 2 else None),
            dict(a1=a1, a2=a2))  # fmt: skip
     out_dtype = out_dtype or (base.dtype if base is not None else d0.dtype)

@@ -7,10 +7,11 @@ PixArt. Other norm types carry no modulation and are left alone (reported as ski
 
 from __future__ import annotations
 
-from ditkern.patch.common import BLOCK_WHAT, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate
+from ditkern.patch.common import (
+    BLOCK_WHAT, check_fingerprint, chunked_ff, has_attrs, modulate, norm_spec, residual_modulate,
+)
 from ditkern.patch.engine import Plan
 from ditkern.patch.fingerprints import FINGERPRINTS
-from ditkern.patch.sd3 import _chunked_ff
 
 
 def basic_block_rule(block, cfg):
@@ -86,7 +87,7 @@ def basic_block_rule(block, cfg):
         hidden_states, norm_hidden_states = residual_modulate(
             block.norm3 if zero else block.norm2, hidden_states, y, gate, shift_mlp, scale_mlp, backend
         )
-        ff_output = _chunked_ff(block, block.ff, norm_hidden_states)
+        ff_output = chunked_ff(block, block.ff, norm_hidden_states)
         return hidden_states + (gate_mlp.unsqueeze(1) if zero else gate_mlp) * ff_output
 
     return Plan("block", BLOCK_WHAT, forward)

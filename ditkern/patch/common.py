@@ -107,6 +107,15 @@ def check_fingerprint(module: nn.Module, known: set[str]) -> str | None:
     )
 
 
+def chunked_ff(block, ff, x):
+    """``ff(x)``, or diffusers' chunked feed-forward when the block was set to chunk (``set_chunk_feed_forward``)."""
+    if getattr(block, "_chunk_size", None) is not None:
+        from diffusers.models.attention import _chunked_feed_forward  # noqa: PLC0415
+
+        return _chunked_feed_forward(ff, x, block._chunk_dim, block._chunk_size)
+    return ff(x)
+
+
 def has_attrs(module: nn.Module, *names: str) -> str | None:
     missing = [n for n in names if not hasattr(module, n)]
     return f"missing attribute(s) {', '.join(missing)}" if missing else None
@@ -119,14 +128,27 @@ ADALN_WHAT = "norm + modulate fused (adaln_modulate)"
 BLOCK_WHAT = "gated residual + norm + modulate fused (gated_residual_adaln)"
 
 
-def ada_layer_norm_zero_rule(m: nn.Module, cfg: PatchConfig):
+def _adaln_rule(*attrs: str):
+    """Rule for one of diffusers' adaLN norm modules: the decorated function builds the fused forward for a backend;
+    the shared checks (option on, expected attributes, a fusable norm, a validated source) happen here."""
+
+    def wrap(make_forward):
+        def rule(m: nn.Module, cfg: PatchConfig):
+            if not cfg.fused_norms:
+                return None
+            reason = has_attrs(m, "linear", "silu", "norm", *attrs) or _spec_reason(m.norm) or _fp(m)
+            return reason or Plan("adaln", ADALN_WHAT, make_forward(cfg.backend))
+
+        rule.__name__ = rule.__qualname__ = make_forward.__name__
+        rule.__doc__ = make_forward.__doc__
+        return rule
+
+    return wrap
+
+
+@_adaln_rule("emb")
+def ada_layer_norm_zero_rule(backend):
     """``AdaLayerNormZero``: linear(silu(emb)) -> 6 chunks; norm(x) * (1 + scale_msa) + shift_msa fused."""
-    if not cfg.fused_norms:
-        return None
-    reason = has_attrs(m, "linear", "silu", "norm", "emb") or _spec_reason(m.norm) or _fp(m)
-    if reason:
-        return reason
-    backend = cfg.backend
 
     def forward(module, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
         if module.emb is not None:
@@ -135,34 +157,24 @@ def ada_layer_norm_zero_rule(m: nn.Module, cfg: PatchConfig):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
         return modulate(module.norm, x, shift_msa, scale_msa, backend), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
-    return Plan("adaln", ADALN_WHAT, forward)
+    return forward
 
 
-def ada_layer_norm_zero_single_rule(m: nn.Module, cfg: PatchConfig):
+@_adaln_rule()
+def ada_layer_norm_zero_single_rule(backend):
     """``AdaLayerNormZeroSingle`` (FLUX single-stream blocks): 3 chunks."""
-    if not cfg.fused_norms:
-        return None
-    reason = has_attrs(m, "linear", "silu", "norm") or _spec_reason(m.norm) or _fp(m)
-    if reason:
-        return reason
-    backend = cfg.backend
 
     def forward(module, x, emb=None):
         emb = module.linear(module.silu(emb))
         shift_msa, scale_msa, gate_msa = emb.chunk(3, dim=1)
         return modulate(module.norm, x, shift_msa, scale_msa, backend), gate_msa
 
-    return Plan("adaln", ADALN_WHAT, forward)
+    return forward
 
 
-def sd35_ada_layer_norm_zero_x_rule(m: nn.Module, cfg: PatchConfig):
+@_adaln_rule()
+def sd35_ada_layer_norm_zero_x_rule(backend):
     """``SD35AdaLayerNormZeroX`` (SD3.5 dual attention): 9 chunks, two modulations of one normalised x."""
-    if not cfg.fused_norms:
-        return None
-    reason = has_attrs(m, "linear", "silu", "norm") or _spec_reason(m.norm) or _fp(m)
-    if reason:
-        return reason
-    backend = cfg.backend
 
     def forward(module, hidden_states, emb=None):
         emb = module.linear(module.silu(emb))
@@ -173,24 +185,19 @@ def sd35_ada_layer_norm_zero_x_rule(m: nn.Module, cfg: PatchConfig):
         out2 = modulate(module.norm, hidden_states, shift_msa2, scale_msa2, backend)
         return out1, gate_msa, shift_mlp, scale_mlp, gate_mlp, out2, gate_msa2
 
-    return Plan("adaln", ADALN_WHAT, forward)
+    return forward
 
 
-def ada_layer_norm_continuous_rule(m: nn.Module, cfg: PatchConfig):
+@_adaln_rule()
+def ada_layer_norm_continuous_rule(backend):
     """``AdaLayerNormContinuous`` (final norms, SD3's last context norm): emb -> (scale, shift), in that order."""
-    if not cfg.fused_norms:
-        return None
-    reason = has_attrs(m, "linear", "silu", "norm") or _spec_reason(m.norm) or _fp(m)
-    if reason:
-        return reason
-    backend = cfg.backend
 
     def forward(module, x, conditioning_embedding):
         emb = module.linear(module.silu(conditioning_embedding).to(x.dtype))
         scale, shift = torch.chunk(emb, 2, dim=1)
         return modulate(module.norm, x, shift, scale, backend)
 
-    return Plan("adaln", ADALN_WHAT, forward)
+    return forward
 
 
 def _fp(m: nn.Module) -> str | None:

@@ -7,17 +7,11 @@ second (image-only) attention for SD3.5's dual-attention blocks. The context str
 
 from __future__ import annotations
 
-from ditkern.patch.common import BLOCK_WHAT, NORM_RULES, check_fingerprint, has_attrs, norm_spec, residual_modulate
+from ditkern.patch.common import (
+    BLOCK_WHAT, NORM_RULES, check_fingerprint, chunked_ff, has_attrs, norm_spec, residual_modulate,
+)
 from ditkern.patch.engine import Family, Plan, register_family
 from ditkern.patch.fingerprints import FINGERPRINTS
-
-
-def _chunked_ff(block, ff, x):
-    if getattr(block, "_chunk_size", None) is not None:
-        from diffusers.models.attention import _chunked_feed_forward  # noqa: PLC0415
-
-        return _chunked_feed_forward(ff, x, block._chunk_dim, block._chunk_size)
-    return ff(x)
 
 
 def joint_block_rule(block, cfg):
@@ -59,14 +53,14 @@ def joint_block_rule(block, cfg):
         hidden_states, norm_hidden_states = residual_modulate(
             block.norm2, hidden_states, y, gate, shift_mlp, scale_mlp, backend
         )
-        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * _chunked_ff(block, block.ff, norm_hidden_states)
+        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * chunked_ff(block, block.ff, norm_hidden_states)
 
         if block.context_pre_only:
             return None, hidden_states
         encoder_hidden_states, norm_encoder_hidden_states = residual_modulate(
             block.norm2_context, encoder_hidden_states, context_attn_output, c_gate_msa, c_shift_mlp, c_scale_mlp, backend
         )
-        context_ff_output = _chunked_ff(block, block.ff_context, norm_encoder_hidden_states)
+        context_ff_output = chunked_ff(block, block.ff_context, norm_encoder_hidden_states)
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
         return encoder_hidden_states, hidden_states
 

@@ -56,12 +56,10 @@ def _mib(n: int) -> str:
 
 
 def _fp8_reason(device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return None
-    from ditkern._backend import cuda_capability  # noqa: PLC0415
+    from ditkern._backend import fp8_missing  # noqa: PLC0415
 
-    cap = cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
-    return None if cap >= (8, 9) else f"sm_{cap[0]}{cap[1]} has no FP8 tensor cores: weight-only GEMM"
+    reason = fp8_missing(device)
+    return None if reason is None else f"{reason}: weight-only GEMM"
 
 
 def quantize_layer(path: str, module: nn.Linear, fmt: str, qc: QuantConfig, stats) -> QuantizedWeight:
