@@ -128,6 +128,16 @@ def _expand(t, B, S, D):
     return t.expand(B, S, D)
 
 
+def _cast_compact(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` that casts only the stored elements: a broadcast (stride-0) dimension is cut to size 1 before
+    the cast and expanded again after it. A plain ``.to()`` of an expanded ``[B, S, D]`` view writes a full
+    ``[B, S, D]`` copy (1.5 GB per modulation tensor at Wan 720p); this one writes ``[B, 1, D]``."""
+    if t.dtype == dtype:
+        return t
+    compact = t[tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride())]
+    return compact.to(dtype).expand(t.shape)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------------------------------
@@ -199,10 +209,11 @@ def _run(x, y, gate, shift, scale, weight, bias, norm: str, eps: float, backend:
 def _launch_cuda(x, y, gate, shift, scale, weight, bias, h, out, norm, eps):
     B, S, D = x.shape
     mod_dtypes = {t.dtype for t in (gate, shift, scale) if t is not None}
-    # the kernel reads modulation tensors in one dtype (x's or fp32) and weight/bias in fp32: cast the odd ones
-    # (they are small: [B, D] vectors or [D] parameters; per-token fp32 modulation is passed as is)
+    # the kernel reads modulation tensors in one dtype (x's or fp32) and weight/bias in fp32: cast the odd ones.
+    # gate/shift/scale arrive as [B, S, D] views whose broadcast dimensions have stride 0: cast what is stored
+    # ([B, D] vectors), never the expanded view. Per-token modulation in the odd dtype is real data and is copied.
     mod_dtype = mod_dtypes.pop() if len(mod_dtypes) == 1 else torch.float32
-    gate, shift, scale = (t.to(mod_dtype) if t is not None and t.dtype != mod_dtype else t for t in (gate, shift, scale))
+    gate, shift, scale = (None if t is None else _cast_compact(t, mod_dtype) for t in (gate, shift, scale))
     weight, bias = (t.float() if t is not None and t.dtype != torch.float32 else t for t in (weight, bias))
 
     def p(t):

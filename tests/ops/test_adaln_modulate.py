@@ -1,8 +1,12 @@
 """ditkern.ops.adaln_modulate: Triton (interpreter on CPU) and CUDA (GPU only) against the fp32 reference."""
 
+import ctypes
+
 import pytest
 import torch
 
+import ditkern.kernels.adaln_modulate as adaln_kernels
+import ditkern.ops.adaln_modulate as adaln_op
 from ditkern.ops.adaln_modulate import (
     BACKENDS,
     adaln_modulate,
@@ -10,6 +14,7 @@ from ditkern.ops.adaln_modulate import (
     gated_residual_adaln,
     gated_residual_adaln_ref,
 )
+from tests.ops._poison import assert_all_written, poison_empty
 
 HAS_GPU = torch.cuda.is_available()
 # The flash-attention rule (STYLE.md): err(kernel) <= 2 * err(torch in the same dtype) + FLOOR. The floor absorbs a
@@ -216,6 +221,152 @@ def test_compile_fullgraph_through_custom_op():
     torch.testing.assert_close(compiled(x, y, gate, shift, scale), f(x, y, gate, shift, scale))
 
 
+# ---- every output element written: outputs NaN-poisoned before the kernel runs ------------------------------------
+def _check_written_and_accurate(backend, B, S, D, dtype, device):
+    """Both ops with every modulation form (chunked [B, D], [B, 1, D], batch-1 broadcast), under poison_empty: an
+    unwritten element stays NaN; the written ones obey err <= 2 * err(torch, same dtype) + floor vs the fp32 ref."""
+    x, shift, scale, gate = _inputs(B, S, D, dtype, device)
+    scale = scale[:1, None, :]  # [1, 1, D]: broadcast over batch and tokens
+    y = torch.randn_like(x)
+    out = adaln_modulate(x, shift, scale, norm="rms", backend=backend)
+    assert_all_written(out, "adaln_modulate out")
+    ref = adaln_modulate_ref(x.float(), shift.float(), scale.float(), norm="rms")
+    eager = _eager_same_dtype(x, shift, scale, "rms", None, None, 1e-6)
+    assert _err(out, ref) <= 2 * _err(eager, ref) + FLOOR[dtype]
+    h, out = gated_residual_adaln(x, y, gate, shift, scale, backend=backend)
+    assert_all_written(h, "gated_residual_adaln h")
+    assert_all_written(out, "gated_residual_adaln out")
+    h_ref, ref = gated_residual_adaln_ref(x.float(), y.float(), gate.float(), shift.float(), scale.float())
+    h_eager, eager = _eager_same_dtype(x, shift, scale, "layer", None, None, 1e-6, y=y, gate=gate)
+    assert _err(h, h_ref) <= 2 * _err(h_eager, h_ref) + FLOOR[dtype]
+    assert _err(out, ref) <= 2 * _err(eager, ref) + FLOOR[dtype]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,S,D", [(2, 7, 64), (3, 5, 1000)], ids=lambda v: str(v))
+def test_every_output_element_written(backend, dtype, B, S, D, device, monkeypatch):
+    poison_empty(monkeypatch)
+    _check_written_and_accurate(backend, B, S, D, dtype, device)
+
+
+def test_written_check_catches_a_launch_that_skips_the_last_token(monkeypatch):
+    """The check above has teeth: a launcher that leaves the last token of each output unwritten fails it (with
+    plain torch.empty outputs it could pass, unwritten memory being whatever the allocator left there)."""
+    real = adaln_kernels.adaln_modulate_triton
+
+    def skips_last_token(x, y, gate, shift, scale, weight, bias, h_out, out, **kw):
+        cut = lambda t: None if t is None else t[:, :-1]  # noqa: E731
+        real(*(cut(t) for t in (x, y, gate, shift, scale)), weight, bias, cut(h_out), cut(out), **kw)
+
+    monkeypatch.setattr(adaln_kernels, "adaln_modulate_triton", skips_last_token)
+    poison_empty(monkeypatch)
+    with pytest.raises(AssertionError, match="unwritten"):
+        _check_written_and_accurate("triton", 2, 7, 64, torch.float32, "cpu")
+
+
+# ---- mixed dtypes: broadcast modulation tensors are never materialised at [B, S, D] --------------------------------
+def _strided(ptr, dtype, shape, strides):
+    """The memory a kernel reads at ``ptr`` with these element strides, as a tensor (CPU addresses only)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    span = 1 + sum((n - 1) * st for n, st in zip(shape, strides))
+    flat = torch.frombuffer((ctypes.c_char * (span * elt)).from_address(ptr), dtype=dtype, count=span)
+    return flat.as_strided(shape, strides)
+
+
+class _EmulatedExt:
+    """Stands in for ditkern._C on the CPU: takes the extension's exact arguments (addresses, element strides,
+    dtype codes), records what each modulation pointer spans, and computes the result with the reference."""
+
+    DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
+
+    def __init__(self):
+        self.calls = []
+
+    def adaln_modulate(self, px, py, pg, psh, psc, pw, pb, ph, po, B, S, D, strides, xcode, modcode, rms, eps, *_):
+        xt, mt = self.DTYPES[xcode], self.DTYPES[modcode]
+        assert modcode in (0, xcode), "the CUDA kernel takes modulation in fp32 or x's dtype"
+        st = [tuple(strides[i : i + 2]) + (1,) for i in range(0, 14, 2)]
+        view = lambda p, dt, s: None if p == 0 else _strided(p, dt, (B, S, D), s)  # noqa: E731
+        x, y, h, out = view(px, xt, st[0]), view(py, xt, st[1]), view(ph, xt, st[5]), view(po, xt, st[6])
+        mods = {k: view(p, mt, s) for k, p, s in (("gate", pg, st[2]), ("shift", psh, st[3]), ("scale", psc, st[4]))}
+        w, b = (None if p == 0 else _strided(p, torch.float32, (D,), (1,)) for p in (pw, pb))
+        self.calls.append({k: (None if t is None else (t.stride(), t.dtype)) for k, t in mods.items()})
+        kw = dict(norm="rms" if rms else "layer", weight=w, bias=b, eps=eps)
+        if y is None:
+            out.copy_(adaln_modulate_ref(x, mods["shift"], mods["scale"], **kw))
+        else:
+            h_ref, o_ref = gated_residual_adaln_ref(x, y, mods["gate"], mods["shift"], mods["scale"], **kw)
+            h.copy_(h_ref)
+            out.copy_(o_ref)
+
+
+@pytest.fixture
+def emulated_cuda(monkeypatch):
+    """The op's CUDA path on the CPU: the real eligibility rules (dtypes, alignment, strides) minus the device
+    check, and the emulated extension in place of ditkern._C."""
+    fake = _EmulatedExt()
+    monkeypatch.setattr(adaln_op, "cuda_can_run_on", lambda *t, **k: None)
+    monkeypatch.setattr(adaln_op, "ext", lambda: fake)
+    monkeypatch.setattr(adaln_op, "stream_of", lambda t: 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    poison_empty(monkeypatch)
+    return fake
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_mixed_dtype_cuda_launch_reads_broadcast_modulation_in_place(gated, emulated_cuda):
+    """fp16 stream, modulation in fp16 and fp32 (Wan keeps it in fp32): the CUDA kernel reads one modulation dtype,
+    so the fp16 ones are cast to fp32 - the compact [B, D] storage, never a [B, S, D] copy of a broadcast view
+    (1.5 GB per tensor at Wan 720p). Covers a caller's own stride-0 [B, S, D] expand as well as [B, D]/[B, 1, D]."""
+    B, S, D = 2, 33, 64
+    x = torch.randn(B, S, D).half()
+    y = torch.randn_like(x)
+    shift = torch.randn(B, D)  # fp32
+    scale = torch.randn(B, 1, D).half() * 0.5
+    gate = torch.randn(B, 1, D).half().expand(B, S, D)  # stride-0 [B, S, D] view in the odd dtype
+    assert gate.stride(1) == 0
+    if gated:
+        h, out = gated_residual_adaln(x, y, gate, shift, scale, backend="cuda")
+        h_ref, ref = gated_residual_adaln_ref(x, y, gate, shift, scale)
+        torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
+    else:
+        out = adaln_modulate(x, shift, gate, backend="cuda")  # the expanded fp16 view as scale
+        ref = adaln_modulate_ref(x, shift, gate)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)  # the fp16 -> fp32 cast is exact: same fp32 arithmetic
+    (call,) = emulated_cuda.calls
+    for name, got in call.items():
+        if got is None:
+            continue
+        strides, dtype = got
+        assert dtype == torch.float32, name
+        assert strides[1] == 0, f"{name} reaches the kernel with strides {strides}: a full [B, S, D] copy"
+
+
+def test_mixed_dtype_triton_launch_reads_each_tensor_in_its_own_dtype(monkeypatch):
+    """The Triton kernel loads every operand in its own dtype: the op passes each modulation tensor through as a
+    view of the caller's storage, whatever the dtype mix."""
+    seen = {}
+    real = adaln_kernels.adaln_modulate_triton
+
+    def spy(x, y, gate, shift, scale, *rest, **kw):
+        seen.update(gate=gate, shift=shift, scale=scale)
+        return real(x, y, gate, shift, scale, *rest, **kw)
+
+    monkeypatch.setattr(adaln_kernels, "adaln_modulate_triton", spy)
+    poison_empty(monkeypatch)
+    B, S, D = 2, 9, 40
+    x = torch.randn(B, S, D).half()
+    y = torch.randn_like(x)
+    given = dict(gate=torch.randn(B, 1, D).expand(B, S, D), shift=torch.randn(B, D).half(), scale=torch.randn(1, D))
+    h, out = gated_residual_adaln(x, y, given["gate"], given["shift"], given["scale"], backend="triton")
+    for name, t in given.items():
+        assert seen[name].dtype == t.dtype, name
+        assert seen[name].untyped_storage().data_ptr() == t.untyped_storage().data_ptr(), f"{name} was copied"
+    h_ref, ref = gated_residual_adaln_ref(x.float(), y.float(), *(given[k].float() for k in ("gate", "shift", "scale")))
+    assert _err(h, h_ref) <= 2e-3 and _err(out, ref) <= 2e-2
+
+
 # ---- GPU-only ------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -231,8 +382,31 @@ def test_bf16_on_gpu(backend, B, S, D):
 
 
 @pytest.mark.gpu
-def test_every_output_element_written_on_gpu():
-    x, shift, scale, _ = _inputs(2, 129, 3072, torch.bfloat16, "cuda")
-    for backend in ("cuda", "triton"):
-        out = adaln_modulate(x, shift, scale, backend=backend)
-        assert torch.isfinite(out).all()
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_every_output_element_written_on_gpu(backend, monkeypatch):
+    """bf16 at a FLUX width with S odd: every output NaN-poisoned before the kernel writes it."""
+    poison_empty(monkeypatch)
+    _check_written_and_accurate(backend, 2, 129, 3072, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_mixed_dtype_cuda_copies_no_broadcast_tensor_on_gpu():
+    """Wan keeps its modulation in fp32 beside a bf16 stream: the peak memory of a call is its two outputs, not a
+    [B, S, D] copy of each broadcast modulation tensor (1.5 GB each at Wan 720p)."""
+    B, S, D = 1, 8192, 5120
+    x = torch.randn(B, S, D, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn_like(x)
+    shift = torch.randn(B, D, device="cuda")  # fp32
+    scale = torch.randn(B, 1, D, device="cuda", dtype=torch.bfloat16)
+    gate = torch.randn(B, 1, D, device="cuda", dtype=torch.bfloat16).expand(B, S, D)  # stride-0 view, bf16
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    h, out = gated_residual_adaln(x, y, gate, shift, scale, backend="cuda")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - h.nbytes - out.nbytes
+    assert extra < 1 << 20, f"{extra / 2**20:.1f} MiB allocated beyond the outputs (a full-size modulation copy?)"
+    h_ref, ref = gated_residual_adaln_ref(x, y, gate, shift, scale)
+    h_eager, eager = _eager_same_dtype(x, shift, scale, "layer", None, None, 1e-6, y=y, gate=gate)
+    assert _err(h, h_ref) <= 2 * _err(h_eager, h_ref) + FLOOR[torch.bfloat16]
+    assert _err(out, ref) <= 2 * _err(eager, ref) + FLOOR[torch.bfloat16]
