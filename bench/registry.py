@@ -23,6 +23,23 @@ SHAPES = {
 # Interpreter-sized stand-ins, so the harness itself runs in CI (named after what they shrink).
 QUICK_SHAPES = {"flux_1024": dict(B=1, S=64, D=384), "wan_720p": dict(B=1, S=48, D=640)}
 
+# The short GPU tier (``python -m bench.run --tier b``, tier b of bench/gpu_suite.sh): per op, the shape(s) its
+# TARGETS.md target is judged at, so one lease measures every op against its baselines in about two minutes.
+# fpx_gemm gets two: M=4608 (FLUX's token count: the FP8 tensor-core GEMM) and M=16 (the memory-bound GEMV, which is
+# where the weight rotation matters and where the CUDA GEMV runs). An op missing here gets its first shape.
+TIER_B = {
+    "adaln_modulate": ("flux_1024",),
+    "gated_residual_adaln": ("flux_1024",),
+    "adaln_modulate_fp8": ("flux_1024",),
+    "taylor_update": ("flux_1024",),
+    "taylor_forecast": ("flux_1024",),
+    "fpx_gemm": ("flux_1024_qkv_M4608", "flux_1024_qkv_M16"),
+    "linear_attention": ("sana_S4k",),
+    "moe_layer": ("hidream_full",),
+    "window_attention": ("flux_4096/q25",),
+    "window_attention_tile": ("flux_4096/q25",),
+}
+
 
 @dataclass
 class Case:
@@ -67,3 +84,15 @@ def load_all(quick: bool = False) -> list[Case]:
             own = getattr(mod, "QUICK_SHAPES" if quick else "SHAPES", None)
             mod.register_cases(own if own is not None else (QUICK_SHAPES if quick else SHAPES))
     return list(REGISTRY)
+
+
+def tier_b_shapes(cases: list[Case]) -> dict[str, tuple[str, ...]]:
+    """op -> the tier-b shapes among ``cases``: ``TIER_B``'s where registered, else the op's first shape."""
+    by_op: dict[str, list[str]] = {}
+    for c in cases:
+        by_op.setdefault(c.op, []).append(c.shape)
+    out = {}
+    for op, shapes in by_op.items():
+        named = tuple(s for s in TIER_B.get(op, ()) if s in shapes)
+        out[op] = named or (shapes[0],)
+    return out

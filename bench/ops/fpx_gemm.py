@@ -40,20 +40,31 @@ QUICK_SHAPES: dict = {}  # GPU-sized only: tests/quant/test_bench_fpx.py runs th
 G = 64
 
 
-@functools.lru_cache(maxsize=8)
-def _weights(K, N, device):
+@functools.lru_cache(maxsize=2)  # the shapes run M-sweep by M-sweep: one (K, N) at a time, plus one spare
+def _master_weights(K, N, device):
+    """The weights of one (K, N), quantized once per run (on the device: the CPU takes ~10 s per format at FLUX's
+    3072 x 12288). Never handed to a timed call directly: ``_make`` gives every input set its own copy."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    w = torch.randn(N, K, generator=g) * K**-0.5
+    w = (torch.randn(N, K, generator=g) * K**-0.5).to(device)
     q4 = quantize(w, "fp4_e2m1", G)
     q6 = quantize(w, "fp6_e2m3", G)
     w8 = w.abs().amax(1, keepdim=True) / 448
     return dict(
-        w_bf16=w.to(device, torch.bfloat16),
-        q4=(q4.packed.to(device), q4.scales.to(device)),
-        q6=(q6.packed.to(device), q6.scales.to(device)),
-        w_fp8=(w / w8).to(device=device).to(torch.float8_e4m3fn),
-        w_fp8_scale=w8.to(device).reshape(1, -1).float(),
+        w_bf16=w.to(torch.bfloat16),
+        q4=(q4.packed, q4.scales),
+        q6=(q6.packed, q6.scales),
+        w_fp8=(w / w8).to(torch.float8_e4m3fn),
+        w_fp8_scale=w8.reshape(1, -1).float(),
     )
+
+
+def _weights(K, N, device):
+    """A fresh copy of every weight tensor, in its own storage. bench.run times each call on the next of several
+    input sets; with shared (cached) weights only the activations rotated and a small-M GEMM, which reads little
+    besides its weight, found the weight in L2 on every call (inflated GB/s)."""
+    copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
+    master = _master_weights(K, N, device)
+    return {k: tuple(copy(t) for t in v) if isinstance(v, tuple) else copy(v) for k, v in master.items()}
 
 
 def _make(M, K, N, device, dtype):
