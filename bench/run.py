@@ -5,7 +5,8 @@ device-to-device copy bandwidth of this run is the "peak" the GB/s are compared 
 ``triton.testing.do_bench`` (median, CUDA events); each timed call takes the next of several input sets, every set
 its own storage (weights included), so that between two uses of one set more than twice the L2 cache has been read.
 On the CPU a wall-clock median times the torch paths, so the harness itself is exercised in CI (those numbers are not
-GPU claims). ``--tier b``: one shape per op (``bench.registry.TIER_B``), the short GPU tier of bench/gpu_suite.sh.
+GPU claims). ``--tier b``: one shape per op (``bench.registry.TIER_B``), the short GPU tier of bench/gpu_suite.sh;
+``--tier c``: every other case.
 Results: JSON + CSV + a markdown table under ``bench/results/<device>/`` named ``<date>_<sha>`` (``_2``, ``_3`` ...
 when a run of the same day and commit is there already: nothing is overwritten), rewritten after every case so an
 interrupted run keeps what it measured; the paths are printed.
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -167,15 +169,15 @@ def rotating(fn, sets: list):
 
 def select_cases(cases, ops=None, shapes=None, tier=None) -> list:
     """Filter by op and shape names; ``tier="b"``: the shapes of ``bench.registry.TIER_B`` (one per op; an op that
-    TIER_B does not name gets its first registered shape, so a new op is never left out)."""
+    TIER_B does not name gets its first registered shape, so a new op is never left out); ``tier="c"``: the rest."""
     from bench.registry import tier_b_shapes  # noqa: PLC0415
 
     cases = [c for c in cases if (not ops or c.op in ops) and (not shapes or c.shape in shapes)]
-    if tier == "b":
+    if tier not in (None, "b", "c"):
+        raise ValueError(f"tier must be 'b', 'c' or None, got {tier!r}")
+    if tier is not None:
         keep = tier_b_shapes(cases)
-        cases = [c for c in cases if c.shape in keep.get(c.op, ())]
-    elif tier is not None:
-        raise ValueError(f"tier must be 'b' or None, got {tier!r}")
+        cases = [c for c in cases if (c.shape in keep.get(c.op, ())) == (tier == "b")]
     return cases
 
 
@@ -291,7 +293,7 @@ def markdown(result: dict) -> str:
 def claim_stem(out_dir: Path, env: dict) -> str:
     """``<date>_<sha>``, or ``<date>_<sha>_<n>`` when an earlier run wrote that name: never overwrite a result."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = f"{env['date'][:10]}_{env['git_sha']}"
+    base = re.sub(r"[^A-Za-z0-9._-]", "-", f"{env['date'][:10]}_{env['git_sha']}")  # plain names only
     for n in range(1, 10_000):
         stem = base if n == 1 else f"{base}_{n}"
         if any((out_dir / f"{stem}{ext}").exists() for ext in (".json", ".csv", ".md")):
@@ -325,7 +327,7 @@ def write(result: dict, out_dir: Path, stem: str | None = None) -> list[Path]:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     p.add_argument("--quick", action="store_true", help="small shapes (tests the harness; not a measurement)")
-    p.add_argument("--tier", choices=["b"], help="b: one shape per op (bench.registry.TIER_B; bench/gpu_suite.sh)")
+    p.add_argument("--tier", choices=["b", "c"], help="b: one shape per op (bench.registry.TIER_B), c: all the others")
     p.add_argument("--list", action="store_true", help="print the selected cases and exit (nothing is timed)")
     p.add_argument("--ops", help="comma-separated op names (default: all)")
     p.add_argument("--shapes", help="comma-separated shape names (default: all)")

@@ -46,4 +46,7 @@ def test_tier_b_is_one_named_shape_per_op():
         if op in ops:
             assert set(shapes) <= {c.shape for c in cases if c.op == op}, op
     assert len(chosen) <= len(ops) + 2
+    rest = bench_run.select_cases(cases, tier="c")
+    assert {c.name for c in rest} | {c.name for c in chosen} == {c.name for c in cases}
+    assert not {c.name for c in rest} & {c.name for c in chosen}
     registry.REGISTRY.clear()
