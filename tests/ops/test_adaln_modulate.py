@@ -250,7 +250,7 @@ def test_every_output_element_written(backend, dtype, B, S, D, device, monkeypat
     _check_written_and_accurate(backend, B, S, D, dtype, device)
 
 
-def test_written_check_catches_a_launch_that_skips_the_last_token(monkeypatch):
+def test_written_check_catches_a_launch_that_skips_the_last_token(monkeypatch, device):
     """The check above has teeth: a launcher that leaves the last token of each output unwritten fails it (with
     plain torch.empty outputs it could pass, unwritten memory being whatever the allocator left there)."""
     real = adaln_kernels.adaln_modulate_triton
@@ -262,7 +262,7 @@ def test_written_check_catches_a_launch_that_skips_the_last_token(monkeypatch):
     monkeypatch.setattr(adaln_kernels, "adaln_modulate_triton", skips_last_token)
     poison_empty(monkeypatch)
     with pytest.raises(AssertionError, match="unwritten"):
-        _check_written_and_accurate("triton", 2, 7, 64, torch.float32, "cpu")
+        _check_written_and_accurate("triton", 2, 7, 64, torch.float32, device)
 
 
 # ---- mixed dtypes: broadcast modulation tensors are never materialised at [B, S, D] --------------------------------
@@ -343,7 +343,7 @@ def test_mixed_dtype_cuda_launch_reads_broadcast_modulation_in_place(gated, emul
         assert strides[1] == 0, f"{name} reaches the kernel with strides {strides}: a full [B, S, D] copy"
 
 
-def test_mixed_dtype_triton_launch_reads_each_tensor_in_its_own_dtype(monkeypatch):
+def test_mixed_dtype_triton_launch_reads_each_tensor_in_its_own_dtype(monkeypatch, device):
     """The Triton kernel loads every operand in its own dtype: the op passes each modulation tensor through as a
     view of the caller's storage, whatever the dtype mix."""
     seen = {}
@@ -356,9 +356,13 @@ def test_mixed_dtype_triton_launch_reads_each_tensor_in_its_own_dtype(monkeypatc
     monkeypatch.setattr(adaln_kernels, "adaln_modulate_triton", spy)
     poison_empty(monkeypatch)
     B, S, D = 2, 9, 40
-    x = torch.randn(B, S, D).half()
+    x = torch.randn(B, S, D, device=device).half()
     y = torch.randn_like(x)
-    given = dict(gate=torch.randn(B, 1, D).expand(B, S, D), shift=torch.randn(B, D).half(), scale=torch.randn(1, D))
+    given = dict(
+        gate=torch.randn(B, 1, D, device=device).expand(B, S, D),
+        shift=torch.randn(B, D, device=device).half(),
+        scale=torch.randn(1, D, device=device),
+    )
     h, out = gated_residual_adaln(x, y, given["gate"], given["shift"], given["scale"], backend="triton")
     for name, t in given.items():
         assert seen[name].dtype == t.dtype, name
