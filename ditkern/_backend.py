@@ -7,11 +7,12 @@ the user (``DITKERN_BACKEND`` or ``backend=...``) that cannot run raises with it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -48,11 +49,63 @@ def triton_missing() -> str | None:
     return None
 
 
+# Per-SM shared memory a block can opt into (bytes), by compute capability; the CUDA programming guide's table
+# ("Technical Specifications per Compute Capability"): 8.0 163 KB, 8.6/8.7/8.9 99 KB, 9.0 227 KB, 10.x 227 KB,
+# 12.x 99 KB. Used where no device can be asked (the GPU-less compile check) and as the launchers' budget.
+_SHARED_MEMORY = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024, (8, 9): 99 * 1024, (9, 0): 227 * 1024,
+                  (10, 0): 227 * 1024, (10, 3): 227 * 1024, (12, 0): 99 * 1024}  # fmt: skip
+_compile_target: tuple[int, int] | None = None
+
+
+@contextlib.contextmanager
+def compile_target(capability: tuple[int, int]) -> Iterator[None]:
+    """Inside the block, CPU tensors stand for a GPU of this compute capability (the GPU-less compile check,
+    ``bench/aot.py``): Triton backends accept them and capability checks see ``capability``. Never used to run."""
+    global _compile_target
+    previous, _compile_target = _compile_target, tuple(capability)
+    try:
+        yield
+    finally:
+        _compile_target = previous
+
+
+def simulated_capability() -> tuple[int, int] | None:
+    return _compile_target
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability of a CUDA device (or of the compile target), None for a CPU without one."""
+    if _compile_target is not None:
+        return _compile_target
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def max_shared_memory(device: torch.device) -> int | None:
+    """Bytes of shared memory one block may use on this device (None on CPU: the interpreter has no limit)."""
+    cap = device_capability(device)
+    if cap is None:
+        return None
+    if _compile_target is None:
+        props = torch.cuda.get_device_properties(torch.device(device))
+        optin = getattr(props, "shared_memory_per_block_optin", None)
+        if optin:
+            return int(optin)
+    if cap in _SHARED_MEMORY:
+        return _SHARED_MEMORY[cap]
+    same_major = [v for c, v in _SHARED_MEMORY.items() if c[0] == cap[0]]
+    return min(same_major) if same_major else 99 * 1024  # an unknown architecture: the smallest recent budget
+
+
 def triton_can_run_on(*tensors: torch.Tensor) -> str | None:
     """Reason Triton cannot run on these tensors' device, or None."""
     reason = triton_missing()
     if reason:
         return reason
+    if _compile_target is not None:
+        return None
     dev = tensors[0].device
     if dev.type == "cuda":
         return None
@@ -70,10 +123,9 @@ def cuda_capability(index: int) -> tuple[int, int]:
 
 def fp8_missing(device: torch.device) -> str | None:
     """Reason this device has no FP8 (E4M3) tensor cores, or None (CPU: the interpreter/reference handle fp8)."""
-    device = torch.device(device)
-    if device.type != "cuda":
+    cap = device_capability(device)
+    if cap is None:
         return None
-    cap = cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
     return None if cap >= (8, 9) else f"FP8 (E4M3) tensor cores need compute capability >= (8, 9), device has {cap}"
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ditkern.kernels.fpx_common import round_to_grid
+from ditkern.kernels.fpx_common import round_to_grid, to_e4m3
 
 MAX_BLOCK_D = 16384
 
@@ -54,11 +54,13 @@ def _adaln_modulate_fp8_fwd_kernel(
     tl.store(OUT + i_b * stride_ob + i_s * stride_os + o_d, b_o, mask=m_d)
     # the FP8 epilogue quantizes the row as stored (rounded), so it equals quantize_fp8(out) bit for bit
     b_v = tl.where(m_d, b_o.to(tl.float32), 0.0)
-    amax = tl.max(tl.abs(b_v), axis=0)
-    sx = tl.where(amax > 0, tl.div_rn(amax, MAXV), 1.0)
+    # GPU max ignores NaN operands: a row holding NaN gets a NaN absmax explicitly, as torch's amax gives
+    has_nan = tl.max((b_v != b_v).to(tl.int32), axis=0) != 0
+    amax = tl.where(has_nan, float("nan"), tl.max(tl.abs(b_v), axis=0))
+    sx = tl.where(amax == 0, 1.0, tl.div_rn(amax, MAXV))
     tl.store(SX + i_r, sx)
     b_q = round_to_grid(tl.div_rn(b_v, sx + tl.zeros_like(b_v)), MAN, EMIN, MAXV, False)
-    tl.store(XQ + i_r * stride_qm + o_d, b_q.to(tl.float8e4nv), mask=m_d)
+    tl.store(XQ + i_r * stride_qm + o_d, to_e4m3(b_q), mask=m_d)
 
 
 def adaln_modulate_fp8_triton(x, shift, scale, weight, bias, out, xq, sx, *, is_rms: bool, eps: float, grid) -> None:

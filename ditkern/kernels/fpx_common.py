@@ -10,8 +10,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# 1.5 * 2**23: (v + RNE_MAGIC) - RNE_MAGIC rounds fp32 |v| < 2**22 to the nearest integer, ties to even
-RNE_MAGIC = 12582912.0
+# 1.5 * 2**23: (v + RNE_MAGIC) - RNE_MAGIC rounds fp32 |v| < 2**22 to the nearest integer, ties to even.
+# A constexpr: a plain module-level float inside a @triton.jit function runs in the interpreter but fails to compile
+# on every GPU ("Cannot access global variable"); tests/test_compile.py compiles these kernels for sm_80..sm_100a.
+RNE_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -79,8 +81,10 @@ def load_scales(p, mask, SCALE_KIND: tl.constexpr):
 @triton.jit
 def round_to_grid(v, MAN: tl.constexpr, EMIN: tl.constexpr, MAXV: tl.constexpr, IS_INT: tl.constexpr):
     """RNE of fp32 ``v`` onto a float grid (MAN mantissa bits, smallest normal exponent EMIN) or the integers,
-    saturating at +-MAXV. Exact: the binade comes from the exponent bits, the step is a power of two."""
-    v = tl.minimum(tl.maximum(v, -MAXV), MAXV)
+    saturating at +-MAXV. Exact: the binade comes from the exponent bits, the step is a power of two.
+    NaN stays NaN, as in the torch reference: the GPU's min/max return the non-NaN operand (NaN would saturate to
+    +-MAXV), so the clamp propagates NaN explicitly."""
+    v = tl.where(v != v, v, tl.minimum(tl.maximum(v, -MAXV), MAXV))
     if IS_INT:
         return (v + RNE_MAGIC) - RNE_MAGIC
     else:
@@ -91,6 +95,14 @@ def round_to_grid(v, MAN: tl.constexpr, EMIN: tl.constexpr, MAXV: tl.constexpr, 
         r = v * inv_step
         r = (r + RNE_MAGIC) - RNE_MAGIC
         return r * step
+
+
+@triton.jit
+def to_e4m3(v):
+    """fp32 values already on the E4M3 grid (or NaN) as float8e4nv. The cast is exact for grid values on a GPU and in
+    the interpreter; NaN is written as 0x7F explicitly (torch's and the GPU's NaN; the interpreter would give 0x7C)."""
+    bits = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return tl.where(v != v, 0x7F, bits).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ditkern.kernels.fpx_common import round_to_grid
+from ditkern.kernels.fpx_common import round_to_grid, to_e4m3
 
 
 @triton.jit
@@ -23,15 +23,18 @@ def _quantize_fp8_fwd_kernel(
     i_m = tl.program_id(0).to(tl.int64)
     p_x = X + i_m * stride_xm
     b_amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    b_nan = tl.zeros((BLOCK_K,), dtype=tl.int32)
     for kb in range(0, K, BLOCK_K):
         o_k = kb + tl.arange(0, BLOCK_K)
         b_x = tl.load(p_x + o_k, mask=o_k < K, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             b_x = b_x * tl.load(INV_SMOOTH + o_k, mask=o_k < K, other=0.0)
         b_amax = tl.maximum(b_amax, tl.abs(b_x))
-    amax = tl.max(b_amax, axis=0)
+        b_nan = b_nan | (b_x != b_x).to(tl.int32)
+    # GPU max ignores NaN operands: a row holding NaN gets a NaN absmax explicitly, as torch's amax gives
+    amax = tl.where(tl.max(b_nan, axis=0) != 0, float("nan"), tl.max(b_amax, axis=0))
     # an all-zero row gets scale 1 (its codes are 0); the division is IEEE so the scale matches torch's
-    sx = tl.where(amax > 0, tl.div_rn(amax, MAXV), 1.0)
+    sx = tl.where(amax == 0, 1.0, tl.div_rn(amax, MAXV))
     tl.store(SX + i_m, sx)
     for kb in range(0, K, BLOCK_K):
         o_k = kb + tl.arange(0, BLOCK_K)
@@ -39,7 +42,7 @@ def _quantize_fp8_fwd_kernel(
         if HAS_SMOOTH:
             b_x = b_x * tl.load(INV_SMOOTH + o_k, mask=o_k < K, other=0.0)
         b_q = round_to_grid(tl.div_rn(b_x, sx + tl.zeros_like(b_x)), MAN, EMIN, MAXV, False)
-        tl.store(XQ + i_m * stride_qm + o_k, b_q.to(tl.float8e4nv), mask=o_k < K)
+        tl.store(XQ + i_m * stride_qm + o_k, to_e4m3(b_q), mask=o_k < K)
 
 
 def quantize_fp8_triton(x2, inv_smooth, xq, sx, *, grid) -> None:

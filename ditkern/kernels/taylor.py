@@ -27,8 +27,8 @@ def _taylor_update_fwd_kernel(
     stride_x, stride_base, stride_d,
     ORDER: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    i_b = tl.program_id(0)
-    i_n = tl.program_id(1)
+    i_n = tl.program_id(0)
+    i_b = tl.program_id(1)
     if tl.load(MASK + i_b) != 0:
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < N
@@ -54,8 +54,8 @@ def _taylor_forecast_fwd_kernel(
     stride_base, stride_d, stride_out,
     ORDER: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    i_b = tl.program_id(0)
-    i_n = tl.program_id(1)
+    i_n = tl.program_id(0)
+    i_b = tl.program_id(1)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     row = i_b.to(tl.int64)
@@ -70,9 +70,17 @@ def _taylor_forecast_fwd_kernel(
     tl.store(OUT + row * stride_out + o_n, b_o.to(OUT.dtype.element_ty), mask=m_n)
 
 
+def _grid(B: int, N: int) -> tuple[int, int]:
+    """Feature chunks on axis 0 (up to 2**31 - 1 programs), batch items on axis 1 (<= 65535): at Wan 720p one item
+    is N = 75,600 x 5,120 = 387M elements, 378,000 chunks, over the 65,535 limit of axes 1 and 2."""
+    if B > 65535:
+        raise ValueError(f"taylor kernels: batch size {B} exceeds the 65535 programs of grid axis 1")
+    return (triton.cdiv(N, BLOCK), B)
+
+
 def taylor_update_triton(x, base, d0, d1, d2, c1, c2, mask, order: int) -> None:
     B, N = x.shape
-    grid = (B, triton.cdiv(N, BLOCK))
+    grid = _grid(B, N)
     _taylor_update_fwd_kernel[grid](
         x, base if base is not None else x, d0, d1 if d1 is not None else d0, d2 if d2 is not None else d0,
         c1, c2, mask, N, x.stride(0), base.stride(0) if base is not None else 0, d0.stride(0),
@@ -82,7 +90,7 @@ def taylor_update_triton(x, base, d0, d1, d2, c1, c2, mask, order: int) -> None:
 
 def taylor_forecast_triton(base, d0, d1, d2, a1, a2, out, order: int) -> None:
     B, N = d0.shape
-    grid = (B, triton.cdiv(N, BLOCK))
+    grid = _grid(B, N)
     _taylor_forecast_fwd_kernel[grid](
         base if base is not None else d0, d0, d1 if d1 is not None else d0, d2 if d2 is not None else d0,
         a1, a2, out, N, base.stride(0) if base is not None else 0, d0.stride(0), out.stride(0),

@@ -19,6 +19,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+import triton.runtime.errors
+
+from ditkern._backend import device_capability, max_shared_memory
 
 LOG2E = 1.4426950408889634
 
@@ -224,6 +227,31 @@ def _num_warps(block: int, block_d: int) -> int:
     return 4 if block * block_d <= 64 * 64 else 8
 
 
+# Shared memory of the compiled kernel in units of one [BLOCK, BLOCK_D] tile, by software-pipeline depth, measured with
+# the GPU-less compile check (bench/static.py, triton 3.9, 8x8 tiles, Dh 64-256): before Hopper the K/V loads are
+# cp.async-staged (2.5 / 5 / 8 tiles), from sm_90 on the wgmma path also stages Q and the P operand (2 / 8 / 12).
+# Rounded up by one tile of margin for other Triton versions; a launch that still does not fit retries shallower.
+_SMEM_TILES = {False: {3: 9, 2: 6, 1: 3.5}, True: {3: 13, 2: 9, 1: 3}}
+
+
+def launch_config(block: int, block_d: int, elt_size: int, capability, smem_limit) -> tuple[int, int] | str:
+    """``(num_warps, num_stages)`` for a query tile of ``block`` tokens and head dim ``block_d`` on a device of this
+    capability with ``smem_limit`` bytes of shared memory per block (None: no limit, the interpreter), or the reason no
+    configuration fits (then the backend refuses: a kernel must never fail at launch)."""
+    warps = _num_warps(block, block_d)
+    if smem_limit is None:
+        return warps, 2
+    tile = block * block_d * elt_size
+    table = _SMEM_TILES[capability is not None and tuple(capability) >= (9, 0)]
+    for stages in (3, 2, 1):
+        if table[stages] * tile <= smem_limit:
+            return warps, stages
+    return (
+        f"a {block}-token query tile with head dim {block_d} needs ~{int(table[1] * tile) // 1024} KB of shared memory,"
+        f" the device allows {smem_limit // 1024} KB: use a smaller tile"
+    )
+
+
 def window_attention_triton(q, k, v, spec, text_tokens: int, text_position: str, text_mask, scale: float):
     """Launch on validated inputs (see ``ditkern.ops.window_attention``); returns ``[B, H, S, Dh]`` contiguous."""
     B, NH, S, Dh = q.shape
@@ -239,7 +267,11 @@ def window_attention_triton(q, k, v, spec, text_tokens: int, text_position: str,
     kpm = text_mask.to(torch.int8).contiguous() if text_mask is not None else None
     block_d = max(16, triton.next_power_of_2(Dh))
     grid = (n_img_tiles + n_txt_blocks, B * NH)
-    _window_attention_fwd_kernel[grid](
+    config = launch_config(block, block_d, q.element_size(), device_capability(q.device), max_shared_memory(q.device))
+    if isinstance(config, str):  # the op's can_run refuses this case first; reaching here is a caller's bug
+        raise RuntimeError(f"window_attention_triton: {config}")
+    num_warps, num_stages = config
+    args = (
         q, k, v, out, kpm if kpm is not None else out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
         kpm.stride(0) if kpm is not None else 0,
@@ -248,12 +280,22 @@ def window_attention_triton(q, k, v, spec, text_tokens: int, text_position: str,
         ct, ch, cw, rr,
         n_img_tiles,
         scale * LOG2E,
+    )  # fmt: skip
+    constexprs = dict(
         TT=TT, TH=TH, TW=TW, BLOCK_D=block_d,
         HAS_KPM=kpm is not None, CIRCLE=spec.shape == "circle", TILE_MODE=spec.granularity == "tile",
         IEEE=q.dtype == torch.float32,
-        num_warps=_num_warps(block, block_d),
     )  # fmt: skip
-    return out
+    while True:
+        try:
+            _window_attention_fwd_kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            return out
+        except triton.runtime.errors.OutOfResources:
+            # raised before anything runs, when the compiled kernel's shared memory exceeds the device's: the estimate
+            # above was short for this Triton version, so pipeline less deeply
+            if num_stages == 1:
+                raise
+            num_stages -= 1
 
 
 def visited_key_fraction(spec, text_tokens: int = 0) -> float:

@@ -5,7 +5,7 @@ is read once per row; ``xs = x * inv_smooth`` (optional per-channel activation-a
 ``sx[m] = absmax(xs[m]) / grid_max`` (fp32, ``[M]`` with ``M = prod(x.shape[:-1])``; 1.0 for an all-zero row) and
 ``xq[m, k] = RNE_grid(xs[m, k] / sx[m])`` as ``torch.float8_e4m3fn`` ``[M, K]``. ``grid``: "e4m3" (A8), or
 "fp6_e3m2" / "fp6_e2m3" (FP4DiT's A6: values on an FP6 grid, stored exactly as E4M3). Saturating, no inf/NaN out
-for finite x. The adaLN kernel can emit the same pair (one read of x); see docs/quant.md.
+for finite x; a row holding NaN comes out NaN (scale and codes), never saturated to finite values. The adaLN kernel can emit the same pair (one read of x); see docs/quant.md.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def quantize_fp8_ref(x: torch.Tensor, grid: str = "e4m3", inv_smooth: torch.Tens
     if inv_smooth is not None:
         xf = xf * inv_smooth.float()[None, :]
     amax = xf.abs().amax(-1)
-    sx = torch.where(amax > 0, amax / g.max, torch.ones_like(amax))
+    # NaN propagates: a row holding NaN has a NaN absmax, hence NaN scale and codes (its GEMM row is NaN anyway)
+    sx = torch.where(amax == 0, torch.ones_like(amax), amax / g.max)
     xq = _grid_round(xf / sx[:, None], g)
     return xq.to(torch.float8_e4m3fn).contiguous(), sx.contiguous()
 

@@ -92,7 +92,16 @@ def _cuda_can_run(*tensors) -> str | None:
 
 
 def _triton_can_run(*tensors) -> str | None:
-    return triton_can_run_on(tensors[0])
+    reason = triton_can_run_on(tensors[0])
+    if reason:
+        return reason
+    t = tensors[0]
+    B, N = t.shape[0], t[0].numel() if t.dim() > 1 else 1
+    if B > 65535:  # batch items are grid axis 1 (kernels/taylor.py)
+        return f"batch size {B} exceeds the 65535 programs of grid axis 1"
+    if N >= 2**31 - 1024:  # element offsets inside an item are int32
+        return f"{N} elements per batch item exceed the kernel's int32 offsets"
+    return None
 
 
 BACKENDS = {"cuda": _cuda_can_run, "triton": _triton_can_run, "torch": lambda *t: None}

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ditkern._backend import choose, requested_backend, triton_can_run_on
+from ditkern._backend import choose, device_capability, max_shared_memory, requested_backend, triton_can_run_on
 
 SHAPES = ("rect", "circle")
 GRANULARITIES = ("token", "tile")
@@ -405,11 +405,16 @@ def _cuda_can_run(q, *others) -> str | None:
     )
 
 
-def _triton_can_run(q, *others) -> str | None:
+def _triton_can_run(q, *others, spec: WindowSpec | None = None) -> str | None:
     reason = triton_can_run_on(q)
-    if reason:
+    if reason or spec is None:
         return reason
-    return None
+    from ditkern.kernels.window_attention import launch_config  # noqa: PLC0415
+
+    block_d = max(16, 1 << (q.shape[-1] - 1).bit_length())
+    config = launch_config(math.prod(spec.tile), block_d, q.element_size(), device_capability(q.device),
+                           max_shared_memory(q.device))  # fmt: skip
+    return config if isinstance(config, str) else None
 
 
 def _torch_can_run(q, *others) -> str | None:
@@ -428,7 +433,8 @@ def info_sample(device, dtype):
 def _run(q, k, v, text_mask, grid, window, text_tokens, text_first, scale, shape, granularity, tile, backend):
     spec = WindowSpec(tuple(grid), tuple(window), shape, granularity, tuple(tile), 3)
     position = "first" if text_first else "last"
-    name = choose("window_attention", BACKENDS, q, k, v, backend=backend)
+    backends = {**BACKENDS, "triton": functools.partial(_triton_can_run, spec=spec)}
+    name = choose("window_attention", backends, q, k, v, backend=backend)
     if name == "torch":
         return window_attention_chunked(q, k, v, spec, text_tokens, position, text_mask, scale)
     from ditkern.kernels.window_attention import window_attention_triton  # noqa: PLC0415

@@ -41,3 +41,14 @@ def test_gpu_bf16_fused_equals_unfused():
     torch.testing.assert_close(out, ref)  # two kernels computing one function (reduction order may differ)
     rq, rs = quantize_fp8(out, backend="triton")  # the epilogue is exactly quantize_fp8 of the stored row
     assert torch.equal(sx, rs) and torch.equal(xq.view(torch.uint8), rq.view(torch.uint8))
+
+
+def test_nan_row_propagates():
+    """A NaN in x makes its row's scale and FP8 codes NaN (as adaln_modulate + quantize_fp8 in torch), not +-448."""
+    x = torch.randn(1, 4, 64)
+    x[0, 2, 5] = float("nan")
+    shift, scale = torch.randn(1, 64), torch.randn(1, 64)
+    out, xq, sx = adaln_modulate_fp8(x, shift, scale, backend="triton")
+    _, rq, rs = adaln_modulate_fp8_ref(x, shift, scale)
+    assert torch.equal(torch.isnan(sx), torch.isnan(rs)) and torch.isnan(sx[2])
+    assert torch.isnan(xq[2].float()).all() and torch.isfinite(xq[[0, 1, 3]].float()).all()
