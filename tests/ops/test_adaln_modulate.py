@@ -209,8 +209,8 @@ def test_auto_backend_on_cpu_without_interpreter_uses_torch(monkeypatch):
     assert _backend.choose("adaln_modulate", BACKENDS, x, s, s) == "torch"
 
 
-def test_compile_fullgraph_through_custom_op():
-    x, shift, scale, gate = _inputs(2, 5, 32, torch.float32, "cpu")
+def test_compile_fullgraph_through_custom_op(device):
+    x, shift, scale, gate = _inputs(2, 5, 32, torch.float32, device)  # the device fixture: on a GPU, Triton needs cuda
     y = torch.randn_like(x)
 
     def f(x, y, gate, shift, scale):

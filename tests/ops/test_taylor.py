@@ -197,16 +197,16 @@ def test_bad_arguments_name_the_argument():
         taylor_forecast(*d, c, c, base=torch.zeros(2, 8, dtype=torch.int64), order=0)
 
 
-def test_compile_fullgraph_through_ops():
-    d = [torch.randn(2, 40) for _ in range(3)]
-    c = torch.rand(2) + 0.5
-    m = torch.ones(2, dtype=torch.int32)
+def test_compile_fullgraph_through_ops(device):
+    d = [torch.randn(2, 40, device=device) for _ in range(3)]  # the device fixture: on a GPU, Triton needs cuda
+    c = torch.rand(2, device=device) + 0.5
+    m = torch.ones(2, dtype=torch.int32, device=device)
 
     def step(x, d0, d1, d2):
         taylor_update(x, d0, d1, d2, c, c, m, order=2, backend="triton")
         return taylor_forecast(d0, d1, d2, c, c, base=x, order=2, backend="triton")
 
-    x = torch.randn(2, 40)
+    x = torch.randn(2, 40, device=device)
     eager_state = [t.clone() for t in d]
     expected = step(x, *eager_state)
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(x, *d)
