@@ -1,0 +1,245 @@
+"""Compile Triton kernels for a real NVIDIA GPU on a machine without one (the GPU-less compile check).
+
+Triton's interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors but enforces almost none of the compiler's rules
+(constexpr globals, grid limits, shared memory, register spills). Here the real compiler runs: a stand-in CUDA driver
+reports the chosen target, and every launch inside ``with target("90a") as compiled:`` compiles (``warmup=True``)
+instead of running, through the project's own launchers with CPU (``torch.empty``) tensors of the real shapes, so
+grids, constexprs and specialisations are the ones a GPU would see. ``ditkern._backend.compile_target`` is entered too,
+so the ops' ``can_run`` checks see the target's compute capability and shared memory (a backend that cannot serve an
+architecture refuses there, with its reason, and is then not compiled).
+
+    from bench import aot
+    with aot.target("90a") as compiled:
+        ditkern.ops.adaln_modulate(torch.empty(1, 4608, 3072, dtype=torch.bfloat16), shift, scale, backend="triton")
+    for k in compiled:
+        print(k.summary())   # registers, spills, shared memory, tensor-core instructions, loops, grid check
+
+Derived from ../shared/tools/triton_aot.py and extended: per-architecture limits (grid, shared memory), JIT caches
+cleared when the architecture changes (the stand-in driver reports device 0 for every target, so without that a second
+target in one process silently reuses the first one's binaries), SASS-level counts (HGMMA/QGMMA/HMMA/tcgen05, LDGSTS,
+TMA, vector widths), the instructions of each SASS loop (the main loop's count per iteration), and the violations the
+compile test fails on. Nothing executes: results and timings are not checked here.
+Import this module before ``import triton`` happens with TRITON_INTERPRET=1 in the same process: it unsets it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's own default, set so 3.9 does not warn per kernel
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.driver import CudaDriver  # noqa: E402
+from triton.runtime import jit as _jit  # noqa: E402
+from triton.runtime.driver import driver as _driver  # noqa: E402
+
+from ditkern import _backend  # noqa: E402
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+ARCHS = ("80", "89", "90a", "100a")
+
+
+def capability(arch: str) -> tuple[int, int]:
+    """``"90a"`` -> ``(9, 0)``; ``"89"`` -> ``(8, 9)``; ``"100a"`` -> ``(10, 0)``."""
+    n = int(str(arch).rstrip("a"))
+    return (n // 10, n % 10)
+
+
+def shared_limit(arch: str) -> int:
+    with _backend.compile_target(capability(arch)):
+        return _backend.max_shared_memory("cpu")
+
+
+class _StandInDriver(CudaDriver):
+    arch = 90
+
+    def __init__(self):  # no libcuda here: nothing to load
+        pass
+
+    @classmethod
+    def is_active(cls):
+        return True
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        import torch  # noqa: PLC0415
+
+        return torch.device("cpu")
+
+
+def _tool(name: str) -> str:
+    path = os.path.join(_BIN, name)
+    return path if os.path.exists(path) else (shutil.which(name) or name)
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_BRA = re.compile(r"\bBRA\b.*?`?\(?(\.L_x_\d+)\)?")
+_MMA = re.compile(r"\b(HGMMA|QGMMA|IGMMA|HMMA|IMMA|UTCHMMA|UTCQMMA|UTCMMA|UTC\w*MMA)\b")
+
+
+def parse_sass(sass: str) -> dict:
+    """Instruction counts and loops of ``nvdisasm -c`` output.
+
+    A loop is a backward branch: its body is the instructions from the target label to the branch. The main loop is the
+    loop with the most tensor-core instructions, else the longest; its length is the SASS instructions per iteration.
+    """
+    instrs: list[str] = []
+    labels: dict[str, int] = {}
+    for line in sass.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            labels[m.group(1)] = len(instrs)
+            continue
+        m = _SASS_LINE.search(line)
+        if m:
+            instrs.append(m.group(2).strip())
+    loops = []
+    for i, ins in enumerate(instrs):
+        if "BRA" not in ins.split()[0:2] and not re.search(r"\bBRA\b", ins):
+            continue
+        m = _BRA.search(ins)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:  # a lone self-branch is the end-of-kernel trap
+            body = instrs[labels[m.group(1)] : i + 1]
+            mma = sum(1 for b in body if _MMA.search(b))
+            loops.append({"instructions": len(body), "mma": mma})
+    main = max(loops, key=lambda lp: (lp["mma"], lp["instructions"])) if loops else None
+    # innermost-first loops overlap (a nest has the outer body include the inner one); report the main loop and all
+    text = "\n".join(instrs)
+    return {
+        "sass_instructions": len(instrs),
+        "sass_loops": len(loops),
+        "main_loop_instructions": main["instructions"] if main else None,
+        "main_loop_mma": main["mma"] if main else None,
+        "hgmma": len(re.findall(r"\bHGMMA\b", text)),
+        "qgmma": len(re.findall(r"\bQGMMA\b", text)),
+        "hmma": len(re.findall(r"\bHMMA\b", text)),
+        "tcgen05_mma": len(re.findall(r"\bUTC\w*MMA\b", text)),
+        "ldgsts": len(re.findall(r"\bLDGSTS\b", text)),
+        "tma_loads": len(re.findall(r"\bUTMALDG\b|\bUBLKCP\b", text)),
+        "ldg_128": len(re.findall(r"\bLDG\.E\.128\b|\bLDG\.E\.\w*\.128\b", text)),
+        "ldg_64": len(re.findall(r"\bLDG\.E\.64\b|\bLDG\.E\.\w*\.64\b", text)),
+        "ldg": len(re.findall(r"\bLDG\b", text)),
+        "spill_instructions": len(re.findall(r"\b(?:STL|LDL)\b", text)),
+    }
+
+
+@dataclasses.dataclass
+class Compiled:
+    """One compiled kernel: its name, launch grid, target and the compiler's output."""
+
+    name: str
+    grid: tuple
+    arch: str
+    kernel: object
+
+    @property
+    def key(self) -> tuple:
+        md = self.kernel.metadata
+        return (self.name, self.arch, getattr(md, "hash", None) or id(self.kernel))
+
+    def _cubin_info(self) -> tuple[str, str]:
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(self.kernel.asm["cubin"])
+            path = f.name
+        try:
+            res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
+            sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True).stdout
+        finally:
+            os.unlink(path)
+        return res, sass
+
+    @functools.cached_property
+    def _summary(self) -> dict:
+        md, ptx = self.kernel.metadata, self.kernel.asm.get("ptx", "")
+        res, sass = self._cubin_info()
+        m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", res)
+        regs, local = (int(m.group(1)), int(m.group(2))) if m else (None, None)
+        grid = tuple(int(g) for g in self.grid)
+        row = {
+            "kernel": self.name,
+            "arch": self.arch,
+            "grid": grid,
+            "grid_ok": all(g <= lim for g, lim in zip(grid, GRID_LIMITS)),
+            "num_warps": md.num_warps,
+            "num_stages": md.num_stages,
+            "shared_bytes": md.shared,
+            "shared_limit": shared_limit(self.arch),
+            "registers": regs,
+            "local_bytes": local,  # > 0: registers spilled to local memory (or a local array)
+            "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+            "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
+            "tcgen05": len(re.findall(r"tcgen05\.mma", ptx)),
+            "cp_async": len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)),
+            "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+            "ptx_v2_loads": len(re.findall(r"ld\.global[^;\n]*\.v2", ptx)),
+            "ptx_v4_loads": len(re.findall(r"ld\.global[^;\n]*\.v4", ptx)),
+            "ptx_v8_loads": len(re.findall(r"ld\.global[^;\n]*\.v8", ptx)),
+        }
+        row.update(parse_sass(sass))
+        return row
+
+    def summary(self) -> dict:
+        return dict(self._summary)
+
+
+def violations(row: dict, memory_bound: bool) -> list[str]:
+    """What the compile test fails on: grid over the hardware limits, shared memory over the architecture's, and
+    register spills in a memory-bound kernel (a compute-bound kernel's spills are reported, not failed)."""
+    out = []
+    if not row["grid_ok"]:
+        out.append(f"grid {row['grid']} exceeds the limits {GRID_LIMITS}")
+    if row["shared_limit"] is not None and row["shared_bytes"] > row["shared_limit"]:
+        out.append(f"shared memory {row['shared_bytes']} B exceeds sm_{row['arch']}'s {row['shared_limit']} B")
+    if memory_bound and ((row["local_bytes"] or 0) > 0 or row["spill_instructions"] > 0):
+        out.append(f"memory-bound kernel spills ({row['local_bytes']} B local, {row['spill_instructions']} STL/LDL)")
+    return out
+
+
+@contextlib.contextmanager
+def target(arch: str = "90a"):
+    """Inside the block every Triton launch compiles for ``sm_<arch>`` and runs nothing; yields the list of kernels
+    compiled (one entry per launch, repeated launches of one specialisation share the binary)."""
+    compiled: list[Compiled] = []
+    cap = capability(arch)
+    _StandInDriver.arch = cap[0] * 10 + cap[1]
+    previous = _driver._active  # None where no driver was ever made active (no GPU)
+    _driver.set_active(_StandInDriver())
+    original = _jit.JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if getattr(self, "_aot_arch", None) != arch:
+            # the per-device JIT cache is keyed by device index only (0 here for every target)
+            self.device_caches.clear()
+            self._aot_arch = arch
+        k = original(self, *args, grid=grid, warmup=True, **kwargs)
+        g = grid(kwargs) if callable(grid) else grid
+        g = tuple(g) + (1,) * (3 - len(tuple(g)))
+        compiled.append(Compiled(getattr(self, "__name__", None) or self.fn.__name__, g, arch, k))
+        return k
+
+    _jit.JITFunction.run = run
+    try:
+        with _backend.compile_target(cap):
+            yield compiled
+    finally:
+        _jit.JITFunction.run = original
+        _driver._active = previous
