@@ -11,6 +11,7 @@
 
 #include "adaln_modulate/adaln_modulate.h"
 #include "fpx/fpx_gemv.h"
+#include "kernel_image/kernel_image.h"
 #include "moe/moe_align.h"
 #include "taylor/taylor.h"
 
@@ -84,6 +85,50 @@ static int cuda_runtime_version() {
   return v;
 }
 
+// setup.py defines these from DITKERN_CUDA_ARCH: the SASS architectures and the PTX embedded in every kernel.
+#ifndef DITKERN_ARCHS
+#define DITKERN_ARCHS ""
+#endif
+#ifndef DITKERN_PTX
+#define DITKERN_PTX ""
+#endif
+#ifndef DITKERN_LINEINFO
+#define DITKERN_LINEINFO 0
+#endif
+
+static std::vector<std::string> split_archs(const std::string& s) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= s.size()) {
+    size_t end = s.find(';', start);
+    if (end == std::string::npos) end = s.size();
+    if (end > start) out.push_back(s.substr(start, end - start));
+    start = end + 1;
+  }
+  return out;
+}
+
+static py::dict build_info() {
+  py::dict d;
+  d["archs"] = split_archs(DITKERN_ARCHS);  // SASS: sm_<arch> for each
+  d["ptx"] = split_archs(DITKERN_PTX);      // PTX: compute_<ptx> for each (JIT-compiled on newer GPUs)
+  d["cuda_runtime"] = int(CUDART_VERSION);
+  d["lineinfo"] = bool(DITKERN_LINEINFO);
+  return d;
+}
+
+// (error code, "cudaErrorName: message", SASS version, PTX version) of loading ditkern's kernels on `device`.
+static std::tuple<int, std::string, int, int> kernel_image_status(int device) {
+  ditkern::KernelImageStatus s;
+  {
+    py::gil_scoped_release release;  // a PTX JIT can take a while
+    s = ditkern::kernel_image_status(device);
+  }
+  auto err = static_cast<cudaError_t>(s.error);
+  return {s.error, std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err), s.binary_version,
+          s.ptx_version};
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ditkern CUDA kernels (raw-pointer bindings; see ditkern/ops for the public API)";
   m.def("adaln_modulate", &adaln_modulate, "fused (gated residual +) norm + adaLN modulate");
@@ -93,4 +138,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("fpx_gemv", &fpx_gemv, "weight-only FP4/FP6/int4 GEMV for M <= 16");
   m.def("cuda_status", &cuda_status, "(error code, message, device count) from cudaGetDeviceCount");
   m.def("cuda_runtime_version", &cuda_runtime_version, "CUDA runtime version the extension was built with");
+  m.def("build_info", &build_info, "{'archs': SASS architectures, 'ptx': embedded PTX, 'cuda_runtime', 'lineinfo'}");
+  m.def("kernel_image_status", &kernel_image_status, py::arg("device"),
+        "(cudaError code, message, SASS version, PTX version) of cudaFuncGetAttributes on a ditkern kernel");
 }
