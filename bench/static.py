@@ -36,6 +36,16 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "static"
 
 
 # ---- worker: one architecture, in its own process -------------------------------------------------------------------
+def _describe(exc: BaseException) -> str:
+    """The error and its causes, root cause last (Triton's CompilationError wraps e.g. the NameError of a global)."""
+    parts = []
+    while exc is not None and len(parts) < 4:
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    text = "\n<- ".join(parts)
+    return text if len(text) <= 3000 else text[:1000] + "\n...\n" + text[-2000:]
+
+
 def compile_arch(arch: str, ops: set[str] | None = None, progress: bool = False) -> dict:
     """Compile every case for ``arch``; returns ``{"arch", "rows", "errors", "refused", "seconds", "versions"}``."""
     from bench import aot  # noqa: PLC0415  (unsets TRITON_INTERPRET before triton is imported)
@@ -61,7 +71,7 @@ def compile_arch(arch: str, ops: set[str] | None = None, progress: bool = False)
                 refused.append(dict(op=case.op, shape=case.shape, reason=str(exc)))
                 continue
             except Exception as exc:  # a compile error, or a launcher that fails: both are what this check is for
-                errors.append(dict(op=case.op, shape=case.shape, error=f"{type(exc).__name__}: {exc}"[:2000]))
+                errors.append(dict(op=case.op, shape=case.shape, error=_describe(exc)))
                 continue
         if not compiled:
             errors.append(dict(op=case.op, shape=case.shape, error="no Triton kernel was launched"))
