@@ -93,6 +93,28 @@ def _tool(name: str) -> str:
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _BRA = re.compile(r"\bBRA\b.*?`?\(?(\.L_x_\d+)\)?")
+# instruction counts in SASS (what the hardware runs) and in PTX (what Triton asked for)
+_SASS_COUNTS = {
+    "hgmma": r"\bHGMMA\b",  # bf16/fp16 wgmma (Hopper)
+    "qgmma": r"\bQGMMA\b",  # fp8 wgmma (Hopper)
+    "hmma": r"\bHMMA\b",  # mma.sync (Ampere/Ada; small tiles on Hopper)
+    "tcgen05_mma": r"\bUTC\w*MMA\b",  # Blackwell tensor cores
+    "ldgsts": r"\bLDGSTS\b",  # cp.async
+    "tma_loads": r"\bUTMALDG\b|\bUBLKCP\b",
+    "ldg_128": r"\bLDG\.E\.128\b|\bLDG\.E\.\w*\.128\b",
+    "ldg_64": r"\bLDG\.E\.64\b|\bLDG\.E\.\w*\.64\b",
+    "ldg": r"\bLDG\b",
+}
+_PTX_COUNTS = {
+    "wgmma": r"wgmma\.mma_async",
+    "mma_sync": r"\bmma\.sync",
+    "tcgen05": r"tcgen05\.mma",
+    "cp_async": r"cp\.async\.(?:ca|cg)",
+    "tma": r"cp\.async\.bulk\.tensor",
+    "ptx_v2_loads": r"ld\.global[^;\n]*\.v2",
+    "ptx_v4_loads": r"ld\.global[^;\n]*\.v4",
+    "ptx_v8_loads": r"ld\.global[^;\n]*\.v8",
+}
 _MMA = re.compile(r"\b(HGMMA|QGMMA|IGMMA|HMMA|IMMA|UTCHMMA|UTCQMMA|UTCMMA|UTC\w*MMA)\b")
 
 
@@ -100,7 +122,8 @@ def parse_sass(sass: str) -> dict:
     """Instruction counts and loops of ``nvdisasm -c`` output.
 
     A loop is a backward branch: its body is the instructions from the target label to the branch. The main loop is the
-    loop with the most tensor-core instructions, else the longest; its length is the SASS instructions per iteration.
+    innermost loop with the most tensor-core instructions, else the longest loop; its length is the SASS instructions
+    per iteration (an upper bound where the body branches).
     """
     instrs: list[str] = []
     labels: dict[str, int] = {}
@@ -114,30 +137,25 @@ def parse_sass(sass: str) -> dict:
             instrs.append(m.group(2).strip())
     loops = []
     for i, ins in enumerate(instrs):
-        if "BRA" not in ins.split()[0:2] and not re.search(r"\bBRA\b", ins):
-            continue
         m = _BRA.search(ins)
         if m and m.group(1) in labels and labels[m.group(1)] < i:  # a lone self-branch is the end-of-kernel trap
             body = instrs[labels[m.group(1)] : i + 1]
             mma = sum(1 for b in body if _MMA.search(b))
             loops.append({"instructions": len(body), "mma": mma})
-    main = max(loops, key=lambda lp: (lp["mma"], lp["instructions"])) if loops else None
-    # innermost-first loops overlap (a nest has the outer body include the inner one); report the main loop and all
+    # In a nest the outer body contains the inner one: among the loops with the most MMAs take the shortest (the
+    # innermost loop that holds them); without MMAs the longest loop. Both sides of a branch in a body are counted.
+    most = max((lp["mma"] for lp in loops), default=0)
+    if most:
+        main = min((lp for lp in loops if lp["mma"] == most), key=lambda lp: lp["instructions"])
+    else:
+        main = max(loops, key=lambda lp: lp["instructions"]) if loops else None
     text = "\n".join(instrs)
     return {
         "sass_instructions": len(instrs),
         "sass_loops": len(loops),
         "main_loop_instructions": main["instructions"] if main else None,
         "main_loop_mma": main["mma"] if main else None,
-        "hgmma": len(re.findall(r"\bHGMMA\b", text)),
-        "qgmma": len(re.findall(r"\bQGMMA\b", text)),
-        "hmma": len(re.findall(r"\bHMMA\b", text)),
-        "tcgen05_mma": len(re.findall(r"\bUTC\w*MMA\b", text)),
-        "ldgsts": len(re.findall(r"\bLDGSTS\b", text)),
-        "tma_loads": len(re.findall(r"\bUTMALDG\b|\bUBLKCP\b", text)),
-        "ldg_128": len(re.findall(r"\bLDG\.E\.128\b|\bLDG\.E\.\w*\.128\b", text)),
-        "ldg_64": len(re.findall(r"\bLDG\.E\.64\b|\bLDG\.E\.\w*\.64\b", text)),
-        "ldg": len(re.findall(r"\bLDG\b", text)),
+        **{k: len(re.findall(p, text)) for k, p in _SASS_COUNTS.items()},
         "spill_instructions": len(re.findall(r"\b(?:STL|LDL)\b", text)),
     }
 
@@ -185,14 +203,7 @@ class Compiled:
             "shared_limit": shared_limit(self.arch),
             "registers": regs,
             "local_bytes": local,  # > 0: registers spilled to local memory (or a local array)
-            "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
-            "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
-            "tcgen05": len(re.findall(r"tcgen05\.mma", ptx)),
-            "cp_async": len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)),
-            "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-            "ptx_v2_loads": len(re.findall(r"ld\.global[^;\n]*\.v2", ptx)),
-            "ptx_v4_loads": len(re.findall(r"ld\.global[^;\n]*\.v4", ptx)),
-            "ptx_v8_loads": len(re.findall(r"ld\.global[^;\n]*\.v8", ptx)),
+            **{k: len(re.findall(p, ptx)) for k, p in _PTX_COUNTS.items()},
         }
         row.update(parse_sass(sass))
         return row
