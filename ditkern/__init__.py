@@ -24,3 +24,19 @@ __version__ = "0.1.0"
 __all__ = ["TaylorCache", "patch", "unpatch", "patched", "is_patched", "PatchConfig", "PatchReport", "info", "supported_models",
            "WindowAttention", "SparseMoE", "MoEConfig", "densify_to_moe"]
 __all__ += ["QuantConfig", "save_quantized", "load_quantized"]
+
+# Subpackages reached as attributes after ``import ditkern`` (``ditkern.zoo.load("digits-flux")``), imported on first
+# use: ``ditkern.zoo`` loads diffusers pipelines and its harness pulls in scikit-learn and matplotlib when asked.
+_SUBMODULES = ("ops", "zoo")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        import importlib  # noqa: PLC0415
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULES))
