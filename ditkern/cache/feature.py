@@ -4,6 +4,9 @@ On a forecast step the blocks that are skipped return their inputs unchanged, an
 plus the forecast residual; so the model's own forward runs as written and nothing of it is copied here. The gate
 decision reads a tensor on the host: that is the one graph break per step under ``torch.compile`` (in the first
 block's hook), and the reason the per-block hooks are plain Python.
+
+What it knows of a model comes from the family's declaration (``Family.stack``): the block lists in run order, each
+block class's stream signature, and the streams the model reads after the stack.
 """
 
 from __future__ import annotations
@@ -14,46 +17,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ditkern.cache import TaylorCache
+from ditkern._backend import choose
+from ditkern.cache.config import TaylorCache
+from ditkern.ops.taylor import BACKENDS as TAYLOR_BACKENDS
 from ditkern.ops.taylor import taylor_forecast, taylor_update
-from ditkern.patch.engine import Feature, Plan, register_feature
+from ditkern.patch.engine import Feature, Plan, device_dtype, register_feature
+from ditkern.patch.family import Stack, Streams
 
 STATE_ATTR = "_ditkern_cache_state"
-
-# The block lists each model runs in order, and which streams the model reads after the stack (the others pass
-# through a skipped stack unchanged: FLUX and SD3 discard the text stream after their last block).
-STACKS = {
-    "FluxTransformer2DModel": (("transformer_blocks", "single_transformer_blocks"), (0,)),
-    "SD3Transformer2DModel": (("transformer_blocks",), (0,)),
-    "PixArtTransformer2DModel": (("transformer_blocks",), (0,)),
-    "DiTTransformer2DModel": (("transformer_blocks",), (0,)),
-    "WanTransformer3DModel": (("blocks",), (0,)),
-}
-# How each block class takes and returns its streams: "pair" blocks take (hidden_states, encoder_hidden_states, ...)
-# and return (encoder_hidden_states, hidden_states); "single" blocks take and return hidden_states.
-BLOCK_KIND = {
-    "FluxTransformerBlock": "pair",
-    "FluxSingleTransformerBlock": "pair",
-    "JointTransformerBlock": "pair",
-    "BasicTransformerBlock": "single",
-    "WanTransformerBlock": "single",
-}
-
-
-def _streams_in(kind, args, kwargs):
-    hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    if kind == "single":
-        return [hs]
-    enc = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
-    return [hs, enc]
-
-
-def _streams_out(kind, out):
-    return [out] if kind == "single" else [out[1], out[0]]
-
-
-def _make_out(kind, streams):
-    return streams[0] if kind == "single" else (streams[1], streams[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -84,8 +55,8 @@ class _Slot:
     skips: torch.Tensor  # [B] int64: consecutive forecasts
     step: int = 0
     t_first: float | None = None
-    probe: dict[int, _Taylor] = field(default_factory=dict)  # first block's residual, per stream
-    rest: dict[int, _Taylor] = field(default_factory=dict)  # stack residual after the anchor, per stream
+    probe: dict[str, _Taylor] = field(default_factory=dict)  # first block's residual, per stream
+    rest: dict[str, _Taylor] = field(default_factory=dict)  # stack residual after the anchor, per stream
 
     @classmethod
     def new(cls, batch: int) -> _Slot:
@@ -118,12 +89,12 @@ class _Call:
     skip_all: bool = False  # fixed schedule, forecast step: every block is skipped
     skip_rest: bool = False  # gated: every item accepted; blocks after the first are skipped
     accept: torch.Tensor | None = None  # [B] bool: items that take the forecast (gated)
-    anchor: list | None = None  # the streams the stack residual is measured from
-    first_in: list | None = None
+    anchor: dict | None = None  # the streams the stack residual is measured from, by name
+    first_in: dict | None = None
 
 
 class CacheState:
-    def __init__(self, config: TaylorCache, model: nn.Module, n_blocks: int, out_streams: tuple[int, ...], backend):
+    def __init__(self, config: TaylorCache, model: nn.Module, n_blocks: int, out_streams: tuple[str, ...], backend):
         self.config = config
         self.n_blocks = n_blocks
         self.out_streams = out_streams
@@ -222,13 +193,13 @@ class CacheState:
         return (slot.step - max(cfg.warmup, 1)) % cfg.interval == 0
 
     # ---- Taylor helpers ----
-    def _forecast(self, feats: dict[int, _Taylor], idx: int, base, call: _Call):
+    def _forecast(self, feats: dict[str, _Taylor], idx: str, base, call: _Call):
         f = feats[idx]
         a1, a2 = call.slot.forecast_coeffs(call.t, f.d[0].device)
         out_dtype = base.dtype if base is not None else torch.float32
         return taylor_forecast(*f.d, a1, a2, base=base, order=self.config.order, out_dtype=out_dtype, backend=self.backend)
 
-    def _update(self, feats: dict[int, _Taylor], idx: int, x, base, mask: torch.Tensor, call: _Call):
+    def _update(self, feats: dict[str, _Taylor], idx: str, x, base, mask: torch.Tensor, call: _Call):
         f = feats.setdefault(idx, _Taylor())
         f.ensure(x, self.config.order, self.state_dtype(x.device))
         c1, c2 = call.slot.update_coeffs(call.t, x.device)
@@ -242,23 +213,23 @@ class CacheState:
         slot.n_updates = slot.n_updates + updated.long()
         slot.skips = torch.where(updated, torch.zeros_like(slot.skips), slot.skips + 1)
 
-    # ---- the hooks' bodies ----
-    def first_block(self, kind, inner, args, kwargs):
+    # ---- the hooks' bodies (``sig``: the block's stream signature; streams are dicts by name) ----
+    def first_block(self, sig: Streams, inner, args, kwargs):
         call = self.call
         if call is None:  # the block was called outside the model's forward: no caching
             return inner(*args, **kwargs)
-        streams_in = _streams_in(kind, args, kwargs)
+        streams_in = sig.read(args, kwargs)
         if self.config.mode == "fixed":
             if not self.fixed_is_full(call):
                 call.skip_all = True
                 self.forecast_calls += 1
-                return _make_out(kind, streams_in)
+                return sig.join(streams_in)
             call.anchor = streams_in
             self.blocks_run += 1
             return inner(*args, **kwargs)
         out = inner(*args, **kwargs)
         self.blocks_run += 1
-        first_out = _streams_out(kind, out)
+        first_out = sig.split(out)
         call.first_in, call.anchor = streams_in, first_out
         eligible = self._eligible(call)
         accept = torch.zeros_like(eligible)
@@ -266,8 +237,9 @@ class CacheState:
             err2 = torch.zeros(eligible.shape[0], dtype=torch.float64)
             ref2 = torch.zeros_like(err2)
             compared = False
-            for s, (xi, xo) in enumerate(zip(streams_in, first_out)):
-                if xo is None or s not in call.slot.probe:
+            for s, xo in first_out.items():
+                xi = streams_in.get(s)
+                if xo is None or xi is None or s not in call.slot.probe:
                     continue
                 compared = True
                 fc = self._forecast(call.slot.probe, s, None, call)  # forecast of the first block's residual
@@ -285,35 +257,35 @@ class CacheState:
             self.forecast_calls += 1
         return out
 
-    def middle_block(self, inner, kind, args, kwargs):
+    def middle_block(self, sig: Streams, inner, args, kwargs):
         call = self.call
         if call is not None and (call.skip_all or call.skip_rest):
-            return _make_out(kind, _streams_in(kind, args, kwargs))
+            return sig.join(sig.read(args, kwargs))
         self.blocks_run += 1
         return inner(*args, **kwargs)
 
-    def last_block(self, kind, inner, args, kwargs):
+    def last_block(self, sig: Streams, inner, args, kwargs):
         call = self.call
         if call is None:
             return inner(*args, **kwargs)
-        streams_in = _streams_in(kind, args, kwargs)
+        streams_in = sig.read(args, kwargs)
         slot = call.slot
         if call.skip_all or call.skip_rest:
-            outs = list(streams_in)  # streams the model does not read after the stack pass through
+            outs = dict(streams_in)  # streams the model does not read after the stack pass through
             for s in self.out_streams:
                 if s in slot.rest:
                     outs[s] = self._forecast(slot.rest, s, streams_in[s], call)
             self._commit(call, torch.zeros(slot.batch, dtype=torch.bool))
-            return _make_out(kind, outs)
+            return sig.join(outs)
         out = inner(*args, **kwargs)
         self.blocks_run += 1
-        computed = _streams_out(kind, out)
-        outs = list(computed)
+        computed = sig.split(out)
+        outs = dict(computed)
         accept = call.accept if call.accept is not None else torch.zeros(slot.batch, dtype=torch.bool)
         update = ~accept
         mixed = bool(accept.any())
         for s in self.out_streams:
-            if computed[s] is None:
+            if computed.get(s) is None:
                 continue
             if mixed and s in slot.rest:  # items that accepted the forecast get it, exactly as if run alone
                 fc = self._forecast(slot.rest, s, call.anchor[s], call)
@@ -321,16 +293,43 @@ class CacheState:
                 outs[s] = torch.where(sel, fc, computed[s])
             self._update(slot.rest, s, computed[s], call.anchor[s], update, call)
         if self.config.mode == "gated":
-            for s, (xi, xo) in enumerate(zip(call.first_in, call.anchor)):
+            for s, xo in call.anchor.items():
+                xi = call.first_in.get(s)
                 if xo is not None and xi is not None and xo.shape == xi.shape:
                     self._update(slot.probe, s, xo, xi, update, call)
         self._commit(call, update)
-        return _make_out(kind, outs) if mixed else out
+        return sig.join(outs) if mixed else out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the feature: rules for the model and its blocks
 # ----------------------------------------------------------------------------------------------------------------------
+def _stack_reason(stack: Stack | str, blocks: list[nn.Module]) -> str | None:
+    """Why the cache cannot run on this stack (None: it can)."""
+    if isinstance(stack, str):
+        return stack
+    if stack.cache:
+        return stack.cache
+    unknown = sorted({type(b).__name__ for b in blocks} - set(stack.blocks))
+    if unknown:
+        return f"blocks of unknown kind {unknown}"
+    if len(blocks) < 2:
+        return "fewer than two blocks"
+    first, last = stack.blocks[type(blocks[0]).__name__], stack.blocks[type(blocks[-1]).__name__]
+    missing = [s for s in stack.reads_after if s not in first.takes or s not in last.returns]
+    if missing:
+        return f"stream(s) {missing} read after the stack do not enter the first block and leave the last one"
+    return None
+
+
+def _backend(model: nn.Module, state: CacheState, config) -> str:
+    """The backend taylor_update / taylor_forecast run on for this model (its device and dtype, the state dtype)."""
+    device, dtype = device_dtype(model)
+    x = torch.empty(1, 4096, device=device, dtype=dtype)
+    d0 = torch.empty(1, 4096, device=device, dtype=state.state_dtype(device))
+    return choose("taylor_update", TAYLOR_BACKENDS, d0, x, x, backend=config.backend)
+
+
 def _rules(family, model: nn.Module, config):
     cache = config.cache
     if cache is None:
@@ -338,16 +337,13 @@ def _rules(family, model: nn.Module, config):
     if not isinstance(cache, TaylorCache):
         raise TypeError(f"cache must be a ditkern.TaylorCache, got {type(cache).__name__}")
     model_cls = type(model).__name__
-    if model_cls not in STACKS:
-        return {model_cls: lambda m, cfg: f"no block stack known for {model_cls}: Taylor cache not applied"}
-    names, out_streams = STACKS[model_cls]
-    blocks = [b for n in names for b in getattr(model, n, [])]
-    unknown = sorted({type(b).__name__ for b in blocks} - set(BLOCK_KIND))
-    if len(blocks) < 2 or unknown:
-        why = f"blocks of unknown kind {unknown}" if unknown else "fewer than two blocks"
+    stack = family.stack
+    blocks = [b for _, b in stack.modules(model)] if isinstance(stack, Stack) else []
+    why = _stack_reason(stack, blocks)
+    if why:
         return {model_cls: lambda m, cfg: f"Taylor cache not applied: {why}"}
-    state = CacheState(cache, model, len(blocks), out_streams, config.backend)
-    first, last = blocks[0], blocks[-1]
+    state = CacheState(cache, model, len(blocks), tuple(stack.reads_after), config.backend)
+    backend = _backend(model, state, config)
     index = {id(b): i for i, b in enumerate(blocks)}
 
     def model_rule(m, cfg):
@@ -371,23 +367,23 @@ def _rules(family, model: nn.Module, config):
                  f"{cache.order + 1} x [B, S, D] per cached stream{' + first-block probe' if cache.mode == 'gated' else ''}, " \
                  "allocated at the first call (ditkern.cache.stats(model) gives bytes)"  # fmt: skip
         return Plan("cache", f"Taylor cache over {len(blocks)} blocks ({cache.describe()})", forward,
-                    apply=apply, undo=undo, detail=detail, wraps=True)  # fmt: skip
+                    apply=apply, undo=undo, detail=detail, wraps=True, backend=backend)  # fmt: skip
 
     def block_rule(b, cfg):
         i = index.get(id(b))
         if i is None:
             return None  # a block class outside the stack (not executed by the stack loop)
-        kind = BLOCK_KIND[type(b).__name__]
+        sig = stack.blocks[type(b).__name__]
         if i == 0:
-            fwd = lambda module, inner, *a, **k: state.first_block(kind, inner, a, k)  # noqa: E731
+            fwd = lambda module, inner, *a, **k: state.first_block(sig, inner, a, k)  # noqa: E731
             role = "first block (probe)" if cache.mode == "gated" else "first block"
         elif i == len(blocks) - 1:
-            fwd = lambda module, inner, *a, **k: state.last_block(kind, inner, a, k)  # noqa: E731
+            fwd = lambda module, inner, *a, **k: state.last_block(sig, inner, a, k)  # noqa: E731
             role = "last block (forecast)"
         else:
-            fwd = lambda module, inner, *a, **k: state.middle_block(inner, kind, a, k)  # noqa: E731
+            fwd = lambda module, inner, *a, **k: state.middle_block(sig, inner, a, k)  # noqa: E731
             role = "skippable block"
-        return Plan("cache", f"Taylor cache: {role}", fwd, wraps=True)
+        return Plan("cache", f"Taylor cache: {role}", fwd, wraps=True, backend=backend)
 
     rules = {model_cls: model_rule}
     for cls in {type(b).__name__ for b in blocks}:

@@ -1,18 +1,64 @@
-"""The ``moe`` feature: registers the option and the HiDream family (the engine imports this module always).
+"""The ``moe`` feature: every mixture-of-experts layer a family declares (``Family.moe``) runs on ``SparseMoE``.
 
-The swap of MoE feed-forwards is a family rule (``ditkern/patch/hidream.py``), on by default because it computes
-the same function (fp32 arithmetic, same routing); ``moe=`` only carries its options, validated here.
+On by default, because it computes the same function (fp32 arithmetic, same routing); ``moe=`` carries its options
+(``MoEConfig``, or False to keep the layers as they are). The family says which layer classes are MoE layers and how
+each becomes a ``SparseMoE`` (``MoELayer.build``, with its own structure and source checks); this module does the
+rest for all of them: the swap at patch time, the training fallback, the device check, the report row.
 """
 
 from __future__ import annotations
 
+import torch
+
+from ditkern._backend import choose
 from ditkern.moe.config import resolve
-from ditkern.patch.engine import Feature, register_feature
+from ditkern.ops.moe import BACKENDS
+from ditkern.patch.engine import Feature, Plan, device_dtype, register_feature
+from ditkern.patch.family import MoELayer
+
+WHAT = "MoE dispatch fused: route + align + grouped SwiGLU + combine, no host sync (SparseMoE)"
+ATTR = "_ditkern_sparse_moe"  # in the layer's __dict__, not a submodule: the model's state_dict is unchanged
+
+
+def _layer_rule(decl: MoELayer, block_m: int):
+    def rule(m, cfg):
+        sparse = decl.build(m, block_m, cfg.backend)
+        if isinstance(sparse, str):
+            return sparse
+        device, dtype = device_dtype(m)
+        backend = choose("moe_grouped_swiglu", BACKENDS, torch.empty(1, sparse.dim, device=device, dtype=dtype),
+                         backend=cfg.backend)  # fmt: skip
+        mib = sparse.stacked_bytes() / 2**20
+        original = type(m).forward
+
+        def apply(module):
+            module.__dict__[ATTR] = sparse
+
+        def undo(module):
+            module.__dict__.pop(ATTR, None)
+
+        def forward(module, x):
+            if decl.original(module):
+                return original(module, x)
+            moe = module.__dict__[ATTR]
+            if moe.w1.device != x.device or moe.w1.dtype != x.dtype:
+                raise RuntimeError(
+                    f"ditkern: the experts of this MoE layer were stacked on {moe.w1.device} in {moe.w1.dtype} at "
+                    f"patch time but the input is {x.device} {x.dtype}; patch after moving / casting the model"
+                )
+            return moe(x)
+
+        detail = f"{sparse.num_experts} experts top-{sparse.top_k}, stacked copy {mib:.2f} MiB"
+        return Plan("moe", WHAT, forward, apply, undo, detail=detail, backend=backend)
+
+    return rule
 
 
 def _rules(family, model, config):
-    resolve(config.moe)  # a bad value raises here, naming the option
-    return None
+    opts = resolve(config.moe)  # a bad value raises here, naming the option
+    if not opts.enabled or not family.moe:
+        return None
+    return {cls: _layer_rule(decl, opts.block_m) for cls, decl in family.moe.items()}
 
 
 MOE = register_feature(Feature(name="moe", rules=_rules))

@@ -1,17 +1,29 @@
 """``BasicTransformerBlock`` with adaLN modulation (DiT's ``ada_norm_zero``, PixArt's ``ada_norm_single``).
 
-Shared by the DiT and PixArt families. The residual add that precedes the feed-forward norm is fused with that norm
+Shared by the DiT and PixArt families (``ditkern/patch/families/dit.py``, ``pixart.py``). The residual add that precedes the feed-forward norm is fused with that norm
 and the MLP modulation: the gated self-attention add for DiT (no cross-attention), the cross-attention add for
 PixArt. Other norm types carry no modulation and are left alone (reported as skipped).
 """
 
 from __future__ import annotations
 
+from ditkern.attention.processors import spatial_grid
 from ditkern.patch.common import (
-    BLOCK_WHAT, check_fingerprint, chunked_ff, has_attrs, modulate, norm_spec, residual_modulate,
+    BLOCK_WHAT, adaln_backend, check_fingerprint, chunked_ff, has_attrs, modulate, norm_spec, residual_modulate,
 )
 from ditkern.patch.engine import Plan
+from ditkern.patch.family import SINGLE, Stack, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
+
+# a model of BasicTransformerBlocks (DiT, PixArt): one stack of image-stream blocks whose attn1 is self-attention
+# over the latent's token grid (attn2, where present, is cross-attention to the text and stays dense)
+STACK = Stack(lists=("transformer_blocks",), blocks={"BasicTransformerBlock": SINGLE})
+TOKENS = TokenLayout(
+    self_attention={"BasicTransformerBlock": ("attn1",)},
+    processors=frozenset({"AttnProcessor2_0"}),
+    text="first",
+    grid=spatial_grid,
+)
 
 
 def basic_block_rule(block, cfg):
@@ -90,4 +102,4 @@ def basic_block_rule(block, cfg):
         ff_output = chunked_ff(block, block.ff, norm_hidden_states)
         return hidden_states + (gate_mlp.unsqueeze(1) if zero else gate_mlp) * ff_output
 
-    return Plan("block", BLOCK_WHAT, forward)
+    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, ff_norm, cfg))

@@ -8,14 +8,17 @@ import functools
 import hashlib
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ditkern._backend import choose
 from ditkern.config import PatchConfig
+from ditkern.ops.adaln_modulate import BACKENDS as ADALN_BACKENDS
 from ditkern.ops.adaln_modulate import adaln_modulate, gated_residual_adaln
-from ditkern.patch.engine import Plan
+from ditkern.patch.engine import Plan, device_dtype
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,24 @@ def norm_spec(m: nn.Module) -> NormSpec | str:
     if name == "LayerNorm" and hasattr(m, "eps") and hasattr(m, "weight"):  # diffusers' own for old torch
         return NormSpec("layer", m.weight, getattr(m, "bias", None), float(m.eps))
     return f"norm {name} is not a layer or RMS norm"
+
+
+def norm_width(m: nn.Module) -> int | None:
+    """The width D a layer or RMS norm normalises over (None if it does not say)."""
+    shape = getattr(m, "normalized_shape", None) or getattr(m, "dim", None)
+    if isinstance(shape, int):
+        return shape
+    return int(shape[-1]) if shape else None
+
+
+def adaln_backend(module: nn.Module, norm: nn.Module | None, cfg: PatchConfig) -> str:
+    """The backend ``adaln_modulate`` / ``gated_residual_adaln`` will run on for this module: its device and dtype,
+    the width of ``norm``, the backend the patch asks for. Resolved once, at patch time, for the plan and the report;
+    a backend the user forced that cannot run raises here (``BackendUnavailable``)."""
+    device, dtype = device_dtype(module)
+    width = (norm_width(norm) if norm is not None else None) or 64
+    sample = torch.empty(1, 1, width, device=device, dtype=dtype)
+    return choose("adaln_modulate", ADALN_BACKENDS, sample, backend=cfg.backend)
 
 
 def _promoted(out: torch.Tensor, *others: torch.Tensor | None) -> torch.Tensor:
@@ -128,26 +149,42 @@ ADALN_WHAT = "norm + modulate fused (adaln_modulate)"
 BLOCK_WHAT = "gated residual + norm + modulate fused (gated_residual_adaln)"
 
 
-def _adaln_rule(*attrs: str):
-    """Rule for one of diffusers' adaLN norm modules: the decorated function builds the fused forward for a backend;
-    the shared checks (option on, expected attributes, a fusable norm, a validated source) happen here."""
-
-    def wrap(make_forward):
-        def rule(m: nn.Module, cfg: PatchConfig):
-            if not cfg.fused_norms:
-                return None
-            reason = has_attrs(m, "linear", "silu", "norm", *attrs) or _spec_reason(m.norm) or _fp(m)
-            return reason or Plan("adaln", ADALN_WHAT, make_forward(cfg.backend))
-
-        rule.__name__ = rule.__qualname__ = make_forward.__name__
-        rule.__doc__ = make_forward.__doc__
-        return rule
-
-    return wrap
+Modulate = Callable[..., torch.Tensor]  # mod(norm, x, shift, scale) -> norm(x) * (1 + scale) + shift
 
 
-@_adaln_rule("emb")
-def ada_layer_norm_zero_rule(backend):
+@dataclass(frozen=True)
+class AdaLNNormRule:
+    """The rule for one of diffusers' adaLN norm modules.
+
+    ``build(mod)`` returns the module's fused forward, in which ``mod(norm, x, shift, scale)`` computes
+    ``norm(x) * (1 + scale) + shift``: :func:`modulate` for the fused-norm patch, and the quant feature's
+    adaLN + FP8 variant where ``feeds_linears`` (the output is the input of the block's linear layers; the final
+    norms feed the unquantized output projection). The shared checks (option on, the expected attributes, a fusable
+    norm, a validated source) are in :meth:`check`.
+    """
+
+    build: Callable[[Modulate], Callable]
+    attrs: tuple[str, ...] = ()
+    feeds_linears: bool = True
+
+    def check(self, m: nn.Module) -> str | None:
+        return has_attrs(m, "linear", "silu", "norm", *self.attrs) or _spec_reason(m.norm) or _fp(m)
+
+    def __call__(self, m: nn.Module, cfg: PatchConfig):
+        if not cfg.fused_norms:
+            return None
+        reason = self.check(m)
+        if reason:
+            return reason
+        backend = cfg.backend
+
+        def mod(norm, x, shift, scale):
+            return modulate(norm, x, shift, scale, backend)
+
+        return Plan("adaln", ADALN_WHAT, self.build(mod), backend=adaln_backend(m, m.norm, cfg))
+
+
+def _ada_layer_norm_zero(mod: Modulate):
     """``AdaLayerNormZero``: linear(silu(emb)) -> 6 chunks; norm(x) * (1 + scale_msa) + shift_msa fused."""
 
     def forward(module, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
@@ -155,25 +192,23 @@ def ada_layer_norm_zero_rule(backend):
             emb = module.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
         emb = module.linear(module.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
-        return modulate(module.norm, x, shift_msa, scale_msa, backend), gate_msa, shift_mlp, scale_mlp, gate_mlp
+        return mod(module.norm, x, shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
     return forward
 
 
-@_adaln_rule()
-def ada_layer_norm_zero_single_rule(backend):
+def _ada_layer_norm_zero_single(mod: Modulate):
     """``AdaLayerNormZeroSingle`` (FLUX single-stream blocks): 3 chunks."""
 
     def forward(module, x, emb=None):
         emb = module.linear(module.silu(emb))
         shift_msa, scale_msa, gate_msa = emb.chunk(3, dim=1)
-        return modulate(module.norm, x, shift_msa, scale_msa, backend), gate_msa
+        return mod(module.norm, x, shift_msa, scale_msa), gate_msa
 
     return forward
 
 
-@_adaln_rule()
-def sd35_ada_layer_norm_zero_x_rule(backend):
+def _sd35_ada_layer_norm_zero_x(mod: Modulate):
     """``SD35AdaLayerNormZeroX`` (SD3.5 dual attention): 9 chunks, two modulations of one normalised x."""
 
     def forward(module, hidden_states, emb=None):
@@ -181,23 +216,28 @@ def sd35_ada_layer_norm_zero_x_rule(backend):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2 = emb.chunk(
             9, dim=1
         )
-        out1 = modulate(module.norm, hidden_states, shift_msa, scale_msa, backend)
-        out2 = modulate(module.norm, hidden_states, shift_msa2, scale_msa2, backend)
+        out1 = mod(module.norm, hidden_states, shift_msa, scale_msa)
+        out2 = mod(module.norm, hidden_states, shift_msa2, scale_msa2)
         return out1, gate_msa, shift_mlp, scale_mlp, gate_mlp, out2, gate_msa2
 
     return forward
 
 
-@_adaln_rule()
-def ada_layer_norm_continuous_rule(backend):
+def _ada_layer_norm_continuous(mod: Modulate):
     """``AdaLayerNormContinuous`` (final norms, SD3's last context norm): emb -> (scale, shift), in that order."""
 
     def forward(module, x, conditioning_embedding):
         emb = module.linear(module.silu(conditioning_embedding).to(x.dtype))
         scale, shift = torch.chunk(emb, 2, dim=1)
-        return modulate(module.norm, x, shift, scale, backend)
+        return mod(module.norm, x, shift, scale)
 
     return forward
+
+
+ada_layer_norm_zero_rule = AdaLNNormRule(_ada_layer_norm_zero, attrs=("emb",))
+ada_layer_norm_zero_single_rule = AdaLNNormRule(_ada_layer_norm_zero_single)
+sd35_ada_layer_norm_zero_x_rule = AdaLNNormRule(_sd35_ada_layer_norm_zero_x)
+ada_layer_norm_continuous_rule = AdaLNNormRule(_ada_layer_norm_continuous, feeds_linears=False)
 
 
 def _fp(m: nn.Module) -> str | None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib
-import importlib.util
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ditkern._backend import BackendUnavailable, requested_backend
 from ditkern.config import PatchConfig
+from ditkern.patch.family import Family, Rule
 from ditkern.patch.report import PatchReport, Row
 
 logger = logging.getLogger("ditkern")
@@ -35,7 +35,9 @@ class Plan:
     ``new_forward(module, *args, **kwargs)`` replaces the module's forward through a diffusers hook registered as
     ``"ditkern." + name``. ``apply(module)`` / ``undo(module)`` do any other instance-level change (a processor swap,
     packed weights) and must leave the module bit-identical after ``undo``. ``detail`` is shown in the report
-    (a format, a memory figure).
+    (a format, a memory figure). ``backend`` is the backend the plan's op runs on for the module's device and dtype,
+    resolved by the rule at patch time (``ditkern._backend.choose`` on a sample like the module's inputs; "" for a
+    plan that runs no ditkern op): the report's backend column.
     """
 
     name: str  # short name of the change, e.g. "adaln"; unique per module
@@ -45,20 +47,7 @@ class Plan:
     undo: Callable[[nn.Module], None] | None = None
     detail: str = ""
     wraps: bool = False  # new_forward(module, inner, *args, **kwargs): inner is the forward it replaces
-
-
-# A rule maps a module to a Plan, or to a string: the reason it is skipped.
-Rule = Callable[[nn.Module, PatchConfig], "Plan | str | None"]
-
-
-@dataclass
-class Family:
-    """A model family: the exact model class names it covers and the rules keyed by exact submodule class name."""
-
-    name: str
-    model_classes: tuple[str, ...]
-    rules: dict[str, Rule]
-    notes: str = ""
+    backend: str = ""
 
 
 @dataclass
@@ -66,8 +55,10 @@ class Feature:
     """A capability that applies across families (caching, quantization, attention), switched on by a config field.
 
     ``rules(family, model, config)`` returns extra rules keyed by exact class name (the model's own class name
-    matches the root module), or None when the feature is off in ``config``. Features register themselves with
-    :func:`register_feature` when their module is imported (see ``_load_families``).
+    matches the root module), or None when the feature is off in ``config``. A feature reads what it needs of the
+    model from ``family`` (a :class:`ditkern.patch.family.Family`) and keeps no per-model table. Features register
+    themselves with :func:`register_feature` when their module is imported (``ditkern/patch/__init__.py`` imports
+    them).
     """
 
     name: str
@@ -84,38 +75,38 @@ def register_feature(feature: Feature) -> Feature:
     return feature
 
 
+# exact model class name -> its family; filled by ``ditkern/patch/__init__.py`` from the family registry
+# (``ditkern/patch/families``): the engine imports no family
 FAMILIES: dict[str, Family] = {}
 
 
 def register_family(family: Family) -> Family:
+    """Match ``family.model_classes`` to ``family`` from now on. A class claimed by a family of another name is an
+    error; a family of the same name replaces its earlier declaration (a module reloaded, a declaration retried)."""
+    if not isinstance(family, Family):
+        raise TypeError(f"register_family takes a ditkern.patch.family.Family, got {type(family).__name__}")
     for cls in family.model_classes:
-        if cls in FAMILIES and FAMILIES[cls] is not family:
+        if cls in FAMILIES and FAMILIES[cls].name != family.name:
             raise ValueError(f"model class {cls!r} is already registered by family {FAMILIES[cls].name!r}")
+    for cls in family.model_classes:
         FAMILIES[cls] = family
     return family
 
 
 def supported_models() -> list[str]:
-    _load_families()
     return sorted(FAMILIES)
 
 
-def _load_families():
-    # importing the family modules registers them (kept lazy so `import ditkern` stays light)
-    from ditkern.patch import dit, flux, hidream, pixart, sana, sd3, wan  # noqa: F401, PLC0415
-
-    # features register themselves when their module is imported: ditkern/<feature>/feature.py
-    for name in FEATURE_MODULES:
-        try:
-            spec = importlib.util.find_spec(name)
-        except ModuleNotFoundError:  # the feature's package itself is absent
-            spec = None
-        if spec is not None:
-            importlib.import_module(name)
+def device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a module's first floating-point parameter (what its inputs will be): where a rule resolves
+    its plan's backend at patch time. CPU / float32 for a module without one."""
+    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
 
 
-# where features live; a missing one simply is not available (its config field then raises a clear error)
-FEATURE_MODULES = ("ditkern.cache.feature", "ditkern.quant.feature", "ditkern.attention.feature", "ditkern.moe.feature")
+def family_of(model: nn.Module) -> Family | None:
+    """The family registered for the model's exact class name, or None."""
+    return FAMILIES.get(type(model).__name__)
 
 
 @functools.cache
@@ -155,7 +146,7 @@ class _State:
     report: PatchReport | None = None
 
 
-def _targets(obj) -> list[tuple[str, nn.Module]]:
+def targets(obj) -> list[tuple[str, nn.Module]]:
     """The transformer(s) to patch: the module itself, or a pipeline's ``transformer`` (and ``transformer_2``)."""
     if isinstance(obj, nn.Module):
         return [("", obj)]
@@ -203,7 +194,9 @@ def _uninstall(entry: _Installed) -> None:
 def rules_for(family: Family, model: nn.Module, config: PatchConfig) -> dict[str, list[Rule]]:
     """The family's rules plus those of every enabled feature, keyed by exact class name."""
     merged: dict[str, list[Rule]] = {cls: [rule] for cls, rule in family.rules.items()}
-    for feature in FEATURES:
+    # features in the order of FEATURE_FIELDS (their hooks stack in that order on a shared module), others after
+    rank = {name: i for i, name in enumerate(FEATURE_FIELDS)}
+    for feature in sorted(FEATURES, key=lambda f: rank.get(f.name, len(rank))):
         extra = feature.rules(family, model, config)
         for cls, rule in (extra or {}).items():
             merged.setdefault(cls, []).append(rule)
@@ -218,16 +211,15 @@ def patch(model_or_pipeline, config: PatchConfig | None = None, **options) -> Pa
     :class:`PatchReport` listing what was patched and what was skipped, each with a reason.
     """
     config = _merge(config, options)
-    _load_families()
     report = PatchReport()
-    targets = _targets(model_or_pipeline)
-    if not targets:
+    found = targets(model_or_pipeline)
+    if not found:
         report.note(
             f"nothing patched: {type(model_or_pipeline).__name__} is neither a torch module nor a pipeline with a "
             "`transformer` component"
         )
         return report
-    for prefix, model in targets:
+    for prefix, model in found:
         unpatch(model)
         family = FAMILIES.get(type(model).__name__)
         label = prefix or type(model).__name__
@@ -236,27 +228,30 @@ def patch(model_or_pipeline, config: PatchConfig | None = None, **options) -> Pa
                            f"ditkern patches {', '.join(supported_models())}"))  # fmt: skip
             continue
         state = _State(config=config)
-        backend = _report_backend(model, config)
-        rules = rules_for(family, model, config)
-        for path, module in model.named_modules():
-            for rule in rules.get(type(module).__name__, ()):
-                full = ".".join(p for p in (prefix, path) if p) or label
-                try:
-                    plan = rule(module, config)
-                except Exception as exc:  # a rule that cannot understand a module must skip it, never half-patch
-                    plan = f"rule failed: {type(exc).__name__}: {exc}"
-                if plan is None:
-                    continue
-                if isinstance(plan, str):
-                    report.add(Row(full, type(module).__name__, "skipped", "", "", plan))
-                    continue
-                try:
+        try:
+            rules = rules_for(family, model, config)
+            for path, module in model.named_modules():
+                for rule in rules.get(type(module).__name__, ()):
+                    full = ".".join(p for p in (prefix, path) if p) or label
+                    try:
+                        plan = rule(module, config)
+                    except BackendUnavailable:
+                        raise  # a backend the user forced cannot run here: an error, not a skip
+                    except Exception as exc:  # a rule that cannot understand a module must skip it, never half-patch
+                        plan = f"rule failed: {type(exc).__name__}: {exc}"
+                    if plan is None:
+                        continue
+                    if isinstance(plan, str):
+                        report.add(Row(full, type(module).__name__, "skipped", "", "", plan))
+                        continue
                     state.installed.append(_install(module, plan))
-                except Exception:
-                    for entry in reversed(state.installed):  # never leave a model half-patched
-                        _uninstall(entry)
-                    raise
-                report.add(Row(full, type(module).__name__, "patched", plan.what, backend, "", plan.detail))
+                    report.add(Row(full, type(module).__name__, "patched", plan.what, plan.backend, "", plan.detail))
+        except Exception as exc:
+            for entry in reversed(state.installed):  # never leave a model half-patched
+                _uninstall(entry)
+            if isinstance(exc, BackendUnavailable):
+                raise RuntimeError(f"ditkern.patch: {exc}") from exc
+            raise
         if not state.installed:
             report.note(f"{label}: no module of {type(model).__name__} matched a ditkern rule")
         state.report = report
@@ -266,7 +261,7 @@ def patch(model_or_pipeline, config: PatchConfig | None = None, **options) -> Pa
 
 def unpatch(model_or_pipeline) -> None:
     """Undo :func:`patch`: removes every ditkern hook, restoring the original forwards (bit-identical outputs)."""
-    for _, model in _targets(model_or_pipeline):
+    for _, model in targets(model_or_pipeline):
         state = model.__dict__.get(STATE_ATTR)
         if state is None:
             continue
@@ -276,7 +271,7 @@ def unpatch(model_or_pipeline) -> None:
 
 
 def is_patched(model_or_pipeline) -> bool:
-    return any(STATE_ATTR in m.__dict__ for _, m in _targets(model_or_pipeline))
+    return any(STATE_ATTR in m.__dict__ for _, m in targets(model_or_pipeline))
 
 
 @contextlib.contextmanager
@@ -299,26 +294,12 @@ def _merge(config: PatchConfig | None, options: dict) -> PatchConfig:
     if unknown:
         raise TypeError(f"unknown patch option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(valid))}")
     config = dataclasses.replace(config, **options) if options else config
-    _load_families()
     for name in FEATURE_FIELDS:
         if getattr(config, name) is not None and not any(f.name == name for f in FEATURES):
             raise ValueError(f"ditkern.patch: option {name}=... is not available in this version of ditkern")
-    return config
+    # DITKERN_BACKEND is read here, once per patch: the rules and the ops they install see the resolved request
+    # ("auto" or a backend the user named), never the environment at call time inside a compiled graph
+    return dataclasses.replace(config, backend=requested_backend(config.backend))
 
 
 FEATURE_FIELDS = ("cache", "quant", "attention", "moe")
-
-
-def _report_backend(model: nn.Module, config: PatchConfig) -> str:
-    """The backend the fused ops will pick for this model's device and dtype (for the report)."""
-    from ditkern._backend import choose  # noqa: PLC0415
-    from ditkern.ops.adaln_modulate import BACKENDS  # noqa: PLC0415
-
-    p = next(model.parameters(), None)
-    if p is None:
-        return "?"
-    sample = torch.empty(1, 1, 64, device=p.device, dtype=p.dtype if p.dtype.is_floating_point else torch.float32)
-    try:
-        return choose("adaln_modulate", BACKENDS, sample, backend=config.backend)
-    except RuntimeError as exc:
-        raise RuntimeError(f"ditkern.patch: {exc}") from exc

@@ -18,33 +18,24 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ditkern.patch.engine import Feature, Plan, register_feature
+from ditkern._backend import choose
+from ditkern.patch.engine import Feature, Plan, device_dtype, family_of, register_feature
+from ditkern.patch.family import Family, QuantLayout, Stack
 from ditkern.quant import fp8_companion
 from ditkern.quant.config import QuantConfig, as_quant_config
 from ditkern.quant.formats import QuantizedWeight, inv_smooth, quantize
 
 UPGRADE = "fp6_e2m3"  # the format a layer moves to first under a memory budget
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
-
-DEFAULT_SKIP = (
-    "*embed*",  # patch/text/timestep/class embedders (x_embedder, context_embedder, time_text_embed, ...)
-    "caption_projection*",  # PixArt's text projection
-    "adaln_single*",  # PixArt's shared timestep -> 6 x D modulation of every block
-    "proj_out*",  # final projection (DiT: proj_out_1 / proj_out_2)
-    "norm_out*",  # final adaLN-continuous modulation
-)
 
 
-def default_skip(model: nn.Module) -> list[str]:
-    """The default high-precision list: :data:`DEFAULT_SKIP` plus the adaLN modulation linears (``norm*``) of the
-    first block of the first block list and the last block of the last one."""
-    pats = list(DEFAULT_SKIP)
-    lists = [(n, getattr(model, n)) for n in BLOCK_LISTS if isinstance(getattr(model, n, None), nn.ModuleList)]
-    lists = [(n, lst) for n, lst in lists if len(lst)]
-    if lists:
-        pats.append(f"{lists[0][0]}.0.norm*")
-        pats.append(f"{lists[-1][0]}.{len(lists[-1][1]) - 1}.norm*")
-    return pats
+def default_skip(model: nn.Module, family: Family | None = None) -> list[str]:
+    """The default high-precision list of the model's family (``Family.quant``): its skip patterns plus the edge
+    patterns (the adaLN modulation linears, ``norm*``) under the first block of the first stack list and the last
+    block of the last one. ``family`` defaults to the one registered for the model's class."""
+    family = family if family is not None else family_of(model)
+    layout = family.quant if family is not None else QuantLayout()
+    stack = family.stack if family is not None and isinstance(family.stack, Stack) else None
+    return layout.default_skip(model, stack)
 
 
 def _matches(path: str, patterns) -> str | None:
@@ -81,9 +72,10 @@ def quantize_layer(path: str, module: nn.Linear, fmt: str, qc: QuantConfig, stat
     return quantize(w, fmt, qc.group_size, qc.scale_dtype, name=path)
 
 
-def plan_model(model: nn.Module, qc: QuantConfig, backend: str | None) -> dict[int, Plan | str]:
+def plan_model(model: nn.Module, qc: QuantConfig, backend: str | None, family: Family | None = None
+               ) -> dict[int, Plan | str]:  # fmt: skip
     """Decide (and quantize) every linear layer: {id(module): Plan, or the reason it stays in high precision}."""
-    skip = default_skip(model) if qc.skip is None else list(qc.skip)
+    skip = default_skip(model, family) if qc.skip is None else list(qc.skip)
     cal = qc.calibration.layers if qc.calibration is not None else {}
     preq = getattr(qc, "_prequantized", None)  # set by load_quantized: {path: QuantizedWeight}
     out: dict[int, Plan | str] = {}
@@ -192,6 +184,7 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
     detail = f"{qw.format} g{qw.group_size}{a}{sm}: {_mib(before)} -> {_mib(after)} ({after / before:.2f}x){note}"
     what = "quantized linear (fpx_fp8_linear)" if use_act else "quantized linear (fpx_linear)"
     fmt, G = qw.format, qw.group_size
+    gemm_backend = _gemm_backend(w, qw, use_act, backend)
 
     scale_dtype = qw.scales.dtype
 
@@ -242,7 +235,28 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
         module._parameters.clear()
         module._parameters.update(params)
 
-    return Plan("quant", what, forward, apply, undo, detail)
+    return Plan("quant", what, forward, apply, undo, detail, backend=gemm_backend)
+
+
+# rows of the activation the GEMM is planned for: a DiT call multiplies thousands of tokens at once (the small-M CUDA
+# GEMV of fpx_linear serves only a few rows; at call time each call still picks its own)
+PLAN_ROWS = 4096
+
+
+def _gemm_backend(w: torch.Tensor, qw: QuantizedWeight, act: str | None, backend: str | None) -> str:
+    """The backend of the layer's GEMM (fpx_linear weight-only, fpx_fp8_matmul with FP8 activations) for its device
+    and dtype, at a DiT's row count."""
+    N, K = qw.shape
+    packed = qw.packed.to(w.device)
+    if act is None:
+        from ditkern.ops.fpx_linear import BACKENDS  # noqa: PLC0415
+
+        x = torch.empty(1, K, device=w.device, dtype=w.dtype).expand(PLAN_ROWS, K)
+        return choose("fpx_linear", BACKENDS, x, packed, backend=backend)
+    from ditkern.ops.fpx_fp8_linear import BACKENDS  # noqa: PLC0415
+
+    xq = torch.empty(1, K, device=w.device, dtype=torch.float8_e4m3fn).expand(PLAN_ROWS, K)
+    return choose("fpx_fp8_matmul", BACKENDS, xq, packed, backend=backend)
 
 
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.uint8: torch.uint8}
@@ -288,54 +302,37 @@ def _modulate_fp8(norm, x, shift, scale, backend, grid):
     return out
 
 
-def _norm_fp8_rules(grid: str, backend: str | None):
-    """Rules for the adaLN norm classes (validated like the fused-norm rules: fingerprints, norm kinds)."""
-    import dataclasses  # noqa: PLC0415
+def _fp8_norm_backend(module: nn.Module, cfg) -> str:
+    from ditkern.ops.adaln_modulate_fp8 import BACKENDS  # noqa: PLC0415
+    from ditkern.patch.common import norm_width  # noqa: PLC0415
 
-    from ditkern.patch import common  # noqa: PLC0415
+    device, dtype = device_dtype(module)
+    x = torch.empty(1, 1, norm_width(module.norm) or 64, device=device, dtype=dtype)
+    return choose("adaln_modulate_fp8", BACKENDS, x, backend=cfg.backend)
 
-    def checked(base_rule, make_forward):
+
+def _norm_fp8_rules(family: Family, grid: str, backend: str | None):
+    """The family's adaLN norm rules whose output feeds linear layers, each emitting the FP8 form of its output in
+    the same kernel (validated like the fused-norm rules: fingerprints, norm kinds)."""
+    from ditkern.patch.common import AdaLNNormRule  # noqa: PLC0415
+
+    def mod(norm, x, shift, scale):
+        return _modulate_fp8(norm, x, shift, scale, backend, grid)
+
+    def fp8_rule(base: AdaLNNormRule):
         def rule(module, cfg):
-            plan = base_rule(module, dataclasses.replace(cfg, fused_norms=True))
-            if isinstance(plan, str) or plan is None:
-                return plan
-            return Plan("quant_fp8", FUSED_FP8_WHAT, make_forward(), detail=f"emits {grid} activations")
+            reason = base.check(module)
+            if reason:
+                return reason
+            return Plan("quant_fp8", FUSED_FP8_WHAT, base.build(mod), detail=f"emits {grid} activations",
+                        backend=_fp8_norm_backend(module, cfg))  # fmt: skip
 
         return rule
 
-    def zero():
-        def forward(module, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
-            if module.emb is not None:
-                emb = module.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
-            emb = module.linear(module.silu(emb))
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
-            out = _modulate_fp8(module.norm, x, shift_msa, scale_msa, backend, grid)
-            return out, gate_msa, shift_mlp, scale_mlp, gate_mlp
-
-        return forward
-
-    def single():
-        def forward(module, x, emb=None):
-            emb = module.linear(module.silu(emb))
-            shift_msa, scale_msa, gate_msa = emb.chunk(3, dim=1)
-            return _modulate_fp8(module.norm, x, shift_msa, scale_msa, backend, grid), gate_msa
-
-        return forward
-
-    def sd35():
-        def forward(module, hidden_states, emb=None):
-            emb = module.linear(module.silu(emb))
-            sh1, sc1, g1, sh_mlp, sc_mlp, g_mlp, sh2, sc2, g2 = emb.chunk(9, dim=1)
-            out1 = _modulate_fp8(module.norm, hidden_states, sh1, sc1, backend, grid)
-            out2 = _modulate_fp8(module.norm, hidden_states, sh2, sc2, backend, grid)
-            return out1, g1, sh_mlp, sc_mlp, g_mlp, out2, g2
-
-        return forward
-
     return {
-        "AdaLayerNormZero": checked(common.ada_layer_norm_zero_rule, zero),
-        "AdaLayerNormZeroSingle": checked(common.ada_layer_norm_zero_single_rule, single),
-        "SD35AdaLayerNormZeroX": checked(common.sd35_ada_layer_norm_zero_x_rule, sd35),
+        cls: fp8_rule(rule)
+        for cls, rule in family.rules.items()
+        if isinstance(rule, AdaLNNormRule) and rule.feeds_linears
     }
 
 
@@ -343,7 +340,7 @@ def _rules(family, model, config):
     if config.quant is None:
         return None
     qc = as_quant_config(config.quant)
-    plans = plan_model(model, qc, config.backend)
+    plans = plan_model(model, qc, config.backend, family)
 
     def linear_rule(module, cfg):
         return plans.get(id(module))
@@ -351,7 +348,7 @@ def _rules(family, model, config):
     rules = {"Linear": linear_rule}
     p = next(model.parameters(), None)
     if qc.act_grid is not None and qc.fuse_adaln and p is not None and _fp8_reason(p.device) is None:
-        rules.update(_norm_fp8_rules(qc.act_grid, config.backend))
+        rules.update(_norm_fp8_rules(family, qc.act_grid, config.backend))
     return rules
 
 

@@ -246,3 +246,24 @@ def test_batch_order_equivariance(sync):
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y.flip(0), atol=1e-6, rtol=1e-5)
     ditkern.unpatch(model)
+
+
+def test_sana_cache_from_its_declaration_alone():
+    """Sana's stack declaration (ditkern/patch/families/sana.py) is all the cache needs: interval=1 is the fused
+    model bit for bit, a fixed schedule forecasts, unpatch is exact."""
+    from tests.attention.test_sana import tiny_sana
+
+    model, inputs = tiny_sana(batch=1)
+    pristine = _denoise(model, "sana", inputs, TS[:5])
+    ditkern.patch(model, backend="torch")
+    fused = _denoise(model, "sana", inputs, TS[:5])
+    report = ditkern.patch(model, cache=TaylorCache(order=1, interval=1), backend="torch")
+    assert any(r.what.startswith("Taylor cache over 2 blocks") for r in report.patched), str(report)
+    for a, b in zip(_denoise(model, "sana", inputs, TS[:5]), fused):
+        assert torch.equal(a, b)
+    ditkern.patch(model, cache=TaylorCache(order=1, interval=2), backend="torch")
+    _denoise(model, "sana", inputs, TS[:5])
+    assert stats(model)["forecast_calls"] == 2 and stats(model)["block_fraction"] < 1
+    ditkern.unpatch(model)
+    for a, b in zip(_denoise(model, "sana", inputs, TS[:5]), pristine):
+        assert torch.equal(a, b)

@@ -131,7 +131,7 @@ def test_training_mode_runs_the_original_moe_forward():
 
 
 def test_changed_moe_source_is_skipped_with_reason(monkeypatch):
-    from ditkern.patch import hidream as fam
+    from ditkern.patch.families import hidream as fam
 
     monkeypatch.setitem(fam.FINGERPRINTS, "MOEFeedForwardSwiGLU.moe_infer", {"0000000000000000"})
     model, _ = hidream()

@@ -52,7 +52,7 @@ def test_cross_lengths(backend, device):
 def test_equals_sanas_processor():
     from diffusers.models.attention_processor import Attention, SanaLinearAttnProcessor2_0
 
-    from ditkern.patch.sana import LinearAttnProcessor
+    from ditkern.patch.families.sana import LinearAttnProcessor
 
     attn = Attention(query_dim=48, heads=3, dim_head=16, bias=True, processor=SanaLinearAttnProcessor2_0()).eval()
     x = torch.randn(2, 37, 48)

@@ -7,15 +7,23 @@
   residual add fused with ``norm2`` + the MLP modulation (``gated_residual_adaln`` without a gate). The gated
   self-attention residual is followed by cross-attention, not a norm, and the MLP residual ends the block, so those
   two stay as they are.
+
+Stack: ``transformer_blocks``, image stream only (text through cross-attention). Windowed attention does not apply (the
+self-attention is ReLU linear attention, which has no softmax over a token neighbourhood to restrict).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ditkern._backend import choose
+from ditkern.ops.linear_attention import BACKENDS as LINEAR_BACKENDS
 from ditkern.ops.linear_attention import linear_attention
-from ditkern.patch.common import BLOCK_WHAT, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate
-from ditkern.patch.engine import Family, Plan, register_family
+from ditkern.patch.common import (
+    BLOCK_WHAT, adaln_backend, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
+)  # fmt: skip
+from ditkern.patch.engine import Plan, device_dtype
+from ditkern.patch.family import COMMON_SKIP, SINGLE, Family, QuantLayout, Stack
 
 # source fingerprints (ditkern.patch.common.source_fingerprint) of the forwards mirrored here
 FINGERPRINTS = {
@@ -59,15 +67,20 @@ def sana_linear_attention_rule(attn, cfg):
     if reason:
         return reason
     backend = cfg.backend
+    device, dtype = device_dtype(attn)
+    head_dim = attn.to_q.out_features // attn.heads
+    chosen = choose("linear_attention", LINEAR_BACKENDS, torch.empty(1, attn.heads, 1, head_dim, device=device, dtype=dtype),
+                    backend=backend)  # fmt: skip
+    saved = {}
 
     def apply(m):
-        apply.saved = m.processor
+        saved["processor"] = m.processor
         m.set_processor(LinearAttnProcessor(backend))
 
     def undo(m):
-        m.set_processor(apply.saved)
+        m.set_processor(saved.pop("processor"))
 
-    return Plan("linear_attention", LINEAR_WHAT, apply=apply, undo=undo, detail=f"{attn.heads} heads")
+    return Plan("linear_attention", LINEAR_WHAT, apply=apply, undo=undo, detail=f"{attn.heads} heads", backend=chosen)
 
 
 def sana_block_rule(block, cfg):
@@ -107,14 +120,15 @@ def sana_block_rule(block, cfg):
         ff_output = ff_output.flatten(2, 3).permute(0, 2, 1)
         return hidden_states + gate_mlp * ff_output
 
-    return Plan("block", BLOCK_WHAT, forward)
+    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm2, cfg))
 
 
-SANA = register_family(
-    Family(
-        name="sana",
-        model_classes=("SanaTransformer2DModel",),
-        rules={"SanaTransformerBlock": sana_block_rule, "Attention": sana_linear_attention_rule},
-        notes="the final SanaModulatedNorm lives in the model's forward and is not fused",
-    )
+FAMILY = Family(
+    name="sana",
+    model_classes=("SanaTransformer2DModel",),
+    rules={"SanaTransformerBlock": sana_block_rule, "Attention": sana_linear_attention_rule},
+    stack=Stack(lists=("transformer_blocks",), blocks={"SanaTransformerBlock": SINGLE}),
+    attention="its self-attention is ReLU linear attention (served by linear_attention), not softmax over a token grid",
+    quant=QuantLayout(skip=(*COMMON_SKIP, "caption_projection*")),
+    notes="the final SanaModulatedNorm lives in the model's forward and is not fused",
 )

@@ -5,14 +5,21 @@ take fp32 modulation beside a bf16/fp16 stream and compute in fp32, so the seman
 block: norm1 + modulate; gated self-attention residual + norm2 (affine, unmodulated; skipped when norm2 is an
 Identity); cross-attention residual + norm3 + modulate. Per-token modulation (Wan 2.2 TI2V, ``temb`` of
 ``[B, S, 6, D]``) is read as strided views in place.
+
+Stack: ``blocks``, image stream only (text through cross-attention). Attention: ``attn1`` is self-attention over the
+3-D video grid (frames x height x width of the latent over the patch); ``attn2`` (cross-attention) stays dense.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ditkern.patch.common import BLOCK_WHAT, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate
-from ditkern.patch.engine import Family, Plan, register_family
+from ditkern.attention.processors import spatial_grid
+from ditkern.patch.common import (
+    BLOCK_WHAT, adaln_backend, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
+)  # fmt: skip
+from ditkern.patch.engine import Plan
+from ditkern.patch.family import COMMON_SKIP, SINGLE, Family, QuantLayout, Stack, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
 
@@ -53,14 +60,20 @@ def wan_block_rule(block, cfg):
         ff_output = block.ffn(norm_hidden_states)
         return (hidden_states.float() + ff_output.float() * c_gate_msa).to(dtype)
 
-    return Plan("block", BLOCK_WHAT, forward)
+    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm1, cfg))
 
 
-WAN = register_family(
-    Family(
-        name="wan",
-        model_classes=("WanTransformer3DModel",),
-        rules={"WanTransformerBlock": wan_block_rule},
-        notes="the final scale-shift lives in the model's forward and is not fused",
-    )
+FAMILY = Family(
+    name="wan",
+    model_classes=("WanTransformer3DModel",),
+    rules={"WanTransformerBlock": wan_block_rule},
+    stack=Stack(lists=("blocks",), blocks={"WanTransformerBlock": SINGLE}),
+    attention=TokenLayout(
+        self_attention={"WanTransformerBlock": ("attn1",)},
+        processors=frozenset({"WanAttnProcessor", "WanAttnProcessor2_0"}),
+        text="first",
+        grid=spatial_grid,
+    ),
+    quant=QuantLayout(skip=COMMON_SKIP),
+    notes="the final scale-shift lives in the model's forward and is not fused",
 )

@@ -3,14 +3,20 @@
 The gated residual add that precedes ``norm2`` is fused with it: after the joint attention for SD3, after the
 second (image-only) attention for SD3.5's dual-attention blocks. The context stream of a block that is not
 ``context_pre_only`` gets the same fusion.
+
+Stack: the joint blocks, ``(hidden_states, encoder_hidden_states) -> (encoder_hidden_states, hidden_states)`` (the
+last one returns None for the text stream); the model reads only the image stream after them. Attention: joint
+sequences with the text last (``attn``), plus SD3.5's image-only ``attn2``; the grid is the latent's over the patch.
 """
 
 from __future__ import annotations
 
+from ditkern.attention.processors import spatial_grid
 from ditkern.patch.common import (
-    BLOCK_WHAT, NORM_RULES, check_fingerprint, chunked_ff, has_attrs, norm_spec, residual_modulate,
-)
-from ditkern.patch.engine import Family, Plan, register_family
+    BLOCK_WHAT, NORM_RULES, adaln_backend, check_fingerprint, chunked_ff, has_attrs, norm_spec, residual_modulate,
+)  # fmt: skip
+from ditkern.patch.engine import Plan
+from ditkern.patch.family import COMMON_SKIP, PAIR, Family, QuantLayout, Stack, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
 
@@ -64,13 +70,19 @@ def joint_block_rule(block, cfg):
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
         return encoder_hidden_states, hidden_states
 
-    return Plan("block", BLOCK_WHAT, forward)
+    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm2, cfg))
 
 
-SD3 = register_family(
-    Family(
-        name="sd3",
-        model_classes=("SD3Transformer2DModel",),
-        rules={"JointTransformerBlock": joint_block_rule, **NORM_RULES},
-    )
+FAMILY = Family(
+    name="sd3",
+    model_classes=("SD3Transformer2DModel",),
+    rules={"JointTransformerBlock": joint_block_rule, **NORM_RULES},
+    stack=Stack(lists=("transformer_blocks",), blocks={"JointTransformerBlock": PAIR}, reads_after=("hidden_states",)),
+    attention=TokenLayout(
+        self_attention={"JointTransformerBlock": ("attn", "attn2")},  # attn2: SD3.5's image-only dual attention
+        processors=frozenset({"JointAttnProcessor2_0"}),
+        text="last",
+        grid=spatial_grid,
+    ),
+    quant=QuantLayout(skip=COMMON_SKIP),
 )

@@ -1,21 +1,29 @@
 """HiDream-I1 (``HiDreamImageTransformer2DModel``): MoE feed-forwards on fused dispatch, adaLN modulations fused.
 
-* ``MOEFeedForwardSwiGLU`` (the image stream's FFN in every block): its inference forward (``MoEGate`` + ``moe_infer``,
-  which calls ``bincount().cpu()`` - a host synchronisation - and loops over experts in Python) is replaced by a
-  :class:`ditkern.nn.SparseMoE` built at patch time: the routed experts are stacked into ``[E, ...]`` tensors (the
-  memory is in the report), the router weight and the shared expert are the layer's own. Training mode runs the
-  original forward. The stacked copy is taken at patch time: re-patch after changing expert weights or moving the
-  model.
+* ``MOEFeedForwardSwiGLU`` (the image stream's FFN in every block) is declared an MoE layer: the ``moe`` feature
+  (``ditkern/moe/feature.py``) replaces its inference forward (``MoEGate`` + ``moe_infer``, which calls
+  ``bincount().cpu()`` - a host synchronisation - and loops over experts in Python) by a :class:`ditkern.nn.SparseMoE`
+  that :func:`sparse_moe` builds at patch time: the routed experts are stacked into ``[E, ...]`` tensors (the memory is
+  in the report), the router weight and the shared expert are the layer's own. Training mode (unless the layer forces
+  its inference output) runs the original forward. The stacked copy is taken at patch time: re-patch after changing
+  expert weights or moving the model.
 * ``HiDreamImageTransformerBlock`` / ``HiDreamImageSingleTransformerBlock``: ``norm(x) * (1 + scale) + shift`` fused
   (``adaln_modulate``), and the gated attention residual fused with the feed-forward norm + modulation
   (``gated_residual_adaln``).
+
+Stack: the double-stream, then the single-stream blocks (each wrapped in a ``HiDreamBlock``). The Taylor cache does
+not apply: the model's forward feeds every block its own slice of the LLaMA text states (concatenated before the
+block, cut off after it), so the stack is not one chain of blocks whose residual could be forecast. Windowed
+attention is not declared (HiDream's attention runs through its own processor).
 """
 
 from __future__ import annotations
 
-from ditkern.moe.config import resolve
+import os
+
 from ditkern.patch.common import (
     ADALN_WHAT,
+    adaln_backend,
     check_fingerprint,
     has_attrs,
     modulate,
@@ -23,7 +31,8 @@ from ditkern.patch.common import (
     residual_modulate,
     source_fingerprint,
 )
-from ditkern.patch.engine import Family, Plan, register_family
+from ditkern.patch.engine import Plan
+from ditkern.patch.family import COMMON_SKIP, Family, MoELayer, QuantLayout, Stack
 
 # source fingerprints (common.source_fingerprint) of the diffusers code the patched forwards mirror
 FINGERPRINTS: dict[str, set[str]] = {
@@ -33,13 +42,10 @@ FINGERPRINTS: dict[str, set[str]] = {
     "HiDreamImageTransformerBlock": {"e140002a3c6984d1"},  # diffusers 0.42.1
     "HiDreamImageSingleTransformerBlock": {"01d822182ec33ee0"},  # diffusers 0.42.1
 }
-MOE_WHAT = "MoE dispatch fused: route + align + grouped SwiGLU + combine, no host sync (SparseMoE)"
 BLOCK_WHAT = "adaLN modulate + gated residual fused (adaln_modulate, gated_residual_adaln)"
 
 
 def _moe_fingerprint_reason(m) -> str | None:
-    import os  # noqa: PLC0415
-
     if os.environ.get("DITKERN_TRUST_BLOCK_SOURCE", "0") == "1":
         return None
     for key, fn in (
@@ -56,10 +62,9 @@ def _moe_fingerprint_reason(m) -> str | None:
     return None
 
 
-def moe_ffn_rule(m, cfg):
-    opts = resolve(cfg.moe)
-    if not opts.enabled:
-        return None
+def sparse_moe(m, block_m: int, backend: str):
+    """The ``SparseMoE`` computing ``MOEFeedForwardSwiGLU``'s inference forward (router and shared expert shared with
+    the layer, routed experts stacked), or the reason the layer is left alone."""
     reason = has_attrs(m, "gate", "experts", "shared_experts", "num_activated_experts", "_force_inference_output")
     reason = reason or has_attrs(m.gate, "weight", "top_k", "scoring_func", "norm_topk_prob")
     if reason:
@@ -73,31 +78,11 @@ def moe_ffn_rule(m, cfg):
         return reason
     from ditkern.nn.sparse_moe import SparseMoE  # noqa: PLC0415
 
-    sparse = SparseMoE.from_hidream(m, share=True, block_m=opts.block_m, backend=cfg.backend)
-    mib = sparse.stacked_bytes() / 2**20
-    original = type(m).forward
+    return SparseMoE.from_hidream(m, share=True, block_m=block_m, backend=backend)
 
-    def apply(module):
-        module.__dict__["_ditkern_sparse_moe"] = sparse  # not a submodule: the model's state_dict is unchanged
 
-    def undo(module):
-        module.__dict__.pop("_ditkern_sparse_moe", None)
-
-    def forward(module, x):
-        if module.training and not module._force_inference_output:
-            return original(module, x)  # HiDream's training path (repeat_interleave + aux loss); no autograd here
-        moe = module.__dict__["_ditkern_sparse_moe"]
-        if moe.w1.device != x.device or moe.w1.dtype != x.dtype:
-            raise RuntimeError(
-                f"ditkern: the experts of this MoE layer were stacked on {moe.w1.device} in {moe.w1.dtype} at patch "
-                f"time but the input is {x.device} {x.dtype}; patch after moving / casting the model"
-            )
-        return moe(x)
-
-    return Plan(
-        "moe", MOE_WHAT, forward, apply, undo,
-        detail=f"{len(m.experts)} experts top-{m.gate.top_k}, stacked copy {mib:.2f} MiB",
-    )  # fmt: skip
+def _runs_original(m) -> bool:
+    return m.training and not m._force_inference_output  # HiDream's training path (repeat_interleave + aux loss)
 
 
 def _block_reason(block, single: bool) -> str | None:
@@ -134,7 +119,7 @@ def single_block_rule(block, cfg):
         ff_output_i = gate_mlp_i * block.ff_i(norm_hidden_states.to(dtype=wtype))
         return ff_output_i + hidden_states
 
-    return Plan("block", BLOCK_WHAT, forward)
+    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm3_i, cfg))
 
 
 def double_block_rule(block, cfg):
@@ -166,18 +151,23 @@ def double_block_rule(block, cfg):
         ff_output_t = gate_mlp_t * block.ff_t(norm_encoder_hidden_states)
         return ff_output_i + hidden_states, ff_output_t + encoder_hidden_states
 
-    return Plan("block", BLOCK_WHAT, forward)
+    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm3_i, cfg))
 
 
-HIDREAM = register_family(
-    Family(
-        name="hidream",
-        model_classes=("HiDreamImageTransformer2DModel",),
-        rules={
-            "MOEFeedForwardSwiGLU": moe_ffn_rule,
-            "HiDreamImageTransformerBlock": double_block_rule,
-            "HiDreamImageSingleTransformerBlock": single_block_rule,
-        },
-        notes="the final layer's adaLN (HiDreamImageOutEmbed) is not fused; " + ADALN_WHAT,
-    )
+FAMILY = Family(
+    name="hidream",
+    model_classes=("HiDreamImageTransformer2DModel",),
+    rules={
+        "HiDreamImageTransformerBlock": double_block_rule,
+        "HiDreamImageSingleTransformerBlock": single_block_rule,
+    },
+    stack=Stack(
+        lists=("double_stream_blocks", "single_stream_blocks"),
+        blocks={},
+        cache="the model feeds each block its own slice of the LLaMA text states between blocks: no single chain",
+    ),
+    attention="no token layout declared for HiDream's attention processor",
+    quant=QuantLayout(skip=(*COMMON_SKIP, "caption_projection*")),
+    moe={"MOEFeedForwardSwiGLU": MoELayer(build=sparse_moe, original=_runs_original)},
+    notes="the final layer's adaLN (HiDreamImageOutEmbed) is not fused; " + ADALN_WHAT,
 )

@@ -3,14 +3,22 @@
 In a double-stream block the gated residual add after attention is fused with ``norm2`` + the MLP modulation, for
 the image and the text stream. Single-stream blocks end in ``residual + gate * proj_out(...)`` with no norm after
 it inside the block, so only their ``AdaLayerNormZeroSingle`` is fused.
+
+Stack: the double-stream blocks, then the single-stream blocks, both ``(hidden_states, encoder_hidden_states) ->
+(encoder_hidden_states, hidden_states)``; the model reads only the image stream after them. Attention: joint
+text-first sequences, the image grid read from ``img_ids``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ditkern.patch.common import BLOCK_WHAT, NORM_RULES, check_fingerprint, has_attrs, norm_spec, residual_modulate
-from ditkern.patch.engine import Family, Plan, register_family
+from ditkern.attention.processors import flux_grid
+from ditkern.patch.common import (
+    BLOCK_WHAT, NORM_RULES, adaln_backend, check_fingerprint, has_attrs, norm_spec, residual_modulate,
+)  # fmt: skip
+from ditkern.patch.engine import Plan
+from ditkern.patch.family import COMMON_SKIP, PAIR, Family, QuantLayout, Stack, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
 
@@ -58,13 +66,23 @@ def flux_double_block_rule(block, cfg):
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
         return encoder_hidden_states, hidden_states
 
-    return Plan("block", BLOCK_WHAT, forward)
+    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm2, cfg))
 
 
-FLUX = register_family(
-    Family(
-        name="flux",
-        model_classes=("FluxTransformer2DModel",),
-        rules={"FluxTransformerBlock": flux_double_block_rule, **NORM_RULES},
-    )
+FAMILY = Family(
+    name="flux",
+    model_classes=("FluxTransformer2DModel",),
+    rules={"FluxTransformerBlock": flux_double_block_rule, **NORM_RULES},
+    stack=Stack(
+        lists=("transformer_blocks", "single_transformer_blocks"),
+        blocks={"FluxTransformerBlock": PAIR, "FluxSingleTransformerBlock": PAIR},
+        reads_after=("hidden_states",),
+    ),
+    attention=TokenLayout(
+        self_attention={"FluxTransformerBlock": ("attn",), "FluxSingleTransformerBlock": ("attn",)},
+        processors=frozenset({"FluxAttnProcessor", "FluxAttnProcessor2_0"}),
+        text="first",
+        grid=flux_grid,
+    ),
+    quant=QuantLayout(skip=COMMON_SKIP),
 )
