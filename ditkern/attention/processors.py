@@ -67,6 +67,11 @@ class WindowProcessor:
         return getattr(self.inner, name)
 
     def __call__(self, attn, *args, **kwargs):
+        if torch.is_grad_enabled() and (
+            any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*args, *kwargs.values()))
+            or any(p.requires_grad for p in attn.parameters())
+        ):  # inference-only: under grad the layer's own (exact, dense) attention runs
+            return self.inner(attn, *args, **kwargs)
         mode = _RouteSDPA(self)
         with mode:
             out = self.inner(attn, *args, **kwargs)

@@ -351,6 +351,11 @@ def _rules(family, model: nn.Module, config):
             return None
 
         def forward(module, inner, *args, **kwargs):
+            if torch.is_grad_enabled() and (
+                any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*args, *kwargs.values()))
+                or any(p.requires_grad for p in module.parameters())
+            ):  # inference-only: under grad no forecast, every block runs exactly and the state is left untouched
+                return inner(*args, **kwargs)
             state.begin(args, kwargs)
             try:
                 return inner(*args, **kwargs)
@@ -365,7 +370,8 @@ def _rules(family, model: nn.Module, config):
 
         detail = f"state {'fp32/bf16' if cache.state_dtype is None else str(cache.state_dtype).replace('torch.', '')}: " \
                  f"{cache.order + 1} x [B, S, D] per cached stream{' + first-block probe' if cache.mode == 'gated' else ''}, " \
-                 "allocated at the first call (ditkern.cache.stats(model) gives bytes)"  # fmt: skip
+                 "allocated at the first call (ditkern.cache.stats(model) gives bytes); inference-only: under grad " \
+                 "it steps aside and every block runs (exact)"  # fmt: skip
         return Plan("cache", f"Taylor cache over {len(blocks)} blocks ({cache.describe()})", forward,
                     apply=apply, undo=undo, detail=detail, wraps=True, backend=backend)  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""``SparseMoE``: a sparse mixture-of-experts feed-forward layer on ditkern's MoE ops (inference only).
+"""``SparseMoE``: a sparse mixture-of-experts feed-forward layer on ditkern's MoE ops.
 
     logits = router(x)                                   [T, E]
     ids, g = top_k(score(logits))                        moe_route (softmax | sigmoid, optional renormalisation)
@@ -11,6 +11,14 @@ bias ``b2[e]`` (inside the routing weight). ``weighting="ones"`` uses the router
 only to select experts (each selected expert counts fully): the converter ``ditkern.moe.densify_to_moe`` needs it,
 so that ``top_k = num_experts`` reproduces the dense FFN exactly. Every step runs on the device with static shapes:
 no host synchronisation, and ``torch.compile(fullgraph=True)`` traces the layer.
+
+Gradients flow to x, the router, the stacked experts, the biases and the shared expert (every op has a backward, see
+``ditkern.ops.moe``); routing itself (which experts) is discrete and has none, as in the model. ``routed_grad=False``
+computes the routed experts (route, dispatch, expert MLPs) under ``torch.no_grad()``, leaving only the shared expert
+and the output bias differentiable: that is what diffusers' HiDream layer does in inference mode (``moe_infer`` is
+decorated with ``@torch.no_grad()``), and :meth:`SparseMoE.from_hidream` sets it so that gradients through a patched
+HiDream model are those of the unpatched one (its stacked experts are copies: a gradient on them would reach none of
+the model's parameters anyway).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ class SparseMoE(nn.Module):
         router_bias: bool = False,
         block_m: int = DEFAULT_BLOCK_M,
         backend: str | None = None,
+        routed_grad: bool = True,
         device=None,
         dtype=None,
     ):
@@ -66,7 +75,7 @@ class SparseMoE(nn.Module):
         kw = dict(device=device, dtype=dtype)
         self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
         self.activation, self.score, self.renormalize, self.weighting = activation, score, renormalize, weighting
-        self.block_m, self.backend = block_m, backend
+        self.block_m, self.backend, self.routed_grad = block_m, backend, routed_grad
         self.router = nn.Linear(dim, num_experts, bias=router_bias, **kw)
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **kw))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **kw)) if activation == "swiglu" else None
@@ -83,16 +92,24 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         xf = x.reshape(-1, self.dim)
-        ids, weights = self.route(xf)
-        sorted_ids, block_expert, _ = moe_align(ids, self.num_experts, self.block_m, backend=self.backend)
-        y = moe_grouped_mlp(
-            xf, sorted_ids, block_expert, self.w1, self.w2, None if self.weighting == "ones" else weights,
-            w3=self.w3, b1=self.b1, b2=self.b2, top_k=self.top_k, activation=self.activation, backend=self.backend,
-        )  # fmt: skip
+        if self.routed_grad:
+            y = self._routed(xf)
+        else:
+            with torch.no_grad():
+                y = self._routed(xf)
         shared = self.shared(xf) if self.shared is not None else None
         if shared is not None and shared.dtype != y.dtype:
             shared = shared.to(y.dtype)
         return moe_combine(y, shared, self.out_bias, backend=self.backend).reshape(shape)
+
+    def _routed(self, xf: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted outputs y [T, top_k, D]."""
+        ids, weights = self.route(xf)
+        sorted_ids, block_expert, _ = moe_align(ids, self.num_experts, self.block_m, backend=self.backend)
+        return moe_grouped_mlp(
+            xf, sorted_ids, block_expert, self.w1, self.w2, None if self.weighting == "ones" else weights,
+            w3=self.w3, b1=self.b1, b2=self.b2, top_k=self.top_k, activation=self.activation, backend=self.backend,
+        )  # fmt: skip
 
     def route(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [T, top_k], weights [T, top_k]) of the rows of ``xf`` [T, D]."""
@@ -128,7 +145,9 @@ class SparseMoE(nn.Module):
     def from_hidream(
         cls, moe_layer: nn.Module, *, share: bool = False, block_m: int = DEFAULT_BLOCK_M, backend: str | None = None
     ) -> SparseMoE:
-        """A SparseMoE computing diffusers' ``MOEFeedForwardSwiGLU`` (HiDream-I1) in inference mode.
+        """A SparseMoE computing diffusers' ``MOEFeedForwardSwiGLU`` (HiDream-I1) in inference mode, gradients
+        included: ``routed_grad=False``, as ``moe_infer`` runs under ``torch.no_grad()`` (set ``moe.routed_grad = True``
+        and ``requires_grad_`` on the stacked experts to train the copy instead).
 
         The routed experts are stacked into ``[E, ...]`` copies. ``share=True`` makes the router weight and the
         shared expert the layer's own objects (what ``ditkern.patch`` does: only the stacked experts cost memory);
@@ -149,7 +168,7 @@ class SparseMoE(nn.Module):
         p = gate.weight
         moe = cls(
             D, w1.shape[1], E, int(gate.top_k), activation="swiglu", renormalize=renorm, block_m=block_m,
-            backend=backend, device=p.device, dtype=p.dtype,
+            backend=backend, routed_grad=False, device=p.device, dtype=p.dtype,
             shared_expert=moe_layer.shared_experts if share else copy.deepcopy(moe_layer.shared_experts),
         )  # fmt: skip
         with torch.no_grad():

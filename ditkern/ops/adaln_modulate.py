@@ -12,6 +12,14 @@ modulation, as Wan 2.2 TI2V uses), batch size 1 broadcasts; ``weight``/``bias`` 
 stride along D; rows may be strided, so the chunks of a ``[B, 6*D]`` modulation tensor are read in place. dtypes: x in
 fp32/fp16/bf16, the others any of those (Wan keeps its modulation in fp32). Statistics and arithmetic are fp32; the
 outputs have x's dtype.
+
+Gradients: both ops have a backward (``torch.library.register_autograd``) that recomputes the forward through the fp32
+reference under ``torch.enable_grad()`` and differentiates that, whichever backend ran the forward; every input's
+gradient comes back in its own dtype and shape (broadcast and strided modulation tensors included). Why a recompute
+and not a reference path under grad: the forward stays the fused kernel (training runs the same numbers as inference),
+the backward is exact in fp32 for every input (x, y, gate, shift, scale, weight, bias) with no hand-written formula to
+keep in sync with the reference, and it is plain torch ops, so ``torch.compile`` traces it and double backward works.
+The cost is one extra elementwise + norm pass in fp32 per backward (a fused backward kernel is future work).
 """
 
 from __future__ import annotations
@@ -35,9 +43,18 @@ def _bsd(t: torch.Tensor | None) -> torch.Tensor | None:
     return t[:, None, :] if t.dim() == 2 else t
 
 
+def to_compute(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the references' compute dtype: fp32 (float64 stays float64: the raw custom ops with
+    ``backend="torch"``, which the float64 gradchecks call). Shared by the references of the lossless ops."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+_acc = to_compute
+
+
 def _norm_ref(h: torch.Tensor, norm: str, weight, bias, eps: float) -> torch.Tensor:
-    w = None if weight is None else weight.float()
-    b = None if bias is None else bias.float()
+    w = None if weight is None else _acc(weight)
+    b = None if bias is None else _acc(bias)
     if norm == "layer":
         return torch.nn.functional.layer_norm(h, h.shape[-1:], w, b, eps)
     n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -48,20 +65,30 @@ def _norm_ref(h: torch.Tensor, norm: str, weight, bias, eps: float) -> torch.Ten
     return n
 
 
+def _modulate_acc(x, shift, scale, norm, weight, bias, eps) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift`` in the compute dtype, not rounded (the forward and the backward share it)."""
+    n = _norm_ref(_acc(x), norm, weight, bias, eps)
+    if scale is not None:
+        n = n * (1 + _acc(_bsd(scale)))
+    if shift is not None:
+        n = n + _acc(_bsd(shift))
+    return n
+
+
+def _residual_acc(x, y, gate) -> torch.Tensor:
+    """``x + gate * y`` in the compute dtype, not rounded."""
+    r = _acc(y) if gate is None else _acc(_bsd(gate)) * _acc(y)
+    return _acc(x) + r
+
+
 def adaln_modulate_ref(x, shift, scale, *, norm="layer", weight=None, bias=None, eps=1e-6) -> torch.Tensor:
     """``norm(x) * (1 + scale) + shift`` in fp32, returned in x's dtype."""
-    n = _norm_ref(x.float(), norm, weight, bias, eps)
-    if scale is not None:
-        n = n * (1 + _bsd(scale).float())
-    if shift is not None:
-        n = n + _bsd(shift).float()
-    return n.to(x.dtype)
+    return _modulate_acc(x, shift, scale, norm, weight, bias, eps).to(x.dtype)
 
 
 def gated_residual_adaln_ref(x, y, gate, shift, scale, *, norm="layer", weight=None, bias=None, eps=1e-6):
     """``h = x + gate * y`` (rounded to x's dtype, as the unfused model stores it), then ``adaln_modulate_ref(h)``."""
-    r = y.float() if gate is None else _bsd(gate).float() * y.float()
-    h = (x.float() + r).to(x.dtype)
+    h = _residual_acc(x, y, gate).to(x.dtype)
     return h, adaln_modulate_ref(h, shift, scale, norm=norm, weight=weight, bias=bias, eps=eps)
 
 
@@ -272,6 +299,75 @@ def _gated_residual_adaln_op(
 @_gated_residual_adaln_op.register_fake
 def _(x, y, gate, shift, scale, weight, bias, norm, eps, backend):
     return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# gradients: recomputed through the reference in fp32 (see the module docstring for why)
+# ----------------------------------------------------------------------------------------------------------------------
+def ref_vjp(fn, inputs, needs, grad_outputs, create_graph: bool | None = None):
+    """Gradients of ``fn(*inputs)`` (a list of outputs in the compute dtype) against ``grad_outputs``.
+
+    Returns one entry per input: None where ``needs`` is False or the input is None, else the gradient in the input's
+    shape and dtype (the ``_acc`` casts inside ``fn`` put it there; it is rounded once, at the end). With
+    ``create_graph`` (default: grad mode, which autograd turns on inside a backward called with create_graph=True) the
+    saved inputs themselves are differentiated, so the gradient has a graph of its own: double backward works. Shared
+    by the backward of every lossless op (ditkern.ops.moe, ditkern.ops.linear_attention).
+    """
+    create = torch.is_grad_enabled() if create_graph is None else create_graph
+    with torch.enable_grad():
+        leaves = [
+            None if t is None else t if create and need else t.detach().requires_grad_(bool(need))
+            for t, need in zip(inputs, needs)
+        ]
+        outs = fn(*leaves)
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None]
+        wrt = [i for i, (t, need) in enumerate(zip(leaves, needs)) if need and t is not None]
+        grads = [None] * len(inputs)
+        if not wrt or not pairs:
+            return grads
+        got = torch.autograd.grad(
+            [o for o, _ in pairs], [leaves[i] for i in wrt], [g.to(o.dtype) for o, g in pairs],
+            allow_unused=True, create_graph=create,
+        )  # fmt: skip
+    for i, g in zip(wrt, got):
+        grads[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return grads
+
+
+def _adaln_setup(ctx, inputs, output):
+    x, shift, scale, weight, bias, norm, eps, _backend = inputs
+    ctx.save_for_backward(x, shift, scale, weight, bias)
+    ctx.norm, ctx.eps = norm, eps
+
+
+def _adaln_backward(ctx, grad_out):
+    def fn(x, shift, scale, weight, bias):
+        return [_modulate_acc(x, shift, scale, ctx.norm, weight, bias, ctx.eps)]
+
+    grads = ref_vjp(fn, ctx.saved_tensors, ctx.needs_input_grad[:5], [grad_out])
+    return (*grads, None, None, None)
+
+
+def _gated_setup(ctx, inputs, output):
+    x, y, gate, shift, scale, weight, bias, norm, eps, _backend = inputs
+    ctx.save_for_backward(x, y, gate, shift, scale, weight, bias)
+    ctx.norm, ctx.eps = norm, eps
+
+
+def _gated_backward(ctx, grad_h, grad_out):
+    def fn(x, y, gate, shift, scale, weight, bias):
+        r = _residual_acc(x, y, gate)
+        # the forward normalises h rounded to x's dtype; the gradient takes that rounding as the identity (as autograd
+        # takes the unfused model's rounded add), so it stays in fp32 until the very end
+        h = r + (r.to(x.dtype).to(r.dtype) - r).detach()
+        return [r, _modulate_acc(h, shift, scale, ctx.norm, weight, bias, ctx.eps)]
+
+    grads = ref_vjp(fn, ctx.saved_tensors, ctx.needs_input_grad[:7], [grad_h, grad_out])
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd("ditkern::adaln_modulate", _adaln_backward, setup_context=_adaln_setup)
+torch.library.register_autograd("ditkern::gated_residual_adaln", _gated_backward, setup_context=_gated_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

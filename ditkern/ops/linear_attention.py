@@ -8,6 +8,12 @@ nothing of size ``[S, S]`` or padded is materialised.
 Layout: q/k/v ``[B, H, S, Dh]`` (any strides: the ``[B, S, H, Dh]`` projections viewed as such), output
 ``[B, H, S, Dh]`` contiguous in q's dtype. Backends: triton (two kernels: split-S partial states, then the output;
 see ditkern/kernels/linear_attention.py for why two), torch (the fp32 reference, the CPU path).
+
+Gradients: Sana's default patch runs this op, so it has a backward (``torch.library.register_autograd``): the reference
+recomputed in fp32 under ``torch.enable_grad()`` and differentiated for q, k and v, whichever backend ran the forward
+(it is a few ``[B, H, S, Dh]`` einsums, so the recompute costs about one forward; a fused backward kernel is future
+work). A reference path under grad would also be exact, but it would change the forward's numbers between training
+and inference; this keeps the forward the kernel's. Gradients come back in each input's dtype and shape.
 """
 
 from __future__ import annotations
@@ -15,20 +21,26 @@ from __future__ import annotations
 import torch
 
 from ditkern._backend import choose, requested_backend, triton_can_run_on
+from ditkern.ops.adaln_modulate import ref_vjp
+from ditkern.ops.adaln_modulate import to_compute as _acc
 
 FEATURE_MAPS = ("relu",)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 
 
-def linear_attention_ref(q, k, v, *, feature_map: str = "relu", eps: float = 1e-15) -> torch.Tensor:
-    """fp32 reference; returns q's dtype, ``[B, H, S, Dh]``."""
-    qf, kf, vf = torch.relu(q.float()), torch.relu(k.float()), v.float()
+def _linear_attention_acc(q, k, v, eps: float) -> torch.Tensor:
+    qf, kf, vf = torch.relu(_acc(q)), torch.relu(_acc(k)), _acc(v)
     kv = torch.einsum("bhsd,bhse->bhde", kf, vf)  # [B, H, Dh, Dh]
     ksum = kf.sum(dim=2)  # [B, H, Dh]
     num = torch.einsum("bhsd,bhde->bhse", qf, kv)
     den = torch.einsum("bhsd,bhd->bhs", qf, ksum)[..., None]
-    return (num / (den + eps)).to(q.dtype)
+    return num / (den + eps)
+
+
+def linear_attention_ref(q, k, v, *, feature_map: str = "relu", eps: float = 1e-15) -> torch.Tensor:
+    """fp32 reference; returns q's dtype, ``[B, H, S, Dh]``."""
+    return _linear_attention_acc(q, k, v, eps).to(q.dtype)
 
 
 def _check(q, k, v, feature_map, eps):
@@ -98,6 +110,21 @@ def _linear_attention_op(
 @_linear_attention_op.register_fake
 def _(q, k, v, feature_map, eps, backend):
     return q.new_empty(q.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, _feature_map, eps, _backend = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.eps = eps
+
+
+def _backward(ctx, grad_out):
+    grads = ref_vjp(lambda q, k, v: [_linear_attention_acc(q, k, v, ctx.eps)], ctx.saved_tensors,
+                    ctx.needs_input_grad[:3], [grad_out])  # fmt: skip
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd("ditkern::linear_attention", _backward, setup_context=_setup)
 
 
 def linear_attention(

@@ -22,6 +22,22 @@ b2 ``[E, D]``.
 Arithmetic is fp32 (the grouped GEMM keeps its hidden activation in x's dtype between its two GEMMs, as the model
 does); outputs have x's dtype. Ids and weights are validated on CPU; on CUDA their values are not read (that would be
 a host synchronisation): ids outside ``[0, E)`` then select no expert and leave their rows of y unwritten.
+
+Gradients (``torch.library.register_autograd``; the forward stays the fused kernel, whichever backend ran it):
+
+* ``moe_route``: d weights / d logits, recomputed through the reference's scores under ``torch.enable_grad()`` at the
+  forward's own ids (a tie broken differently cannot move the gradient to another expert). Ids have none.
+* ``moe_align``: no differentiable input (integer ids in, integer layout out): nothing to register.
+* ``moe_grouped_mlp``: an analytic fp32 backward over the reference's rows (:func:`moe_grouped_mlp_backward_ref`) for
+  x, w1, w3, w2, weights, b1, b2. It loops over experts with data-dependent row counts, like the reference, so it runs
+  inside an opaque custom op (``ditkern::moe_grouped_mlp_backward``, with a fake): ``torch.compile`` traces a model
+  with this backward without a graph break, and analytic because autograd is off inside a custom op. Not a reference
+  path under grad: that would give up the fused, host-sync-free forward exactly when memory and time matter most;
+  the backward pays the reference's per-expert loop (one host sync per expert) instead.
+* ``moe_combine``: analytic (a sum): ``dy[:, j] = dout``, ``dshared = dout``, ``dbias = sum_t dout`` (fp32 sum).
+
+Every gradient comes back in its input's dtype and shape. The references compute in fp32, and in float64 for float64
+inputs (reachable through the raw custom ops with ``backend="torch"``: what the float64 gradcheck calls).
 """
 
 from __future__ import annotations
@@ -31,6 +47,8 @@ import torch.nn.functional as F
 
 from ditkern._backend import choose, requested_backend, triton_can_run_on, triton_interpreted
 from ditkern._ext import cuda_can_run_on, ext, stream_of
+from ditkern.ops.adaln_modulate import ref_vjp
+from ditkern.ops.adaln_modulate import to_compute as _acc
 
 SCORES = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh")
@@ -52,11 +70,18 @@ def align_sizes(num_rows: int, num_experts: int, block_m: int) -> tuple[int, int
 # ----------------------------------------------------------------------------------------------------------------------
 # references (fp32 internally): the semantics, the CPU path and the oracle of the tests
 # ----------------------------------------------------------------------------------------------------------------------
+def _scores_acc(logits: torch.Tensor, score: str, straight_through: bool = False) -> torch.Tensor:
+    """softmax / sigmoid scores in the compute dtype, rounded to the logits' dtype as the gate holds them. With
+    ``straight_through`` the rounding is the identity for the gradient (as autograd takes the model's own cast)."""
+    lf = _acc(logits)
+    s = lf.softmax(-1) if score == "softmax" else torch.sigmoid(lf)
+    r = s.to(logits.dtype).to(s.dtype)
+    return s + (r - s).detach() if straight_through else r
+
+
 def moe_route_ref(logits: torch.Tensor, top_k: int, *, renormalize: bool = False, score: str = "softmax"):
     """Top-k experts and weights of each row of ``logits`` [T, E]; see the module docstring."""
-    lf = logits.float()
-    s = lf.softmax(-1) if score == "softmax" else torch.sigmoid(lf)
-    s = s.to(logits.dtype).float()  # the gate's scores live in the logits' dtype
+    s = _scores_acc(logits, score)  # the gate's scores live in the logits' dtype
     # a stable descending sort keeps the lower expert id first among equal scores (torch.topk leaves ties unspecified)
     vals, idx = torch.sort(s, dim=-1, descending=True, stable=True)
     w, ids = vals[:, :top_k], idx[:, :top_k]
@@ -112,41 +137,117 @@ def _act_ref(a, b, activation):
     return F.gelu(a, approximate="tanh")
 
 
+def _grouped_mlp_acc(x, sorted_ids, block_expert, w1, w3, w2, weights, top_k, b1, activation, b2) -> torch.Tensor:
+    """The routed rows' outputs [T * K, D] in the compute dtype, not rounded (the forward and the backward share it)."""
+    T, D = x.shape
+    N = T * top_k
+    row_expert = _row_experts(sorted_ids, block_expert, N)
+    xf = _acc(x)
+    y = torch.zeros(N, D, dtype=xf.dtype, device=x.device)
+    for e in range(w1.shape[0]):
+        rows = (row_expert == e).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        xe = xf[rows // top_k]
+        a = xe @ _acc(w1[e]).t()
+        if b1 is not None:
+            a = a + _acc(b1[e])
+        h = _act_ref(a, xe @ _acc(w3[e]).t() if w3 is not None else None, activation)
+        out = h @ _acc(w2[e]).t()
+        if b2 is not None:
+            out = out + _acc(b2[e])
+        if weights is not None:
+            out = out * _acc(weights.reshape(-1)[rows])[:, None]
+        y[rows] = out
+    return y
+
+
 def moe_grouped_mlp_ref(
     x, sorted_ids, block_expert, w1, w3, w2, weights, *, top_k, b1=None, activation="swiglu", b2=None
 ):
     """y [T, K, D]: ``weights[t, j] * (w2[e] @ act(w1[e] @ x_t + b1[e], w3[e] @ x_t) + b2[e])``, e = the row's
     expert."""
     T, D = x.shape
+    y = _grouped_mlp_acc(x, sorted_ids, block_expert, w1, w3, w2, weights, top_k, b1, activation, b2)
+    return y.to(x.dtype).reshape(T, top_k, D)
+
+
+def moe_grouped_mlp_backward_ref(
+    grad_y, x, sorted_ids, block_expert, w1, w3, w2, weights, b1, b2, *, top_k, activation, needs
+) -> list[torch.Tensor | None]:
+    """Analytic gradients of :func:`moe_grouped_mlp_ref` for ``(x, w1, w3, w2, weights, b1, b2)``, in fp32 over the
+    same rows the reference visits, each returned in its input's dtype and shape (None where ``needs`` is False).
+
+    Per expert: ``a = x W1^T + b1``, ``h = act(a, x W3^T)``, ``o = h W2^T + b2``, ``y = w o``; so ``dw = <dy, o>``,
+    ``do = w dy``, ``dW2 = do^T h``, ``db2 = sum do``, ``dh = do W2``, then through the activation (aten's silu/gelu
+    backward) to ``da``/``du``, ``dW1 = da^T x``, ``db1 = sum da``, ``dW3 = du^T x``, ``dx += da W1 + du W3``.
+    Not autograd through the reference: it runs inside a custom op, where autograd is off.
+    """
+    T, D = x.shape
     N = T * top_k
     row_expert = _row_experts(sorted_ids, block_expert, N)
-    y = torch.zeros(N, D, dtype=torch.float32, device=x.device)
-    xf = x.float()
+    xf = _acc(x)
+    gy = _acc(grad_y).reshape(N, D)
+    need_x, need_w1, need_w3, need_w2, need_wt, need_b1, need_b2 = (bool(n) for n in needs)
+
+    def zeros(t, need, shape=None):
+        return torch.zeros(t.shape if shape is None else shape, dtype=xf.dtype, device=x.device) if need else None
+
+    gx, gw1, gw3, gw2, gb1, gb2 = (zeros(t, n) for t, n in ((x, need_x), (w1, need_w1), (w3, need_w3),
+                                                            (w2, need_w2), (b1, need_b1), (b2, need_b2)))  # fmt: skip
+    gwt = zeros(weights, need_wt, (N,))
+    w_rows = None if weights is None else weights.reshape(-1)
     for e in range(w1.shape[0]):
         rows = (row_expert == e).nonzero().flatten()
         if rows.numel() == 0:
             continue
-        xe = xf[rows // top_k]
-        a = xe @ w1[e].float().t()
+        tok = rows // top_k
+        xe = xf[tok]
+        a = xe @ _acc(w1[e]).t()
         if b1 is not None:
-            a = a + b1[e].float()
-        h = _act_ref(a, xe @ w3[e].float().t() if w3 is not None else None, activation)
-        out = h @ w2[e].float().t()
-        if b2 is not None:
-            out = out + b2[e].float()
-        if weights is not None:
-            out = out * weights.reshape(-1)[rows].float()[:, None]
-        y[rows] = out
-    return y.to(x.dtype).reshape(T, top_k, D)
+            a = a + _acc(b1[e])
+        u = xe @ _acc(w3[e]).t() if w3 is not None else None
+        h = _act_ref(a, u, activation)
+        go = gy[rows]
+        if w_rows is not None:
+            if need_wt:
+                o = h @ _acc(w2[e]).t()
+                o = o + _acc(b2[e]) if b2 is not None else o
+                gwt[rows] = (go * o).sum(-1)
+            go = go * _acc(w_rows[rows])[:, None]
+        if need_w2:
+            gw2[e] = go.t() @ h
+        if need_b2:
+            gb2[e] = go.sum(0)
+        if not (need_x or need_w1 or need_w3 or need_b1):
+            continue
+        gh = go @ _acc(w2[e])  # [n, F]
+        if activation == "swiglu":
+            ga, gu = torch.ops.aten.silu_backward(gh * u, a), gh * F.silu(a)
+        else:
+            ga, gu = torch.ops.aten.gelu_backward(gh, a, approximate="none" if activation == "gelu" else "tanh"), None
+        if need_w1:
+            gw1[e] = ga.t() @ xe
+        if need_b1:
+            gb1[e] = ga.sum(0)
+        if need_w3:
+            gw3[e] = gu.t() @ xe
+        if need_x:
+            gxe = ga @ _acc(w1[e])
+            gx.index_add_(0, tok, gxe if gu is None else gxe + gu @ _acc(w3[e]))
+    if gwt is not None:
+        gwt = gwt.reshape(weights.shape)
+    inputs = (x, w1, w3, w2, weights, b1, b2)
+    return [None if g is None else g.to(t.dtype) for g, t in zip((gx, gw1, gw3, gw2, gwt, gb1, gb2), inputs)]
 
 
 def moe_combine_ref(y, shared=None, bias=None):
     """out [T, D] = sum_j y[:, j] (+ shared) (+ bias) in fp32, in y's dtype."""
-    out = y.float().sum(1)
+    out = _acc(y).sum(1)
     if shared is not None:
-        out = out + shared.float()
+        out = out + _acc(shared)
     if bias is not None:
-        out = out + bias.float()
+        out = out + _acc(bias)
     return out.to(y.dtype)
 
 
@@ -314,7 +415,7 @@ def _(logits, top_k, renormalize, score, backend):
     T = logits.shape[0]
     return (
         logits.new_empty((T, top_k), dtype=torch.int32),
-        logits.new_empty((T, top_k), dtype=torch.float32),
+        logits.new_empty((T, top_k), dtype=torch.promote_types(logits.dtype, torch.float32)),
     )
 
 
@@ -413,6 +514,106 @@ def _moe_combine_op(
 @_moe_combine_op.register_fake
 def _(y, shared, bias, backend):
     return y.new_empty((y.shape[0], y.shape[2]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# gradients (see the module docstring for the choice per op)
+# ----------------------------------------------------------------------------------------------------------------------
+def _route_setup(ctx, inputs, output):
+    logits, _top_k, renormalize, score, _backend = inputs
+    ctx.save_for_backward(logits, output[0])
+    ctx.renormalize, ctx.score = renormalize, score
+
+
+def _route_backward(ctx, grad_ids, grad_weights):
+    logits, ids = ctx.saved_tensors
+
+    def fn(logits):
+        w = _scores_acc(logits, ctx.score, straight_through=True).gather(-1, ids.long())
+        return [w / (w.sum(-1, keepdim=True) + 1e-20) if ctx.renormalize else w]
+
+    (grad_logits,) = ref_vjp(fn, (logits,), ctx.needs_input_grad[:1], [grad_weights])
+    return grad_logits, None, None, None, None
+
+
+torch.library.register_autograd("ditkern::moe_route", _route_backward, setup_context=_route_setup)
+
+# differentiable inputs of ditkern::moe_grouped_mlp, by position in its schema
+_GROUPED_DIFF = {"x": 0, "w1": 3, "w3": 4, "w2": 5, "weights": 6, "b1": 7, "b2": 8}
+
+
+@torch.library.custom_op("ditkern::moe_grouped_mlp_backward", mutates_args=())
+def _moe_grouped_mlp_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor | None,
+    w2: torch.Tensor,
+    weights: torch.Tensor | None,
+    b1: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    top_k: int,
+    activation: str,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """Gradients for (x, w1, w3, w2, weights, b1, b2) (:func:`moe_grouped_mlp_backward_ref`); an empty tensor where
+    ``needs`` is False or the input is None."""
+    grads = moe_grouped_mlp_backward_ref(
+        grad_y, x, sorted_ids, block_expert, w1, w3, w2, weights, b1, b2, top_k=top_k, activation=activation,
+        needs=needs,
+    )  # fmt: skip
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+@_moe_grouped_mlp_backward_op.register_fake
+def _(grad_y, x, sorted_ids, block_expert, w1, w3, w2, weights, b1, b2, top_k, activation, needs):
+    inputs = (x, w1, w3, w2, weights, b1, b2)
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else x.new_empty(0)
+            for t, need in zip(inputs, needs)]  # fmt: skip
+
+
+def _grouped_setup(ctx, inputs, output):
+    x, sorted_ids, block_expert, w1, w3, w2, weights, b1, b2, top_k, activation, _backend = inputs
+    ctx.save_for_backward(x, sorted_ids, block_expert, w1, w3, w2, weights, b1, b2)
+    ctx.top_k, ctx.activation = top_k, activation
+
+
+def _grouped_backward(ctx, grad_y):
+    x, sorted_ids, block_expert, w1, w3, w2, weights, b1, b2 = ctx.saved_tensors
+    inputs = (x, w1, w3, w2, weights, b1, b2)
+    needs = [bool(ctx.needs_input_grad[i]) and t is not None for i, t in zip(_GROUPED_DIFF.values(), inputs)]
+    grads = [None] * 12
+    if not any(needs):
+        return tuple(grads)
+    got = _moe_grouped_mlp_backward_op(
+        grad_y, x, sorted_ids, block_expert, w1, w3, w2, weights, b1, b2, ctx.top_k, ctx.activation, needs
+    )
+    for i, need, g in zip(_GROUPED_DIFF.values(), needs, got):
+        grads[i] = g if need else None
+    return tuple(grads)
+
+
+torch.library.register_autograd("ditkern::moe_grouped_mlp", _grouped_backward, setup_context=_grouped_setup)
+
+
+def _combine_setup(ctx, inputs, output):
+    y, shared, bias, _backend = inputs
+    ctx.y_shape, ctx.y_dtype = y.shape, y.dtype
+    ctx.shared_dtype = None if shared is None else shared.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _combine_backward(ctx, grad_out):
+    need_y, need_shared, need_bias = ctx.needs_input_grad[:3]
+    grad_y = grad_out.to(ctx.y_dtype)[:, None, :].expand(ctx.y_shape) if need_y else None
+    grad_shared = grad_out.to(ctx.shared_dtype) if need_shared else None
+    grad_bias = _acc(grad_out).sum(0).to(ctx.bias_dtype) if need_bias else None
+    return grad_y, grad_shared, grad_bias, None
+
+
+torch.library.register_autograd("ditkern::moe_combine", _combine_backward, setup_context=_combine_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# windowed attention under grad (grad mode on, an input or parameter requiring grad): WindowProcessor steps aside
+WINDOW_UNDER_GRAD = "windowed attention is inference-only: under grad each layer runs its own exact (dense) attention"
+
+
 @dataclass(frozen=True)
 class Row:
     module: str  # dotted path from the pipeline or model
@@ -23,6 +27,8 @@ class PatchReport:
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
+        if row.status == "patched" and "(window_attention)" in row.what and WINDOW_UNDER_GRAD not in self.notes:
+            self.notes.append(WINDOW_UNDER_GRAD)
 
     def note(self, text: str) -> None:
         self.notes.append(text)

@@ -182,6 +182,7 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
     a = {None: "", "e4m3": " A8", "fp6_e3m2": " A6"}[use_act]
     sm = " awq" if qw.smooth is not None else ""
     detail = f"{qw.format} g{qw.group_size}{a}{sm}: {_mib(before)} -> {_mib(after)} ({after / before:.2f}x){note}"
+    detail += "; inference-only (refuses under grad)"
     what = "quantized linear (fpx_fp8_linear)" if use_act else "quantized linear (fpx_linear)"
     fmt, G = qw.format, qw.group_size
     gemm_backend = _gemm_backend(w, qw, use_act, backend)
@@ -189,6 +190,12 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
     scale_dtype = qw.scales.dtype
 
     def forward(module, input):
+        if torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in module.parameters())):
+            raise RuntimeError(
+                f"ditkern quantization (quant=, {fmt}) is inference-only: this layer's weight is packed {fmt} codes "
+                "with no gradient. Run the model under torch.no_grad() / torch.inference_mode(), or ditkern.unpatch() "
+                "it (or patch without quant=) to train or take gradients."
+            )
         # the float buffers are stored as integer views so that model.to(dtype) cannot round them
         scales = module.qweight_scales.view(scale_dtype)
         inv = module._buffers.get("qweight_inv_smooth")
