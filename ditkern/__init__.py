@@ -19,7 +19,7 @@ from ditkern.nn import SparseMoE
 from ditkern.patch import PatchReport, is_patched, patch, patched, supported_models, unpatch
 from ditkern.quant import QuantConfig, load_quantized, save_quantized
 
-__version__ = "0.1.0"
+from ditkern._version import __version__
 
 __all__ = ["TaylorCache", "patch", "unpatch", "patched", "is_patched", "PatchConfig", "PatchReport", "info", "supported_models",
            "WindowAttention", "SparseMoE", "MoEConfig", "densify_to_moe"]

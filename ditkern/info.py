@@ -43,7 +43,7 @@ def ops_table() -> dict[str, dict]:
 
 
 def info_dict() -> dict:
-    from ditkern import __version__  # noqa: PLC0415
+    from ditkern._version import __version__  # noqa: PLC0415
     from ditkern._ext import ext, ext_missing  # noqa: PLC0415
 
     d = {

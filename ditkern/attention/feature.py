@@ -105,7 +105,8 @@ def attention_rules(family, model, config):
     layout, stack = family.attention, family.stack
     if not isinstance(layout, TokenLayout) or not isinstance(stack, Stack):
         why = layout if isinstance(layout, str) else stack
-        return {type(model).__name__: lambda m, c: f"windowed attention is not available for family {family.name!r}: {why}"}
+        reason = f"windowed attention is not available for family {family.name!r}: {why}"
+        return {type(model).__name__: lambda m, c: reason}
     blocks = [b for _, b in stack.modules(model)]
     n = len(blocks)
     chosen = set(cfg.selected(n))

@@ -53,7 +53,7 @@ def fpx_fp8_linear_triton(xq, sx, packed, scales, bias, out, *, fmt, group_size:
     import torch  # noqa: PLC0415
 
     from ditkern._backend import triton_interpreted  # noqa: PLC0415
-    from ditkern.quant.formats import padded_k, scale_kind  # noqa: PLC0415
+    from ditkern.formats import padded_k, scale_kind  # noqa: PLC0415
 
     M, N = xq.shape[0], packed.shape[0]
     interp = triton_interpreted()

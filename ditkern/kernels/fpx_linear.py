@@ -66,7 +66,7 @@ def _blocks(M: int, group_size: int, interpreted: bool) -> tuple[int, int, int]:
 def fpx_linear_triton(x2, packed, scales, bias, inv_smooth, out, *, fmt, group_size: int, K: int) -> None:
     """Launch on ``x2`` ``[M, K]`` (unit stride along K) into ``out`` ``[M, N]``; see ``ditkern.ops.fpx_linear``."""
     from ditkern._backend import triton_interpreted  # noqa: PLC0415
-    from ditkern.quant.formats import padded_k, scale_kind  # noqa: PLC0415
+    from ditkern.formats import padded_k, scale_kind  # noqa: PLC0415
 
     M = x2.shape[0]
     N = packed.shape[0]

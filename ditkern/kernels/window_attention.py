@@ -22,6 +22,7 @@ import triton.language as tl
 import triton.runtime.errors
 
 from ditkern._backend import device_capability, max_shared_memory
+from ditkern.kernels.window_ranges import key_range
 
 LOG2E = 1.4426950408889634
 
@@ -303,8 +304,6 @@ def visited_key_fraction(spec, text_tokens: int = 0) -> float:
 
     Host-side replay of the kernel's loop bounds (for the bench table: how close the 2D/3D tiling is to ideal).
     """
-    from ditkern.ops.window_attention import _key_range  # noqa: PLC0415
-
     tiles = 0
     ideal = 1
     for a in range(3):
@@ -318,7 +317,7 @@ def visited_key_fraction(spec, text_tokens: int = 0) -> float:
             for w0 in range(0, GW, TW):
                 n = 1
                 for a, (c0, tl_, g) in enumerate(((t0, TT, GT), (h0, TH, GH), (w0, TW, GW))):
-                    lo, hi = _key_range(spec, a, c0, min(c0 + tl_, g) - 1)
+                    lo, hi = key_range(spec, a, c0, min(c0 + tl_, g) - 1)
                     n *= math.ceil((hi - lo) / tl_) * tl_
                 total += n
                 count += 1

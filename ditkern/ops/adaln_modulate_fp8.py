@@ -14,7 +14,7 @@ import torch
 from ditkern._backend import choose, fp8_missing, requested_backend, triton_can_run_on
 from ditkern.ops.adaln_modulate import _check, _expand, adaln_modulate_ref
 from ditkern.ops.quantize_fp8 import quantize_fp8_ref
-from ditkern.quant.formats import ACT_GRIDS
+from ditkern.formats import ACT_GRIDS
 
 
 def adaln_modulate_fp8_ref(x, shift, scale, *, norm="layer", weight=None, bias=None, eps=1e-6, grid="e4m3"):

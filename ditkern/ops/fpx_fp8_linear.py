@@ -18,7 +18,7 @@ import torch
 from ditkern._backend import choose, fp8_missing, requested_backend, triton_can_run_on
 from ditkern.ops.fpx_linear import _check_x, check_packed, dequantize_ref
 from ditkern.ops.quantize_fp8 import quantize_fp8
-from ditkern.quant.formats import ACT_GRIDS, FORMATS
+from ditkern.formats import ACT_GRIDS, FORMATS
 
 
 def fpx_fp8_matmul_ref(xq, sx, packed, scales, bias=None, *, format: str, group_size: int, in_features: int,

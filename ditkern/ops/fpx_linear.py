@@ -15,14 +15,14 @@ import torch
 
 from ditkern._backend import choose, requested_backend, triton_can_run_on
 from ditkern._ext import cuda_can_run_on, dtype_code, ext, stream_of
-from ditkern.quant.formats import FORMATS, check_group_size, get_format, padded_k
+from ditkern.formats import FORMATS, check_group_size, get_format, padded_k
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def dequantize_ref(packed, scales, *, format: str, group_size: int, in_features: int) -> torch.Tensor:
     """fp32 ``[N, K]`` ``W_hat`` (no smoothing)."""
-    from ditkern.quant.formats import QuantizedWeight  # noqa: PLC0415
+    from ditkern.formats import QuantizedWeight  # noqa: PLC0415
 
     q = QuantizedWeight(packed, scales, format, group_size, (packed.shape[0], in_features))
     return q.dequantize(torch.float32)
@@ -147,7 +147,7 @@ def _fpx_linear_op(
 
 
 def _launch_cuda(x, packed, scales, bias, inv_smooth, format, group_size, in_features):
-    from ditkern.quant.formats import scale_kind  # noqa: PLC0415
+    from ditkern.formats import scale_kind  # noqa: PLC0415
 
     fmt = FORMATS[format]
     x2 = _rows(x)

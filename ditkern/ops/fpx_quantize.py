@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ditkern._backend import choose, requested_backend, triton_can_run_on
-from ditkern.quant.formats import (
+from ditkern.formats import (
     QuantizedWeight,
     check_finite,
     check_group_size,

@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch
 
 from ditkern._backend import choose, fp8_missing, requested_backend, triton_can_run_on
-from ditkern.quant.formats import ACT_GRIDS
+from ditkern.formats import ACT_GRIDS
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _grid_round(v: torch.Tensor, grid) -> torch.Tensor:
-    from ditkern.quant.formats import round_to_grid  # noqa: PLC0415
+    from ditkern.formats import round_to_grid  # noqa: PLC0415
 
     return round_to_grid(v, grid)
 

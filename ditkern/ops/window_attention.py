@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ditkern._backend import choose, device_capability, max_shared_memory, requested_backend, triton_can_run_on
+from ditkern.kernels.window_ranges import key_range as _key_range
 
 SHAPES = ("rect", "circle")
 GRANULARITIES = ("token", "tile")
@@ -211,24 +212,6 @@ def _allowed(spec: WindowSpec, qc: torch.Tensor, kc: torch.Tensor) -> torch.Tens
             start = (qc[:, a] - w // 2).clamp(0, n - w)
             ok &= (kc[None, :, a] >= start[:, None]) & (kc[None, :, a] < start[:, None] + w)
     return ok
-
-
-def _key_range(spec: WindowSpec, axis: int, lo: int, hi: int) -> tuple[int, int]:
-    """The union ``[k_lo, k_hi)`` of the keys seen along ``axis`` by queries with coordinates ``lo..hi`` (inclusive)."""
-    n, w = spec.grid[axis], spec.window[axis]
-    if spec.shape == "circle":
-        r = w // 2
-        return max(lo - r, 0), min(hi + r + 1, n)
-    if spec.granularity == "tile":
-        ta = spec.tile[axis]
-        nt = -(-n // ta)
-        wt = min(-(-w // ta) if w >= n else w // ta, nt)
-        s0 = min(max(lo // ta - wt // 2, 0), nt - wt)
-        s1 = min(max(hi // ta - wt // 2, 0), nt - wt)
-        return s0 * ta, min((s1 + wt) * ta, n)
-    s0 = min(max(lo - w // 2, 0), n - w)
-    s1 = min(max(hi - w // 2, 0), n - w)
-    return s0, s1 + w
 
 
 def _text_layout(spec: WindowSpec, text_tokens: int, text_position: str) -> tuple[int, int]:

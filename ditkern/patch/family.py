@@ -1,4 +1,4 @@
-"""``Family``: everything ditkern knows about a model class, declared in one file (``ditkern/patch/families/<name>.py``).
+"""``Family``: everything ditkern knows about a model class, declared in one file, ``ditkern/patch/families/<name>.py``.
 
 The engine walks a model with the family's fused-block ``rules``; each feature reads its own part of the declaration
 and keeps no per-model table:
@@ -49,7 +49,9 @@ class Streams:
         if not self.takes or not self.returns:
             raise ValueError("Streams: a block takes and returns at least one stream")
         if missing := sorted(set(self.returns) - set(self.takes)):
-            raise ValueError(f"Streams: returned stream(s) {missing} are not taken (a skipped block returns its inputs)")
+            raise ValueError(
+                f"Streams: returned stream(s) {missing} are not taken (a skipped block returns its inputs)"
+            )
 
     def read(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """The streams a call passes in, by name."""
@@ -209,4 +211,6 @@ class Family:
         object.__setattr__(self, "moe", MappingProxyType(dict(self.moe)))
 
 
-__all__ = ["Family", "Stack", "Streams", "SINGLE", "PAIR", "TokenLayout", "QuantLayout", "MoELayer", "COMMON_SKIP", "Rule"]
+__all__ = [
+    "Family", "Stack", "Streams", "SINGLE", "PAIR", "TokenLayout", "QuantLayout", "MoELayer", "COMMON_SKIP", "Rule",
+]  # fmt: skip

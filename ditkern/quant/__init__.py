@@ -7,7 +7,7 @@
 from ditkern.quant.calibrate import Calibration, calibrate
 from ditkern.quant.checkpoint import load_quantized, save_quantized
 from ditkern.quant.config import PRESETS, QuantConfig
-from ditkern.quant.formats import FORMATS, QuantizedWeight, dequantize, quantize
+from ditkern.formats import FORMATS, QuantizedWeight, dequantize, quantize
 
 __all__ = [
     "QuantConfig",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ditkern.quant.formats import QuantizedWeight, quantize
+from ditkern.formats import QuantizedWeight, quantize
 
 AWQ_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -126,7 +126,7 @@ def gptq_quantize(w: torch.Tensor, fmt: str, group_size: int, scale_dtype: str, 
     quantized. A group's scale is its absmax when the group is reached (of the already-updated weights). The result
     is an ordinary :class:`QuantizedWeight` (same layout and kernels as absmax).
     """
-    from ditkern.quant.formats import (  # noqa: PLC0415
+    from ditkern.formats import (  # noqa: PLC0415
         get_format,
         load_scale,
         padded_k,

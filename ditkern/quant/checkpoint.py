@@ -41,7 +41,7 @@ def save_quantized(model_or_pipeline, path: str) -> str:
     """Write the quantized (``ditkern.patch(model, quant=...)``) transformer to ``path`` (safetensors)."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    import ditkern  # noqa: PLC0415
+    from ditkern._version import __version__  # noqa: PLC0415
     from ditkern.quant.feature import quantized_layers  # noqa: PLC0415
 
     model = _transformer(model_or_pipeline)
@@ -68,7 +68,7 @@ def save_quantized(model_or_pipeline, path: str) -> str:
     config = getattr(model, "config", None)
     meta = {
         "checkpoint_format": CHECKPOINT_FORMAT,
-        "ditkern_version": ditkern.__version__,
+        "ditkern_version": __version__,
         "model_class": type(model).__name__,
         "model_config": json.dumps(_jsonable(dict(config)) if config is not None else None),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -99,9 +99,10 @@ def load_quantized(model_or_class, path: str, **patch_options):
     """
     from safetensors.torch import load_file  # noqa: PLC0415
 
-    import ditkern  # noqa: PLC0415
+    from ditkern._version import __version__  # noqa: PLC0415
+    from ditkern.patch.engine import patch, unpatch  # noqa: PLC0415
     from ditkern.quant.config import QuantConfig  # noqa: PLC0415
-    from ditkern.quant.formats import QuantizedWeight  # noqa: PLC0415
+    from ditkern.formats import QuantizedWeight  # noqa: PLC0415
 
     meta = read_metadata(path)
     fmt = meta.get("checkpoint_format")
@@ -109,8 +110,8 @@ def load_quantized(model_or_class, path: str, **patch_options):
         raise ValueError(f"{path}: checkpoint format {fmt!r} is not {CHECKPOINT_FORMAT!r} (written by ditkern "
                          f"{meta.get('ditkern_version', '?')}); re-quantize with this version")  # fmt: skip
     ver = meta.get("ditkern_version", "")
-    if ver.split(".")[:2] != ditkern.__version__.split(".")[:2]:
-        raise ValueError(f"{path}: written by ditkern {ver}, this is ditkern {ditkern.__version__} (the major.minor "
+    if ver.split(".")[:2] != __version__.split(".")[:2]:
+        raise ValueError(f"{path}: written by ditkern {ver}, this is ditkern {__version__} (the major.minor "
                          "versions must match); re-quantize with this version")  # fmt: skip
     if isinstance(model_or_class, type):
         if model_or_class.__name__ != meta["model_class"]:
@@ -123,7 +124,7 @@ def load_quantized(model_or_class, path: str, **patch_options):
         pipe = None if isinstance(model_or_class, nn.Module) else model_or_class
         if type(model).__name__ != meta["model_class"]:
             raise ValueError(f"{path} holds a {meta['model_class']}, not a {type(model).__name__}")
-    ditkern.unpatch(model)
+    unpatch(model)
     device = next(model.parameters()).device
     tensors = load_file(path)
     layers = json.loads(meta["layers"])
@@ -153,5 +154,5 @@ def load_quantized(model_or_class, path: str, **patch_options):
     qc = QuantConfig(format=first.format, group_size=first.group_size, skip=[])
     object.__setattr__(qc, "_prequantized", preq)
     object.__setattr__(qc, "activations", patch_options.pop("activations", json.loads(meta.get("activations", "null"))))
-    ditkern.patch(pipe if pipe is not None else model, quant=qc, **patch_options)
+    patch(pipe if pipe is not None else model, quant=qc, **patch_options)
     return model

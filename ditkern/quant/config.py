@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ditkern.quant.formats import FORMATS, SCALE_DTYPES, check_group_size, get_format
+from ditkern.formats import FORMATS, SCALE_DTYPES, check_group_size, get_format
 
 ACTIVATIONS = {None: None, "fp8": "e4m3", "fp6": "fp6_e3m2"}  # option -> the activation grid of quantize_fp8
 METHODS = ("absmax", "awq", "gptq")

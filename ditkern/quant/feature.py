@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from ditkern._backend import choose
+from ditkern.formats import QuantizedWeight, inv_smooth, quantize
 from ditkern.patch.engine import Feature, Plan, device_dtype, family_of, register_feature
 from ditkern.patch.family import Family, QuantLayout, Stack
 from ditkern.quant import fp8_companion
 from ditkern.quant.config import QuantConfig, as_quant_config
-from ditkern.quant.formats import QuantizedWeight, inv_smooth, quantize
 
 UPGRADE = "fp6_e2m3"  # the format a layer moves to first under a memory budget
 
@@ -61,7 +61,7 @@ def quantize_layer(path: str, module: nn.Linear, fmt: str, qc: QuantConfig, stat
         return awq_quantize(w, fmt, qc.group_size, qc.scale_dtype, stats, name=path)[0]
     if qc.method == "gptq" and stats is not None:
         from ditkern.quant.calibrate import gptq_quantize  # noqa: PLC0415
-        from ditkern.quant.formats import check_finite  # noqa: PLC0415
+        from ditkern.formats import check_finite  # noqa: PLC0415
 
         check_finite(w, path)
         return gptq_quantize(w, fmt, qc.group_size, qc.scale_dtype, stats, name=path)

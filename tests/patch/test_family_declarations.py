@@ -3,6 +3,7 @@ features read them and keep no per-model table, a new model is one declaration, 
 backend of its own op, resolved at patch time."""
 
 import ast
+import importlib
 import pathlib
 
 import pytest
@@ -58,7 +59,8 @@ def _strings(path: pathlib.Path) -> set[str]:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
                 docs.add(id(first.value))
-    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs}
+    consts = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    return {n.value for n in consts if id(n) not in docs}
 
 
 def test_features_keep_no_per_model_table():
@@ -81,7 +83,9 @@ def _my_dit():
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3, sample_size=8,
         patch_size=2, num_embeds_ada_norm=1001, norm_type="ada_norm_zero",
     ).eval()  # fmt: skip
-    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([300, 700]), class_labels=torch.tensor([3, 1]))
+    inputs = dict(
+        hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([300, 700]), class_labels=torch.tensor([3, 1])
+    )
     return model, inputs
 
 
@@ -95,7 +99,9 @@ def _my_family(**changes):
         model_classes=("MyDiT",),
         rules={"BasicTransformerBlock": basic_block_rule, "AdaLayerNormZero": NORM_RULES["AdaLayerNormZero"]},
         stack=Stack(lists=("transformer_blocks",), blocks={"BasicTransformerBlock": SINGLE}),
-        attention=TokenLayout({"BasicTransformerBlock": ("attn1",)}, frozenset({"AttnProcessor2_0"}), "first", spatial_grid),
+        attention=TokenLayout(
+            {"BasicTransformerBlock": ("attn1",)}, frozenset({"AttnProcessor2_0"}), "first", spatial_grid
+        ),
         quant=QuantLayout(),
     )
     return Family(**{**fields, **changes})
@@ -161,9 +167,6 @@ def test_declarations_are_checked_when_written():
 def test_report_backend_is_each_rows_own_op(monkeypatch):
     """adaLN rows show adaln_modulate's backend, cache rows taylor's, attention rows window_attention's, quant rows
     the GEMM's: here the Taylor kernels are made unable to run on Triton, and the window op is asked for torch."""
-    from ditkern.ops import taylor as taylor_mod  # noqa: F401  (the module: ditkern.ops.taylor is also an op name)
-    import importlib
-
     taylor_mod = importlib.import_module("ditkern.ops.taylor")
     monkeypatch.setitem(taylor_mod.BACKENDS, "triton", lambda *t: "disabled by the test")
     model, _ = tiny.flux()
@@ -193,8 +196,6 @@ def test_a_forced_backend_that_cannot_run_raises_at_patch_time_and_patches_nothi
 def test_the_backend_request_is_resolved_once_at_patch_time(monkeypatch):
     """DITKERN_BACKEND is read when patching; the installed forwards pass the resolved request to the ops, so a
     compiled graph never reads the environment and a later change of it does not change a patched model."""
-    import importlib
-
     adaln = importlib.import_module("ditkern.ops.adaln_modulate")
     model, inputs = tiny.dit()
     monkeypatch.setenv("DITKERN_BACKEND", "torch")

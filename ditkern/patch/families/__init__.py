@@ -1,4 +1,4 @@
-"""The registry of model families: every module listed in MODULES defines ``FAMILY`` (a ``ditkern.patch.family.Family``).
+"""The registry of model families: each module listed in MODULES defines ``FAMILY``, a ``ditkern.patch.family.Family``.
 
 A new model is one new file here and one line in MODULES (docs/adding_a_family.md). The engine imports none of them:
 ``ditkern/patch/__init__.py`` registers what :func:`load` returns.

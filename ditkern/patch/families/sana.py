@@ -69,8 +69,8 @@ def sana_linear_attention_rule(attn, cfg):
     backend = cfg.backend
     device, dtype = device_dtype(attn)
     head_dim = attn.to_q.out_features // attn.heads
-    chosen = choose("linear_attention", LINEAR_BACKENDS, torch.empty(1, attn.heads, 1, head_dim, device=device, dtype=dtype),
-                    backend=backend)  # fmt: skip
+    sample = torch.empty(1, attn.heads, 1, head_dim, device=device, dtype=dtype)
+    chosen = choose("linear_attention", LINEAR_BACKENDS, sample, backend=backend)
     saved = {}
 
     def apply(m):
