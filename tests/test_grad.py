@@ -6,8 +6,8 @@
   rule against torch doing the same in the same dtype. Gradients come back in each input's dtype and shape.
 * ``loss.backward()`` through every patched family (tiny random models from config): every parameter gradient and the
   input gradient of the patched model against the unpatched model, both against a float64 copy (STYLE.md rule).
-* Lossy features under grad: the Taylor cache and windowed attention step aside (exact path), quantized linears refuse
-  with an error that says they are inference-only; the report says so.
+* Lossy features under grad: the Taylor cache and windowed attention step aside (exact path), quantized linears run
+  their forward but refuse a backward with an error that says they are inference-only; the report says so.
 """
 
 import copy
@@ -499,7 +499,11 @@ def test_quantized_linears_refuse_under_grad():
     with ditkern.patched(model, quant="int4", backend="torch") as report:
         assert all("inference-only" in r.detail for r in report.patched if r.what.startswith("quantized linear"))
         with torch.no_grad():
-            model(**inputs, return_dict=False)  # inference works
+            ref = model(**inputs, return_dict=False)[0]  # inference works
+        out = model(**inputs, return_dict=False)[0]  # so does a forward without no_grad (parameters require grad)
+        assert out.requires_grad and torch.equal(out.detach(), ref)
+        with pytest.raises(RuntimeError, match=r"quantization .*is inference-only.*torch.no_grad"):
+            out.sum().backward()  # a backward refuses, with the reason
         with pytest.raises(RuntimeError, match=r"quantization .*is inference-only.*torch.no_grad"):
             _forward_backward(model, inputs)
         model.requires_grad_(False)  # frozen weights and an input without grad: nothing to differentiate, it runs

@@ -170,6 +170,24 @@ def _fit_budget(chosen, errors, qc: QuantConfig, cal) -> None:
         chosen[p] = (m, qws[p][level[p]])
 
 
+class _InferenceOnly(torch.autograd.Function):
+    """The output of a quantized linear computed where autograd is on: the forward result as is, and a backward that
+    refuses with the reason (the packed weight has no gradient) instead of torch's "no autograd formula"."""
+
+    @staticmethod
+    def forward(ctx, out, fmt, *inputs):
+        ctx.fmt = fmt
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            f"ditkern quantization (quant=, {ctx.fmt}) is inference-only: this layer's weight is packed {ctx.fmt} codes "
+            "with no gradient. Run the model under torch.no_grad() / torch.inference_mode(), or ditkern.unpatch() it "
+            "(or patch without quant=) to train or take gradients."
+        )
+
+
 def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str | None, qc: QuantConfig) -> Plan:
     N, K = qw.shape
     w = module.weight
@@ -182,7 +200,7 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
     a = {None: "", "e4m3": " A8", "fp6_e3m2": " A6"}[use_act]
     sm = " awq" if qw.smooth is not None else ""
     detail = f"{qw.format} g{qw.group_size}{a}{sm}: {_mib(before)} -> {_mib(after)} ({after / before:.2f}x){note}"
-    detail += "; inference-only (refuses under grad)"
+    detail += "; inference-only (a backward through it refuses)"
     what = "quantized linear (fpx_fp8_linear)" if use_act else "quantized linear (fpx_linear)"
     fmt, G = qw.format, qw.group_size
     gemm_backend = _gemm_backend(w, qw, use_act, backend)
@@ -191,11 +209,10 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
 
     def forward(module, input):
         if torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in module.parameters())):
-            raise RuntimeError(
-                f"ditkern quantization (quant=, {fmt}) is inference-only: this layer's weight is packed {fmt} codes "
-                "with no gradient. Run the model under torch.no_grad() / torch.inference_mode(), or ditkern.unpatch() "
-                "it (or patch without quant=) to train or take gradients."
-            )
+            # a forward without no_grad (parameters require grad by default) runs; a backward through it refuses
+            with torch.no_grad():
+                out = forward(module, input)
+            return _InferenceOnly.apply(out, fmt, input, *module.parameters())
         # the float buffers are stored as integer views so that model.to(dtype) cannot round them
         scales = module.qweight_scales.view(scale_dtype)
         inv = module._buffers.get("qweight_inv_smooth")
