@@ -14,4 +14,13 @@ FINGERPRINTS: dict[str, set[str]] = {
     "JointTransformerBlock": {"6076457f308cb93b"},  # diffusers 0.42.1
     "FluxTransformerBlock": {"3c28de28b5f9668e"},  # diffusers 0.42.1
     "WanTransformerBlock": {"94816f8ed0b30583"},  # diffusers 0.42.1
+    "Flux2TransformerBlock": {"ab2ac2b92ef3e515"},  # diffusers 0.42.1
+    "Flux2SingleTransformerBlock": {"b7a878856f407841"},  # diffusers 0.42.1
+    "Flux2Modulation.split": {"56645613983ca4e7"},  # diffusers 0.42.1
+    "ChromaTransformerBlock": {"bcbed99a1504dc11"},  # diffusers 0.42.1
+    "ChromaAdaLayerNormZeroPruned": {"887fed9b170e098c"},  # diffusers 0.42.1
+    "ChromaAdaLayerNormZeroSinglePruned": {"749e53094f2e0766"},  # diffusers 0.42.1
+    "ChromaAdaLayerNormContinuousPruned": {"5e0f95cb0da51763"},  # diffusers 0.42.1
+    "QwenImageTransformerBlock": {"c80263bdd728d13e"},  # diffusers 0.42.1
+    "QwenImageTransformerBlock._modulate": {"04bc16c3904d9fc6"},  # diffusers 0.42.1
 }

@@ -18,6 +18,9 @@ MODULES = (
     "wan",
     "sana",
     "hidream",
+    "flux2",
+    "chroma",
+    "qwenimage",
 )
 
 
