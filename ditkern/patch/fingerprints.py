@@ -23,4 +23,7 @@ FINGERPRINTS: dict[str, set[str]] = {
     "ChromaAdaLayerNormContinuousPruned": {"5e0f95cb0da51763"},  # diffusers 0.42.1
     "QwenImageTransformerBlock": {"c80263bdd728d13e"},  # diffusers 0.42.1
     "QwenImageTransformerBlock._modulate": {"04bc16c3904d9fc6"},  # diffusers 0.42.1
+    "WanVACETransformerBlock": {"182b5c08d401b25b"},  # diffusers 0.42.1
+    "LTX2VideoTransformerBlock": {"ce326dcca641fe3b"},  # diffusers 0.42.1
+    "HunyuanVideo15TransformerBlock": {"936519481f15deae"},  # diffusers 0.42.1
 }

@@ -21,6 +21,9 @@ MODULES = (
     "flux2",
     "chroma",
     "qwenimage",
+    "wan_vace",
+    "ltx2",
+    "hunyuan_video15",
 )
 
 
