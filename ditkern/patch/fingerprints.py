@@ -26,4 +26,13 @@ FINGERPRINTS: dict[str, set[str]] = {
     "WanVACETransformerBlock": {"182b5c08d401b25b"},  # diffusers 0.42.1
     "LTX2VideoTransformerBlock": {"ce326dcca641fe3b"},  # diffusers 0.42.1
     "HunyuanVideo15TransformerBlock": {"936519481f15deae"},  # diffusers 0.42.1
+    "Lumina2TransformerBlock": {"c2cf5d71bac240c5"},  # diffusers 0.42.1
+    "LuminaRMSNormZero": {"0b22d392f255e5a7"},  # diffusers 0.42.1
+    "LuminaLayerNormContinuous": {"a521abb336f28748"},  # diffusers 0.42.1
+    "CogView4TransformerBlock": {"a9342cb4f90d0701"},  # diffusers 0.42.1
+    "CogView4AdaLayerNormZero": {"8431d50b37ab1da5"},  # diffusers 0.42.1
+    "CogView4AdaLayerNormContinuous": {"1a5fd9aa0bf117f0"},  # diffusers 0.42.1
+    "NucleusMoEImageTransformerBlock": {"f35626df15522ecb"},  # diffusers 0.42.1
+    "ZImageTransformerBlock": {"8df391074a7e353f"},  # diffusers 0.42.1
+    "ZImage.FinalLayer": {"e2b2d3963050747a"},  # diffusers 0.42.1
 }

@@ -22,8 +22,12 @@ MODULES = (
     "chroma",
     "qwenimage",
     "wan_vace",
+    "lumina2",
     "ltx2",
+    "cogview4",
     "hunyuan_video15",
+    "nucleusmoe",
+    "zimage",
 )
 
 
