@@ -35,4 +35,5 @@ FINGERPRINTS: dict[str, set[str]] = {
     "NucleusMoEImageTransformerBlock": {"f35626df15522ecb"},  # diffusers 0.42.1
     "ZImageTransformerBlock": {"8df391074a7e353f"},  # diffusers 0.42.1
     "ZImage.FinalLayer": {"e2b2d3963050747a"},  # diffusers 0.42.1
+    "HunyuanImageTransformerBlock": {"1825d0e21d288c59"},  # diffusers 0.42.1
 }

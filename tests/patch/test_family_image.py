@@ -1,8 +1,8 @@
-"""The image families Lumina2, Z-Image, CogView4 and NucleusMoE on tiny random models built from config, with the
-inputs their pipelines pass: patched output within the STYLE.md rule against a float64 run, unpatch bit-exact, the
-report rows (what was fused, what was skipped and why), a module of unexpected structure skipped with its reason,
-``torch.compile(fullgraph=True)`` of a patched block, the Taylor cache, int4 quantization with the family's skip list,
-windowed attention, and gradients through the patched model against the unpatched one."""
+"""The image families Lumina2, Z-Image, CogView4, NucleusMoE and HunyuanImage on tiny random models built from config,
+with the inputs their pipelines pass: patched output within the STYLE.md rule against a float64 run, unpatch
+bit-exact, the report rows (what was fused, what was skipped and why), a module of unexpected structure skipped with
+its reason, ``torch.compile(fullgraph=True)`` of a patched block, the Taylor cache, int4 quantization with the
+family's skip list, windowed attention, and gradients through the patched model against the unpatched one."""
 
 import copy
 import dataclasses
@@ -16,7 +16,7 @@ import ditkern
 from ditkern.patch import engine
 from tests.patch import tiny_image
 
-FAMILIES = ("lumina2", "zimage", "cogview4", "nucleusmoe")
+FAMILIES = ("lumina2", "zimage", "cogview4", "nucleusmoe", "hunyuanimage")
 
 # what the default patch fuses ({class: count}) and what it skips ({class: reason fragment})
 EXPECTED = {
@@ -24,21 +24,25 @@ EXPECTED = {
     "zimage": {"ZImageTransformerBlock": 3, "FinalLayer": 1},
     "cogview4": {"CogView4TransformerBlock": 2, "CogView4AdaLayerNormZero": 2, "CogView4AdaLayerNormContinuous": 1},
     "nucleusmoe": {"NucleusMoEImageTransformerBlock": 3, "AdaLayerNormContinuous": 1},
+    "hunyuanimage": {"HunyuanImageTransformerBlock": 2, "AdaLayerNormZero": 4, "AdaLayerNormZeroSingle": 2,
+                     "AdaLayerNormContinuous": 1},  # fmt: skip
 }
 SKIPPED = {
     "lumina2": {"context_refiner.0": "modulation=False (context refiner): RMSNorm-only block"},
     "zimage": {"context_refiner.0": "modulation=False (context / SigLIP refiner): RMSNorm-only block"},
     "cogview4": {},
     "nucleusmoe": {f"transformer_blocks.{i}.img_mlp": "expert-choice routing with fixed capacity" for i in (1, 2)},
+    "hunyuanimage": {},
 }
-LATENT = {"lumina2": "hidden_states", "zimage": "x", "cogview4": "hidden_states", "nucleusmoe": "hidden_states"}
-TIME = {"lumina2": "timestep", "zimage": "t", "cogview4": "timestep", "nucleusmoe": "timestep"}
+LATENT = {family: "hidden_states" for family in FAMILIES} | {"zimage": "x"}
+TIME = {family: "timestep" for family in FAMILIES} | {"zimage": "t"}
 # the block whose norm is swapped for an Identity (unexpected structure) and the norm's attribute
 BAD = {
     "lumina2": ("layers.0", "ffn_norm1"),
     "zimage": ("layers.1", "ffn_norm1"),
     "cogview4": ("transformer_blocks.0", "norm2_context"),
     "nucleusmoe": ("transformer_blocks.1", "pre_mlp_norm"),
+    "hunyuanimage": ("transformer_blocks.1", "norm2_context"),
 }
 
 
@@ -93,7 +97,7 @@ def _steps(family, inputs, ts):
 def test_families_are_registered():
     supported = ditkern.supported_models()
     for cls in ("Lumina2Transformer2DModel", "ZImageTransformer2DModel", "CogView4Transformer2DModel",
-                "NucleusMoEImageTransformer2DModel"):  # fmt: skip
+                "NucleusMoEImageTransformer2DModel", "HunyuanImageTransformer2DModel"):  # fmt: skip
         assert cls in supported
 
 
@@ -180,7 +184,7 @@ def test_compile_fullgraph_of_patched_block(family):
 TS = [999.0, 880.0, 700.0, 560.0]  # interval=2, warmup=1: full, full, forecast, full
 
 
-@pytest.mark.parametrize("family", ["cogview4", "nucleusmoe"])
+@pytest.mark.parametrize("family", ["cogview4", "nucleusmoe", "hunyuanimage"])
 def test_taylor_cache(family):
     model, inputs = _build(family)
     steps = _steps(family, inputs, TS)
@@ -237,6 +241,8 @@ KEPT = {
                  "transformer_blocks.0.norm1.*", "transformer_blocks.1.norm1.*"],  # fmt: skip
     "nucleusmoe": ["img_in", "time_text_embed.*", "norm_out.linear", "proj_out", "transformer_blocks.0.img_mod.*",
                    "transformer_blocks.2.img_mod.*", "transformer_blocks.*.img_mlp.gate"],  # fmt: skip
+    "hunyuanimage": ["context_embedder.*", "time_guidance_embed.*", "norm_out.linear", "proj_out",
+                     "transformer_blocks.0.norm1*.linear", "single_transformer_blocks.1.norm.linear"],  # fmt: skip
 }
 
 
@@ -278,11 +284,13 @@ def test_window_covering_the_grid_is_dense_attention(family):
     assert torch.equal(_run(model, inputs), before)
 
 
-def test_nucleusmoe_window_attention_reports_why_not():
-    model, _ = _build("nucleusmoe")
+@pytest.mark.parametrize("family,why", [("nucleusmoe", "query and key lengths differ"),
+                                        ("hunyuanimage", "always passes the text padding mask")])  # fmt: skip
+def test_window_attention_reports_why_not(family, why):
+    model, _ = _build(family)
     report = ditkern.patch(model, attention=ditkern.WindowAttention(window=3), backend="torch")
-    reasons = [r.reason for r in report.skipped if r.cls == "NucleusMoEImageTransformer2DModel"]
-    assert len(reasons) == 1 and "query and key lengths differ" in reasons[0]
+    reasons = [r.reason for r in report.skipped if r.cls == type(model).__name__]
+    assert len(reasons) == 1 and why in reasons[0], reasons
     ditkern.unpatch(model)
 
 

@@ -1,5 +1,5 @@
-"""Tiny random image DiTs (Lumina2, Z-Image, CogView4, NucleusMoE) built from config, with inputs shaped as their
-diffusers pipelines pass them (tests/patch/test_family_image.py)."""
+"""Tiny random image DiTs (Lumina2, Z-Image, CogView4, NucleusMoE, HunyuanImage) built from config, with inputs
+shaped as their diffusers pipelines pass them (tests/patch/test_family_image.py)."""
 
 from __future__ import annotations
 
@@ -94,5 +94,26 @@ def zimage(batch=2, t=(0.3, 0.7)):
         x=[torch.randn(4, 1, 6, 10) for _ in range(batch)],
         t=torch.tensor(t[:batch]),
         cap_feats=[torch.randn(7, 24) for _ in range(batch)],
+    )
+    return model, inputs
+
+
+def hunyuanimage(batch=2, t=(300.0, 700.0)):
+    """``HunyuanImagePipeline``: latents [B, C, H, W], timestep ``t`` (1000 = noise), the Qwen2.5-VL states and their
+    padding mask (the last token of item 0 is padding; the ByT5 glyph states are optional and left out)."""
+    from diffusers import HunyuanImageTransformer2DModel
+
+    model = HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2, num_single_layers=2,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=(2, 2), text_embed_dim=24, rope_axes_dim=(8, 8),
+    )  # fmt: skip
+    T = 6
+    mask = torch.ones(batch, T, dtype=torch.int64)
+    mask[0, -1] = 0
+    inputs = dict(
+        hidden_states=torch.randn(batch, 4, 6, 10),
+        timestep=torch.tensor(t[:batch]),
+        encoder_hidden_states=torch.randn(batch, T, 24),
+        encoder_attention_mask=mask,
     )
     return model, inputs

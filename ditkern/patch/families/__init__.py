@@ -28,6 +28,7 @@ MODULES = (
     "hunyuan_video15",
     "nucleusmoe",
     "zimage",
+    "hunyuanimage",
 )
 
 
