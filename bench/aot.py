@@ -98,6 +98,7 @@ _SASS_COUNTS = {
     "hgmma": r"\bHGMMA\b",  # bf16/fp16 wgmma (Hopper)
     "qgmma": r"\bQGMMA\b",  # fp8 wgmma (Hopper)
     "hmma": r"\bHMMA\b",  # mma.sync (Ampere/Ada; small tiles on Hopper)
+    "qmma": r"\bQMMA\b",  # fp8 mma.sync (Ada)
     "tcgen05_mma": r"\bUTC\w*MMA\b",  # Blackwell tensor cores
     "ldgsts": r"\bLDGSTS\b",  # cp.async
     "tma_loads": r"\bUTMALDG\b|\bUBLKCP\b",
@@ -115,7 +116,7 @@ _PTX_COUNTS = {
     "ptx_v4_loads": r"ld\.global[^;\n]*\.v4",
     "ptx_v8_loads": r"ld\.global[^;\n]*\.v8",
 }
-_MMA = re.compile(r"\b(HGMMA|QGMMA|IGMMA|HMMA|IMMA|UTCHMMA|UTCQMMA|UTCMMA|UTC\w*MMA)\b")
+_MMA = re.compile(r"\b(HGMMA|QGMMA|IGMMA|HMMA|QMMA|IMMA|UTC\w*MMA)\b")
 
 
 def parse_sass(sass: str) -> dict:

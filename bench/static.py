@@ -8,9 +8,10 @@ extension's ptxas figures, one row per kernel, bench shape and architecture.
 Each architecture compiles in its own process (``bench/aot.py``: a stand-in driver, no interpreter), through the ops'
 own launchers (``bench/compile_cases.py``). Columns: registers, spilled bytes, shared memory (and the architecture's
 limit), warps/stages, the tensor-core instructions in SASS (HGMMA = bf16/fp16 wgmma, QGMMA = fp8 wgmma, HMMA =
-mma.sync, UTC*MMA = Blackwell tcgen05), async copies (LDGSTS = cp.async, TMA), 128/64-bit global loads, the SASS
-instructions of the main loop per iteration (the loop with the most tensor-core instructions, else the longest), and
-the bytes and FLOPs one call needs with its roofline floor on an H200 (4.8 TB/s, 989 TFLOP/s bf16, 1979 fp8).
+mma.sync, QMMA = fp8 mma.sync on Ada, UTC*MMA = Blackwell tcgen05), async copies (LDGSTS = cp.async, TMA),
+128/64-bit global loads, the SASS instructions of the main loop per iteration (the innermost loop holding the most
+tensor-core instructions, else the longest loop), and the bytes and FLOPs one call needs with its roofline floor on
+an H200 (4.8 TB/s, 989 TFLOP/s bf16, 1979 fp8).
 Violations (the compile test fails on them): a compile error, a grid over the hardware limits, shared memory over the
 architecture's, register spills in a memory-bound kernel. A backend that refuses an architecture through its
 ``can_run`` is listed as refused, with the reason, and is not compiled.
@@ -99,7 +100,7 @@ def compile_arch(arch: str, ops: set[str] | None = None, progress: bool = False)
 
 # ---- rendering ------------------------------------------------------------------------------------------------------
 def _tc(r: dict) -> str:
-    parts = [f"{n} {r[k]}" for k, n in (("hgmma", "HGMMA"), ("qgmma", "QGMMA"), ("hmma", "HMMA"),
+    parts = [f"{n} {r[k]}" for k, n in (("hgmma", "HGMMA"), ("qgmma", "QGMMA"), ("hmma", "HMMA"), ("qmma", "QMMA"),
                                         ("tcgen05_mma", "tcgen05")) if r.get(k)]  # fmt: skip
     return ", ".join(parts) or "-"
 

@@ -44,7 +44,9 @@ def _declared_names() -> set[str]:
     for f in families.load():
         names |= set(f.model_classes) | set(f.rules) | set(f.moe)
         if isinstance(f.stack, Stack):
-            names |= set(f.stack.blocks) | set(f.stack.lists)
+            # block-list attribute names ("layers", "blocks") are too generic to signal a table: a checkpoint's
+            # metadata key "layers" is not model knowledge; class names are
+            names |= set(f.stack.blocks)
         if isinstance(f.attention, TokenLayout):
             names |= set(f.attention.self_attention) | set(f.attention.processors)
     return names - {"Linear"}  # quant's own rule key: every nn.Linear, whatever the family
