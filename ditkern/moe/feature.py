@@ -37,18 +37,21 @@ def _layer_rule(decl: MoELayer, block_m: int):
         def undo(module):
             module.__dict__.pop(ATTR, None)
 
-        def forward(module, x):
+        def forward(module, x, *args, **kwargs):  # extra inputs (e.g. Nucleus' router input, temb) pass through
             if decl.original(module):
-                return original(module, x)
+                return original(module, x, *args, **kwargs)
             moe = module.__dict__[ATTR]
             if moe.w1.device != x.device or moe.w1.dtype != x.dtype:
                 raise RuntimeError(
                     f"ditkern: the experts of this MoE layer were stacked on {moe.w1.device} in {moe.w1.dtype} at "
                     f"patch time but the input is {x.device} {x.dtype}; patch after moving / casting the model"
                 )
-            return moe(x)
+            return moe(x, *args, **kwargs)
 
-        detail = f"{sparse.num_experts} experts top-{sparse.top_k}, stacked copy {mib:.2f} MiB"
+        if hasattr(sparse, "report_detail"):  # e.g. ExpertChoiceMoE: no top_k
+            detail = sparse.report_detail()
+        else:
+            detail = f"{sparse.num_experts} experts top-{sparse.top_k}, stacked copy {mib:.2f} MiB"
         return Plan("moe", WHAT, forward, apply, undo, detail=detail, backend=backend)
 
     return rule

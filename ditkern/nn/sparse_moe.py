@@ -23,6 +23,8 @@ the model's parameters anyway).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +33,7 @@ from ditkern.ops.moe import (
     ACTIVATIONS,
     DEFAULT_BLOCK_M,
     SCORES,
+    expert_choice_align,
     moe_align,
     moe_combine,
     moe_grouped_mlp,
@@ -181,4 +184,153 @@ class SparseMoE(nn.Module):
                 moe.router.weight.copy_(gate.weight)
         for w in (moe.w1, moe.w3, moe.w2):  # not the shared router / shared expert: they belong to the model
             w.requires_grad_(False)
+        return moe
+
+
+class ExpertChoiceMoE(nn.Module):
+    """Expert-choice routed SwiGLU experts with a fixed capacity + a shared expert: diffusers' ``NucleusMoELayer``.
+
+    For ``x`` [B, S, D] (the experts' input), ``x_router`` [B, S, D] (the router's input, in Nucleus the unmodulated
+    norm) and an optional ``temb`` [B, Dt] (prepended to every token's router input)::
+
+        logits   = gate([temb, x_router])                 [B, S, E]   in the model dtype
+        scores   = softmax(logits.float()).to(dtype)       (or sigmoid), over the experts
+        C        = max(1, ceil(capacity_factor * S / E))   fixed: depends on the shapes only
+        idx, g   = topk(scores^T, C) per (item, expert)    each expert takes its C best tokens (torch.topk's order)
+        g        = route_scale * g / (sum of g over the experts that took the token + 1e-12)
+        out[t]   = shared(x_t) + sum_{(e, c) took t} g * expert_e(x_t)
+
+    The routing is the same torch ops diffusers runs (so ties, the renormalisation's dtype and its summation are
+    identical); the experts run as one grouped GEMM pair (``moe_grouped_mlp`` with ``top_k=1``) over the routed rows
+    ``r = e * B * C + b * C + c`` (expert-major, as diffusers lays them out): every expert has exactly ``B * C`` rows,
+    so ``expert_choice_align`` builds the layout from the sizes alone, on the device (no host sync). The combine adds
+    the weighted rows into the shared expert's output with ``index_add`` in fp32, rounded once to the model dtype
+    (diffusers rounds the routed rows, then scatter-adds in the model dtype). On CPU that sum is sequential in routed
+    row order (deterministic); on CUDA it uses fp32 atomics, whose order is not fixed (run-to-run differences are fp32
+    rounding, ~1e-7 relative; ``torch.use_deterministic_algorithms(True)`` makes it deterministic).
+
+    Weights: ``w1, w3`` [E, F, D] and ``w2`` [E, D, F] are stacked copies in the grouped GEMM's layout (taken at build
+    time). ``source`` (diffusers' ``SwiGLUExperts``, optional) is read instead when grad mode is on and its weights
+    require grad, so that gradients reach the model's own expert parameters (as in the unpatched layer).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        capacity_factor: float,
+        *,
+        router_dim: int | None = None,
+        score: str = "softmax",
+        route_scale: float = 1.0,
+        shared_expert: nn.Module | None = None,
+        block_m: int = DEFAULT_BLOCK_M,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}")
+        kw = dict(device=device, dtype=dtype)
+        self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
+        self.capacity_factor, self.score, self.route_scale = float(capacity_factor), score, float(route_scale)
+        self.block_m, self.backend = block_m, backend
+        self.router = nn.Linear(dim if router_dim is None else router_dim, num_experts, bias=False, **kw)
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **kw))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **kw))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **kw))
+        for w in (self.w1, self.w3, self.w2):
+            nn.init.normal_(w, std=w.shape[-1] ** -0.5)
+        self.shared = shared_expert
+        self.source = None  # SwiGLUExperts whose parameters the grad path reads (not a submodule)
+
+    def capacity(self, seq_len: int) -> int:
+        """Tokens each expert takes per item: ``max(1, ceil(capacity_factor * S / E))`` (diffusers' formula)."""
+        return max(1, math.ceil(self.capacity_factor * seq_len / self.num_experts))
+
+    def route(self, x_router: torch.Tensor, temb: torch.Tensor | None = None):
+        """``(tokens [E * B * C] int64, gates [E * B * C])``: the flat token of each routed row (expert-major) and
+        its renormalised, scaled gate in the model dtype."""
+        B, S, _ = x_router.shape
+        if temb is not None:
+            x_router = torch.cat([temb.unsqueeze(1).expand(-1, S, -1), x_router], dim=-1)
+        logits = F.linear(x_router, self.router.weight)
+        fn = torch.sigmoid if self.score == "sigmoid" else (lambda t: F.softmax(t, dim=-1))
+        scores = fn(logits.float()).to(logits.dtype)
+        affinity = scores.transpose(1, 2)  # [B, E, S]
+        idx = torch.topk(affinity, k=self.capacity(S), dim=-1).indices  # [B, E, C]
+        gating = affinity.gather(dim=-1, index=idx)
+        offsets = torch.arange(B, device=idx.device, dtype=torch.long).view(B, 1, 1) * S
+        tokens = (offsets + idx).transpose(0, 1).reshape(-1)  # [E * B * C], expert-major
+        gates = gating.transpose(0, 1).reshape(-1)
+        sums = torch.zeros(B * S, device=idx.device, dtype=gates.dtype).scatter_add(0, tokens, gates)
+        gates = gates / (sums[tokens] + 1e-12) * self.route_scale
+        return tokens, gates
+
+    def _weights(self):
+        src = self.source
+        if src is not None and torch.is_grad_enabled() and (src.gate_up_proj.requires_grad or
+                                                            src.down_proj.requires_grad):  # fmt: skip
+            Fh = self.hidden_dim
+            gu = src.gate_up_proj  # [E, D, 2F]
+            return (gu[..., :Fh].transpose(1, 2).contiguous(), gu[..., Fh:].transpose(1, 2).contiguous(),
+                    src.down_proj.transpose(1, 2).contiguous())  # fmt: skip
+        return self.w1, self.w3, self.w2
+
+    def forward(self, x: torch.Tensor, x_router: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        B, S, D = x.shape
+        tokens, gates = self.route(x_router, timestep)
+        xf = x.reshape(B * S, D)
+        rows = tokens.numel() // self.num_experts
+        sorted_ids, block_expert = expert_choice_align(self.num_experts, rows, self.block_m, device=x.device)
+        w1, w3, w2 = self._weights()
+        y = moe_grouped_mlp(
+            xf[tokens], sorted_ids, block_expert, w1, w2, gates.reshape(-1, 1), w3=w3, top_k=1,
+            activation="swiglu", backend=self.backend,
+        )  # fmt: skip  # [N, 1, D], gates applied in fp32
+        out = self.shared(x).reshape(B * S, D) if self.shared is not None else xf.new_zeros(B * S, D)
+        out = out.float().index_add(0, tokens, y.reshape(-1, D).float())
+        return out.to(x.dtype).reshape(B, S, D)
+
+    def stacked_bytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in (self.w1, self.w3, self.w2))
+
+    def report_detail(self) -> str:
+        return (f"{self.num_experts} experts, expert-choice capacity ceil({self.capacity_factor:g} * S / "
+                f"{self.num_experts}), stacked copy {self.stacked_bytes() / 2**20:.2f} MiB")  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
+            f"capacity_factor={self.capacity_factor:g}, score={self.score!r}, route_scale={self.route_scale:g}"
+        )
+
+    @classmethod
+    def from_nucleus(
+        cls, layer: nn.Module, *, block_m: int = DEFAULT_BLOCK_M, backend: str | None = None
+    ) -> ExpertChoiceMoE:
+        """The module computing diffusers' ``NucleusMoELayer`` (forward and gradients): the router and the shared
+        expert are the layer's own objects; the experts' packed ``gate_up_proj`` [E, D, 2F] / ``down_proj`` [E, F, D]
+        are stacked into the grouped GEMM's layout (a copy; the grad path reads the originals)."""
+        ex = layer.experts
+        E, D, F2 = ex.gate_up_proj.shape
+        Fh = F2 // 2
+        p = ex.gate_up_proj
+        moe = cls(
+            D, Fh, E, layer.capacity_factor, router_dim=layer.gate.weight.shape[1],
+            score="sigmoid" if layer.use_sigmoid else "softmax", route_scale=layer.route_scale,
+            shared_expert=layer.shared_expert, block_m=block_m, backend=backend, device=p.device, dtype=p.dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            moe.w1.copy_(p[..., :Fh].transpose(1, 2))
+            moe.w3.copy_(p[..., Fh:].transpose(1, 2))
+            moe.w2.copy_(ex.down_proj.transpose(1, 2))
+        moe.router.weight = layer.gate.weight
+        for w in (moe.w1, moe.w3, moe.w2):
+            w.requires_grad_(False)
+        moe.__dict__["source"] = ex  # not registered: the model owns it
         return moe

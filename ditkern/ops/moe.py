@@ -725,6 +725,25 @@ def moe_combine(
     return _moe_combine_op(y, shared, bias, requested_backend(backend))
 
 
+def expert_choice_align(num_experts: int, rows_per_expert: int, block_m: int = DEFAULT_BLOCK_M, device=None):
+    """``(sorted_ids [R], block_expert [R // block_m])`` for expert-choice routing, where every expert takes exactly
+    ``rows_per_expert`` rows and routed row ``r = e * rows_per_expert + i`` belongs to expert ``e``: each expert's
+    segment padded to a multiple of ``block_m`` with the sentinel ``N = num_experts * rows_per_expert``, the layout
+    :func:`moe_grouped_mlp` takes with ``top_k=1``. It depends on sizes only (no routing values): built from
+    ``arange`` on the device, no host synchronisation, traceable by ``torch.compile(fullgraph=True)``."""
+    _positive_int("num_experts", num_experts)
+    _positive_int("rows_per_expert", rows_per_expert)
+    _positive_int("block_m", block_m)
+    blocks = -(-rows_per_expert // block_m)  # per expert
+    padded = blocks * block_m
+    i = torch.arange(num_experts * padded, device=device)
+    e, k = i // padded, i % padded
+    sentinel = num_experts * rows_per_expert
+    sorted_ids = torch.where(k < rows_per_expert, e * rows_per_expert + k, sentinel).to(torch.int32)
+    block_expert = (torch.arange(num_experts * blocks, device=device) // blocks).to(torch.int32)
+    return sorted_ids, block_expert
+
+
 def flops_per_token(dim: int, hidden: int, top_k: int, activation: str = "swiglu") -> int:
     """Multiply-add FLOPs (x2) of the routed experts for one token (for the benchmarks)."""
     mats = 3 if activation == "swiglu" else 2

@@ -23,7 +23,7 @@ EXPECTED = {
     "lumina2": {"Lumina2TransformerBlock": 3, "LuminaRMSNormZero": 3, "LuminaLayerNormContinuous": 1},
     "zimage": {"ZImageTransformerBlock": 3, "FinalLayer": 1},
     "cogview4": {"CogView4TransformerBlock": 2, "CogView4AdaLayerNormZero": 2, "CogView4AdaLayerNormContinuous": 1},
-    "nucleusmoe": {"NucleusMoEImageTransformerBlock": 3, "AdaLayerNormContinuous": 1},
+    "nucleusmoe": {"NucleusMoEImageTransformerBlock": 3, "AdaLayerNormContinuous": 1, "NucleusMoELayer": 2},
     "hunyuanimage": {"HunyuanImageTransformerBlock": 2, "AdaLayerNormZero": 4, "AdaLayerNormZeroSingle": 2,
                      "AdaLayerNormContinuous": 1},  # fmt: skip
 }
@@ -31,7 +31,7 @@ SKIPPED = {
     "lumina2": {"context_refiner.0": "modulation=False (context refiner): RMSNorm-only block"},
     "zimage": {"context_refiner.0": "modulation=False (context / SigLIP refiner): RMSNorm-only block"},
     "cogview4": {},
-    "nucleusmoe": {f"transformer_blocks.{i}.img_mlp": "expert-choice routing with fixed capacity" for i in (1, 2)},
+    "nucleusmoe": {},
     "hunyuanimage": {},
 }
 LATENT = {family: "hidden_states" for family in FAMILIES} | {"zimage": "x"}
