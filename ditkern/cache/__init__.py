@@ -10,13 +10,16 @@ Two schedules share one engine (ditkern/cache/feature.py):
   stack is skipped and the forecast of its residual is added, otherwise everything runs and both states refresh.
   ``order=0`` forecasts by reuse: that is the FirstBlockCache rule.
 
-Derivatives are Newton divided differences over the real timesteps the model receives, so non-uniform schedules
-(FLUX's shifted sigmas) are handled exactly for polynomial trajectories. State is kept per call slot (the k-th call
-with the same timestep within a step: a pipeline that runs the conditional and unconditional passes as two calls gets
-two states), per batch item (by default one gate decision per call; with ``sync_batch=False`` each item decides for itself, a
-batch runs the blocks if any item needs them and the items that accepted still get the forecast), and per stream; it is reset when the timestep goes back up
-(a new generation), by :func:`reset`, and dropped by ``ditkern.unpatch``.
-"""
+Derivatives are Newton divided differences over the real timesteps the model receives, so non-uniform schedules (FLUX's
+shifted sigmas) are handled exactly for polynomial trajectories. State is kept per call slot (the k-th call with the
+same timestep within a step: a pipeline that runs the conditional and unconditional passes as two calls gets two
+states), per batch item (by default one gate decision per call; with ``sync_batch=False`` each item decides for itself,
+a batch runs the blocks if any item needs them and the items that accepted still get the forecast), and per stream; it
+is reset when the timestep goes back toward its start (up; down for a family whose Stack declares ``timestep_rises``: a
+new generation), by :func:`reset`, and dropped by ``ditkern.unpatch``. The cache skips the chain of blocks the family's
+``Stack`` declares (``Stack.cached``: FLUX.2's and Chroma's single-stream blocks, Wan VACE's blocks after the last hint;
+the blocks outside it always run) and reads the latents and the timestep from the forward arguments it names
+(``Stack.latents``, ``Stack.timestep``). """
 
 from __future__ import annotations
 

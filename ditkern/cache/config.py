@@ -16,7 +16,8 @@ class TaylorCache:
     gate:        gated schedule: forecast when the first block's relative forecast error is below this.
     warmup:      full steps at the start of each generation (a step without any state is always full).
     full_below:  run every step whose timestep is at most this fraction of the generation's first timestep (the
-                 last steps, where detail forms); 0 disables.
+                 last steps, where detail forms; for a family whose timestep rises to 1, every step whose way left to
+                 1 is at most this fraction of the first step's); 0 disables.
     max_skip:    most consecutive forecast steps per item (None: unbounded for the gate; interval - 1 for fixed).
     state_dtype: dtype of the Taylor state (None: bfloat16 on CUDA, float32 elsewhere).
     sync_batch:  gated: the batch forecasts only when every item accepts (one decision per call, so a batch with

@@ -6,7 +6,8 @@ decision reads a tensor on the host: that is the one graph break per step under 
 block's hook), and the reason the per-block hooks are plain Python.
 
 What it knows of a model comes from the family's declaration (``Family.stack``): the block lists in run order, each
-block class's stream signature, and the streams the model reads after the stack.
+block class's stream signature, the chain of them it may skip (``Stack.chain``), the streams the model reads after it,
+and which forward arguments hold the latents and the timestep, and which way the timestep runs.
 """
 
 from __future__ import annotations
@@ -94,10 +95,13 @@ class _Call:
 
 
 class CacheState:
-    def __init__(self, config: TaylorCache, model: nn.Module, n_blocks: int, out_streams: tuple[str, ...], backend):
+    def __init__(self, config: TaylorCache, model: nn.Module, n_blocks: int, stack: Stack, backend, n_always: int = 0):
         self.config = config
         self.n_blocks = n_blocks
-        self.out_streams = out_streams
+        self.n_always = n_always  # blocks of the stack outside the cached chain: they run on every call
+        self.out_streams = tuple(stack.reads_after)
+        self.latents, self.timestep, self.rises = stack.latents, stack.timestep, stack.timestep_rises
+        self.uncached_if = tuple(stack.uncached_if)
         self.backend = backend
         self.forward_sig = inspect.signature(type(model).forward)
         self.slots: dict[int, _Slot] = {}
@@ -135,26 +139,37 @@ class CacheState:
             return self.config.state_dtype
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
+    def bypass(self, args, kwargs) -> str | None:
+        """The declared argument that makes this call run uncached (it adds residuals between the chain's blocks)."""
+        if not self.uncached_if:
+            return None
+        bound = self.forward_sig.bind(None, *args, **kwargs).arguments
+        return next((a for a in self.uncached_if if bound.get(a) is not None), None)
+
     def begin(self, args, kwargs) -> None:
         bound = self.forward_sig.bind(None, *args, **kwargs)
-        hs = bound.arguments["hidden_states"]
-        ts = bound.arguments.get("timestep")
-        batch = hs.shape[0]
+        hs = bound.arguments[self.latents]
+        ts = bound.arguments.get(self.timestep)
+        batch = len(hs) if isinstance(hs, (list, tuple)) else hs.shape[0]  # Z-Image: a list of latents
         if ts is None:
-            raise ValueError("ditkern cache: the model was called without a timestep")
+            raise ValueError(f"ditkern cache: the model was called without a timestep ({self.timestep!r})")
         ts = torch.as_tensor(ts).detach().to("cpu", torch.float64)
         if ts.dim() == 0:
             t = ts.repeat(batch)
         elif ts.dim() == 1:
             t = ts if ts.numel() == batch else ts[:1].repeat(batch)
-        else:  # per-token timesteps (Wan 2.2 TI2V): the item's largest
-            t = ts.reshape(ts.shape[0], -1).amax(dim=1)
+        else:  # per-token timesteps (Wan 2.2 TI2V): the item's noisiest token
+            ts = ts.reshape(ts.shape[0], -1)
+            t = ts.amin(dim=1) if self.rises else ts.amax(dim=1)
         key = tuple(t.tolist())
         if self.last_t is not None and key == self.last_t:
             self.slot_index += 1
         else:
-            # a timestep above the previous step's means a new generation started: drop the state
-            if self.last_t is not None and max(key) > max(self.last_t):
+            # a timestep back toward its start (above the previous step's; below it where timesteps rise) means a
+            # new generation started: drop the state
+            if self.last_t is not None and (
+                min(key) < min(self.last_t) if self.rises else max(key) > max(self.last_t)
+            ):
                 self.reset()
             self.slot_index = 0
         self.last_t = key
@@ -162,10 +177,11 @@ class CacheState:
         if slot is None or slot.batch != batch:
             slot = self.slots[self.slot_index] = _Slot.new(batch)
         if slot.t_first is None:
-            slot.t_first = float(t.max())
+            slot.t_first = float(t.min() if self.rises else t.max())
         self.call = _Call(slot=slot, t=t)
         self.calls += 1
-        self.blocks_total += self.n_blocks
+        self.blocks_total += self.n_blocks + self.n_always
+        self.blocks_run += self.n_always
 
     def end(self) -> None:
         if self.call is not None:
@@ -179,8 +195,11 @@ class CacheState:
         cfg, slot = self.config, call.slot
         ok = slot.n_updates >= 1
         ok &= torch.tensor(slot.step >= cfg.warmup).expand_as(ok)
-        if cfg.full_below > 0:
-            ok &= call.t > cfg.full_below * slot.t_first
+        if cfg.full_below > 0:  # the way left to the end (0 for falling timesteps, 1 for rising ones)
+            if self.rises:
+                ok &= (1.0 - call.t) > cfg.full_below * (1.0 - slot.t_first)
+            else:
+                ok &= call.t > cfg.full_below * slot.t_first
         max_skip = cfg.max_skip if cfg.max_skip is not None else (cfg.interval - 1 if cfg.interval else None)
         if max_skip is not None:
             ok &= slot.skips < max_skip
@@ -304,12 +323,14 @@ class CacheState:
 # ----------------------------------------------------------------------------------------------------------------------
 # the feature: rules for the model and its blocks
 # ----------------------------------------------------------------------------------------------------------------------
-def _stack_reason(stack: Stack | str, blocks: list[nn.Module]) -> str | None:
-    """Why the cache cannot run on this stack (None: it can)."""
+def _stack_reason(stack: Stack | str, blocks: list[nn.Module] | str) -> str | None:
+    """Why the cache cannot run on this stack's chain (None: it can)."""
     if isinstance(stack, str):
         return stack
     if stack.cache:
         return stack.cache
+    if isinstance(blocks, str):
+        return blocks
     unknown = sorted({type(b).__name__ for b in blocks} - set(stack.blocks))
     if unknown:
         return f"blocks of unknown kind {unknown}"
@@ -338,11 +359,15 @@ def _rules(family, model: nn.Module, config):
         raise TypeError(f"cache must be a ditkern.TaylorCache, got {type(cache).__name__}")
     model_cls = type(model).__name__
     stack = family.stack
-    blocks = [b for _, b in stack.modules(model)] if isinstance(stack, Stack) else []
+    blocks = [] if not isinstance(stack, Stack) else stack.chain(model) if not stack.cache else []
+    if not isinstance(blocks, str):
+        blocks = [b for _, b in blocks]
     why = _stack_reason(stack, blocks)
     if why:
         return {model_cls: lambda m, cfg: f"Taylor cache not applied: {why}"}
-    state = CacheState(cache, model, len(blocks), tuple(stack.reads_after), config.backend)
+    n_stack = len(stack.modules(model))
+    state = CacheState(cache, model, len(blocks), stack, config.backend, n_always=n_stack - len(blocks))
+    of = "" if len(blocks) == n_stack else f" (of {n_stack}; the others always run)"
     backend = _backend(model, state, config)
     index = {id(b): i for i, b in enumerate(blocks)}
 
@@ -355,6 +380,8 @@ def _rules(family, model: nn.Module, config):
                 any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*args, *kwargs.values()))
                 or any(p.requires_grad for p in module.parameters())
             ):  # inference-only: under grad no forecast, every block runs exactly and the state is left untouched
+                return inner(*args, **kwargs)
+            if state.bypass(args, kwargs):  # residuals added between the chain's blocks: run it all, state untouched
                 return inner(*args, **kwargs)
             state.begin(args, kwargs)
             try:
@@ -372,7 +399,7 @@ def _rules(family, model: nn.Module, config):
                  f"{cache.order + 1} x [B, S, D] per cached stream{' + first-block probe' if cache.mode == 'gated' else ''}, " \
                  "allocated at the first call (ditkern.cache.stats(model) gives bytes); inference-only: under grad " \
                  "it steps aside and every block runs (exact)"  # fmt: skip
-        return Plan("cache", f"Taylor cache over {len(blocks)} blocks ({cache.describe()})", forward,
+        return Plan("cache", f"Taylor cache over {len(blocks)} blocks{of} ({cache.describe()})", forward,
                     apply=apply, undo=undo, detail=detail, wraps=True, backend=backend)  # fmt: skip
 
     def block_rule(b, cfg):

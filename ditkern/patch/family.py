@@ -79,22 +79,44 @@ PAIR = Streams(takes=("hidden_states", "encoder_hidden_states"), returns=("encod
 
 @dataclass(frozen=True)
 class Stack:
-    """The transformer blocks a model runs, in order.
+    """The transformer blocks a model runs, in order, and how the Taylor cache reads a model call.
 
-    lists:       model attributes holding the blocks (``nn.ModuleList``), in the order the model runs them.
-    blocks:      exact block class name -> its stream signature.
-    reads_after: the streams the model reads after the last block; the others pass a skipped stack unchanged
-                 (FLUX and SD3 drop the text stream after their last block).
-    cache:       None if the Taylor cache may skip this stack as one chain of blocks, else why it cannot.
+    lists:          model attributes holding the blocks (``nn.ModuleList``), in the order the model runs them.
+    blocks:         exact block class name -> its stream signature.
+    reads_after:    the streams the model reads after the last block of the cached chain; the others pass a skipped
+                    chain unchanged (FLUX and SD3 drop the text stream after their last block).
+    cache:          None if the Taylor cache may skip the chain below, else why it cannot.
+    cached:         the chain of blocks the cache may skip (the model's forward does nothing to the streams between
+                    them): None, every block of ``lists``; a tuple of names, the blocks of those lists (a run of
+                    ``lists``; the blocks before it always run: FLUX.2's double blocks before the single-stream
+                    chain); or ``cached(model, blocks) -> blocks[i:j] | "why not"`` over ``modules(model)`` (Wan
+                    VACE: the blocks after the last control hint).
+    latents:        the model's forward argument holding the latents: a tensor ``[B, ...]`` or a list of B of them.
+    timestep:       the forward argument holding the step's timestep (scalar, ``[B]`` or per token).
+    timestep_rises: False: the timestep falls through sampling (1000 -> 0); True: it rises (0 -> 1: Lumina2,
+                    Z-Image). A timestep that moves back toward its start begins a new generation.
+    uncached_if:    forward arguments that, when given (not None), add residuals between the chain's blocks
+                    (ControlNet samples): such a call runs every block and leaves the state alone.
     """
 
     lists: tuple[str, ...]
     blocks: Mapping[str, Streams]
     reads_after: tuple[str, ...] = ("hidden_states",)
     cache: str | None = None
+    cached: tuple[str, ...] | Callable[[Any, list], Any] | None = None
+    latents: str = "hidden_states"
+    timestep: str = "timestep"
+    timestep_rises: bool = False
+    uncached_if: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "blocks", MappingProxyType(dict(self.blocks)))
+        if isinstance(self.cached, str):
+            raise TypeError("Stack.cached must be a tuple of list names or a callable, not one string")
+        if isinstance(self.cached, tuple):
+            at = [self.lists.index(n) if n in self.lists else -1 for n in self.cached]
+            if not self.cached or -1 in at or at != list(range(at[0], at[0] + len(at))):
+                raise ValueError(f"Stack.cached {self.cached!r} must be a run of Stack.lists {self.lists!r}")
 
     def modules(self, model) -> list[tuple[str, Any]]:
         """``[(path, block)]`` of the model's blocks in run order."""
@@ -102,6 +124,25 @@ class Stack:
         for name in self.lists:
             for i, block in enumerate(getattr(model, name, None) or ()):
                 out.append((f"{name}.{i}", block))
+        return out
+
+    def chain(self, model) -> list[tuple[str, Any]] | str:
+        """``[(path, block)]`` of the blocks the cache may skip, in run order (a run of :meth:`modules`), or why
+        the model has none."""
+        blocks = self.modules(model)
+        if self.cached is None:
+            return blocks
+        if isinstance(self.cached, tuple):
+            return [(p, b) for p, b in blocks if p.rsplit(".", 1)[0] in self.cached]
+        out = self.cached(model, blocks)
+        if isinstance(out, str):
+            return out
+        out = list(out)
+        ids = [id(b) for _, b in blocks]
+        if out:
+            i = ids.index(id(out[0][1]))
+            if [id(b) for _, b in out] != ids[i : i + len(out)]:
+                raise ValueError("Stack.cached(model, blocks) must return a run of the blocks it was given")
         return out
 
 

@@ -267,3 +267,73 @@ def test_sana_cache_from_its_declaration_alone():
     ditkern.unpatch(model)
     for a, b in zip(_denoise(model, "sana", inputs, TS[:5]), pristine):
         assert torch.equal(a, b)
+
+
+def test_rising_timestep_forecast_is_newton_extrapolation_of_stack_residual():
+    """Lumina2 runs its timestep up from 0 (noise) to 1 (``Stack(timestep_rises=True)``): on a forecast step the stack
+    output is its input + the order-2 Newton extrapolation over those rising timesteps, and a timestep back at the
+    start resets the state."""
+    from tests.patch import tiny_image
+
+    torch.manual_seed(0)
+    model, inputs = tiny_image.lumina2(batch=1)
+    model.eval()
+    blocks = list(model.layers)
+    rec = {"in": [], "out": []}
+    h1 = blocks[0].register_forward_pre_hook(
+        lambda mod, args, kwargs: rec["in"].append(kwargs.get("hidden_states", args[0] if args else None).clone()),
+        with_kwargs=True,
+    )
+    h2 = blocks[-1].register_forward_hook(
+        lambda mod, args, kwargs, out: rec["out"].append(out.clone()), with_kwargs=True
+    )
+    t = [1 - v / 1000 for v in TS[:4]]  # 0.001, 0.05, 0.18, 0.3: rising, non-uniform
+    ditkern.patch(model, cache=TaylorCache(order=2, interval=5, warmup=2), backend="torch")
+    x = inputs["hidden_states"]
+    for v in t:
+        with torch.no_grad():
+            model(**dict(inputs, hidden_states=x, timestep=torch.tensor([v])), return_dict=False)
+        x = 0.95 * x + 0.05 * torch.tanh(x)
+    h1.remove(), h2.remove()
+    st = stats(model)
+    assert st["calls"] == 4 and st["forecast_calls"] == 1 and st["generations"] == 0, st  # steps 0-2 full, 3 forecast
+    r = [(o - i).double() for i, o in zip(rec["in"][:3], rec["out"][:3])]
+    d1a, d1b = (r[1] - r[0]) / (t[1] - t[0]), (r[2] - r[1]) / (t[2] - t[1])
+    d2 = (d1b - d1a) / (t[2] - t[0])
+    expected = rec["in"][3].double() + r[2] + d1b * (t[3] - t[2]) + d2 * (t[3] - t[2]) * (t[3] - t[1])
+    torch.testing.assert_close(rec["out"][3].double(), expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # back at the start: a new generation
+        model(**dict(inputs, timestep=torch.tensor([t[0]])), return_dict=False)
+    assert stats(model)["generations"] == 1
+    ditkern.unpatch(model)
+
+
+def test_stack_chain_declarations(monkeypatch):
+    """``Stack.cached`` must name a run of the stack's lists; ``uncached_if`` arguments make a call run every block
+    and leave the state alone."""
+    import dataclasses
+
+    from ditkern.patch import engine
+    from ditkern.patch.family import SINGLE, Stack
+    from tests.patch import tiny_image
+
+    with pytest.raises(ValueError, match="must be a run of Stack.lists"):
+        Stack(lists=("a", "b", "c"), blocks={"X": SINGLE}, cached=("a", "c"))
+    with pytest.raises(TypeError, match="not one string"):
+        Stack(lists=("a",), blocks={"X": SINGLE}, cached="a")
+    family = engine.FAMILIES["Lumina2Transformer2DModel"]
+    monkeypatch.setattr(engine, "FAMILIES", dict(engine.FAMILIES))
+    engine.register_family(
+        dataclasses.replace(family, stack=dataclasses.replace(family.stack, uncached_if=("attention_kwargs",)))
+    )
+    torch.manual_seed(0)
+    model, inputs = tiny_image.lumina2()
+    model.eval()
+    ditkern.patch(model, backend="torch")
+    with torch.no_grad():
+        fused = model(**inputs, return_dict=False)[0]
+    ditkern.patch(model, cache=TaylorCache(order=1, interval=2), backend="torch")
+    with torch.no_grad():
+        out = model(**inputs, attention_kwargs={}, return_dict=False)[0]
+    assert torch.equal(out, fused) and stats(model)["calls"] == 0
+    ditkern.unpatch(model)

@@ -5,7 +5,6 @@ its reason, ``torch.compile(fullgraph=True)`` of a patched block, the Taylor cac
 family's skip list, windowed attention, and gradients through the patched model against the unpatched one."""
 
 import copy
-import dataclasses
 import fnmatch
 from collections import Counter
 
@@ -184,7 +183,7 @@ def test_compile_fullgraph_of_patched_block(family):
 TS = [999.0, 880.0, 700.0, 560.0]  # interval=2, warmup=1: full, full, forecast, full
 
 
-@pytest.mark.parametrize("family", ["cogview4", "nucleusmoe", "hunyuanimage"])
+@pytest.mark.parametrize("family", ["lumina2", "zimage", "cogview4", "nucleusmoe", "hunyuanimage"])
 def test_taylor_cache(family):
     model, inputs = _build(family)
     steps = _steps(family, inputs, TS)
@@ -204,32 +203,27 @@ def test_taylor_cache(family):
 
 
 @pytest.mark.parametrize("family", ["lumina2", "zimage"])
-def test_taylor_cache_reports_why_not(family):
+def test_taylor_cache_rising_timestep(family):
+    """Lumina2 and Z-Image are called with a timestep rising from 0 (noise) to 1 (their Stack declares
+    ``timestep_rises``; Z-Image's also ``latents="x", timestep="t"``): the cache forecasts within a generation, starts
+    a new one when the timestep falls back, and the second generation repeats the first exactly; the gated mode
+    forecasts too."""
     model, inputs = _build(family)
-    before = _run(model, inputs)
-    report = ditkern.patch(model, cache=ditkern.TaylorCache(interval=2), backend="torch")
-    reasons = [r.reason for r in report.skipped if r.cls == type(model).__name__]
-    assert len(reasons) == 1 and reasons[0].startswith("Taylor cache not applied:") and "rises" in reasons[0]
-    ditkern.unpatch(model)
-    assert torch.equal(_run(model, inputs), before)
-
-
-def test_lumina2_stack_declaration_is_one_chain(monkeypatch):
-    """Lumina2's declared stack is one chain the cache can skip: with the cache's timestep-direction limit lifted
-    (the declaration's ``cache`` reason cleared) and the timestep run downwards, interval=1 equals the fused output and
-    interval=2 forecasts."""
-    family = engine.FAMILIES["Lumina2Transformer2DModel"]
-    monkeypatch.setattr(engine, "FAMILIES", dict(engine.FAMILIES))
-    engine.register_family(dataclasses.replace(family, stack=dataclasses.replace(family.stack, cache=None)))
-    model, inputs = _build("lumina2")
-    steps = [dict(inputs, timestep=torch.full((2,), t / 1000)) for t in TS]  # falling: what the cache expects
-    with ditkern.patched(model, backend="torch"):
-        fused = [_run(model, s) for s in steps]
-    with ditkern.patched(model, cache=ditkern.TaylorCache(order=1, interval=1), backend="torch"):
-        assert all(torch.equal(_run(model, s), f) for s, f in zip(steps, fused))
+    steps = _steps(family, inputs, TS)
+    assert all(steps[i][TIME[family]][0] < steps[i + 1][TIME[family]][0] for i in range(len(TS) - 1))  # rising
     with ditkern.patched(model, cache=ditkern.TaylorCache(order=1, interval=2, warmup=1), backend="torch"):
-        [_run(model, s) for s in steps]
-        assert ditkern.cache.stats(model)["forecast_calls"] > 0
+        first = [_run(model, s) for s in steps]
+        second = [_run(model, s) for s in steps]
+        st = ditkern.cache.stats(model)
+    assert st["calls"] == 2 * len(TS) and st["forecast_calls"] == 2 and st["generations"] == 1, st
+    assert st["block_fraction"] == 1 - 2 / (2 * len(TS)), st  # one forecast step (all blocks skipped) per generation
+    assert all(torch.equal(a, b) for a, b in zip(first, second))  # the state was reset between the generations
+    with ditkern.patched(model, cache=ditkern.TaylorCache(order=1, gate=1e9), backend="torch"):  # always accept
+        outs = [_run(model, s) for s in steps]
+        st = ditkern.cache.stats(model)
+    assert st["forecast_calls"] == len(TS) - 1 and st["block_fraction"] < 1, st
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert _hooks_left(model) == []
 
 
 # fnmatch patterns of the linears each family keeps in high precision (its QuantLayout), spelled out here

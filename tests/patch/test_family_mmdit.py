@@ -186,18 +186,52 @@ def test_qwenimage_taylor_cache():
     assert _hooks_left(model) == []
 
 
-@pytest.mark.parametrize("family", ["flux2", "chroma"])
-def test_taylor_cache_reports_why_it_does_not_apply(family):
-    """The model concatenates text and image between its two block lists: not one chain, so no cache."""
+def _chain_model(family):
+    """The tiny model with 2 single-stream blocks (Chroma's tiny model has one: too few for a chain)."""
     model, inputs = tiny.FAMILIES[family]()
-    model.eval()
+    if len(model.single_transformer_blocks) < 2:
+        torch.manual_seed(0)
+        model = type(model).from_config({**model.config, "num_single_layers": 2})
+    return model.eval(), inputs
+
+
+@pytest.mark.parametrize("family", ["flux2", "chroma"])
+def test_taylor_cache_over_the_single_stream_chain(family):
+    """The model concatenates text and image between its two block lists, so the stack is not one chain; its Stack
+    declares ``cached=("single_transformer_blocks",)``: the cache forecasts across the single-stream blocks (on the
+    joint sequence) and the double-stream blocks always run."""
+    model, inputs = _chain_model(family)
+    n_double, n_single = len(model.transformer_blocks), len(model.single_transformer_blocks)
     ditkern.patch(model, backend="torch")
-    fused = _run(model, inputs)
-    report = ditkern.patch(model, cache=ditkern.TaylorCache(order=1, interval=2), backend="torch")
-    rows = [r for r in report.skipped if r.cls == type(model).__name__]
-    assert len(rows) == 1 and "Taylor cache not applied" in rows[0].reason and "not one chain" in rows[0].reason
-    assert not any("Taylor cache" in r.what for r in report.patched)
-    assert torch.equal(_run(model, inputs), fused)  # the lossless patch is untouched
+    fused = _denoise(model, inputs, TS)
+    report = ditkern.patch(model, cache=ditkern.TaylorCache(order=1, interval=1), backend="torch")
+    what = f"Taylor cache over {n_single} blocks (of {n_double + n_single}; the others always run)"
+    assert any(r.what.startswith(what) for r in report.patched), str(report)
+    roles = Counter(r.what for r in report.patched if r.what.startswith("Taylor cache:"))
+    assert sum(roles.values()) == n_single, roles  # the double blocks carry no cache hook
+    for a, b in zip(_denoise(model, inputs, TS), fused):
+        assert torch.equal(a, b)  # interval=1: every step runs the stack
+    assert stats(model)["forecast_calls"] == 0
+
+    ditkern.patch(model, cache=ditkern.TaylorCache(order=1, interval=2), backend="torch")
+    outs = _denoise(model, inputs, TS)
+    again = _denoise(model, inputs, TS)  # a second generation: the timestep goes back up, the state resets
+    st = stats(model)
+    n_fc = st["forecast_calls"] // 2
+    assert st["calls"] == 10 and n_fc > 0 and st["generations"] == 1, st
+    total = n_double + n_single
+    assert st["block_fraction"] == pytest.approx(1 - n_fc * n_single / (5 * total)) and st["block_fraction"] < 1, st
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert any(not torch.equal(a, b) for a, b in zip(outs, fused))  # forecast steps skipped the single blocks
+    assert all(torch.equal(a, b) for a, b in zip(outs, again))
+
+    ditkern.patch(model, cache=ditkern.TaylorCache(order=1, gate=1e9), backend="torch")  # gated, always accepting
+    outs = _denoise(model, inputs, TS)
+    st = stats(model)
+    assert st["forecast_calls"] == 4 and st["block_fraction"] < 1, st
+    assert all(torch.isfinite(o).all() for o in outs)
+    ditkern.unpatch(model)
+    assert _hooks_left(model) == []
     ditkern.unpatch(model)
 
 

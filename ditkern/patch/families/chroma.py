@@ -11,10 +11,10 @@ check without the linear. ``ChromaTransformerBlock`` fuses the gated attention r
 in ``residual + gate * proj_out(...)`` with no norm after it, so only their norm is fused.
 
 Stack: the double-stream blocks, then the single-stream blocks, which the model calls on the text-first concatenation
-(``hidden_states`` only). The Taylor cache does not apply: the model concatenates the streams between the two lists
-and cuts the text off after them, so the stack is not one chain. Windowed attention does not apply: Chroma's pipeline
-always passes the T5 padding mask as ``attention_mask``, which the blocks turn into a ``[B, 1, S, S]`` SDPA mask, and
-ditkern's windowed attention takes no general masks.
+(``hidden_states`` only). The model concatenates the streams between the two lists and cuts the text off after them, so
+the stack is not one chain: the Taylor cache forecasts across the single-stream list alone (``cached``). Windowed
+attention does not apply: Chroma's pipeline always passes the T5 padding mask as ``attention_mask``, which the blocks
+turn into a ``[B, 1, S, S]`` SDPA mask, and ditkern's windowed attention takes no general masks.
 """
 
 from __future__ import annotations
@@ -143,11 +143,13 @@ FAMILY = Family(
         lists=("transformer_blocks", "single_transformer_blocks"),
         # the model calls the single-stream blocks on the text-first concatenation
         blocks={"ChromaTransformerBlock": PAIR, "ChromaSingleTransformerBlock": SINGLE},
+        # text and image are concatenated between the two lists (the stack is not one chain); the single-stream
+        # list is one chain over the joint sequence (hidden_states in, hidden_states out): the cache skips it, the
+        # double blocks always run
+        cached=("single_transformer_blocks",),
         reads_after=("hidden_states",),
-        cache=(
-            "the model concatenates the text and image streams between the double- and single-stream blocks (and "
-            "cuts the text off after them): the stack is not one chain of blocks"
-        ),
+        # ControlNet samples are added to the image tokens between the single blocks
+        uncached_if=("controlnet_single_block_samples",),
     ),
     attention=(
         "Chroma's pipeline always passes the T5 padding mask as attention_mask, which every block turns into an SDPA "

@@ -16,13 +16,13 @@ FLUX.2 computes its modulation once per model call (``double_stream_modulation_i
 The modulation split is diffusers' own ``Flux2Modulation.split`` (looked up at patch time), so only the block forwards
 are mirrored (fingerprinted).
 
-Stack: the double-stream blocks (``(hidden_states, encoder_hidden_states) -> (encoder_hidden_states,
-hidden_states)``), then the single-stream blocks, which the model calls with the text already concatenated in front
-of the image (``hidden_states`` only, ``encoder_hidden_states=None``). The Taylor cache does not apply: between the two
-lists the model's forward concatenates the streams (and cuts the text off after the last block), so the stack is not
-one chain whose streams a skipped block passes through. Attention: joint text-first sequences (the double-stream
-``attn`` and the parallel single-stream ``attn``), the image grid read from ``img_ids`` (``(t, h, w, l)``: columns 1
-and 2 are the row and column, as FLUX.1's). The KV-cache processors (reference images) are not windowed.
+Stack: the double-stream blocks (``(hidden_states, encoder_hidden_states) -> (encoder_hidden_states, hidden_states)``),
+then the single-stream blocks, which the model calls with the text already concatenated in front of the image
+(``hidden_states`` only, ``encoder_hidden_states=None``). Between the two lists the model's forward concatenates the
+streams (and cuts the text off after the last block), so the stack is not one chain; the single-stream list is, and the
+Taylor cache forecasts across it (``cached``) while the double blocks always run. Attention: joint text-first sequences
+(the double-stream ``attn`` and the parallel single-stream ``attn``), the image grid read from ``img_ids`` (``(t, h, w,
+l)``: columns 1 and 2 are the row and column, as FLUX.1's). The KV-cache processors (reference images) are not windowed.
 """
 
 from __future__ import annotations
@@ -149,11 +149,14 @@ FAMILY = Family(
         lists=("transformer_blocks", "single_transformer_blocks"),
         # the model calls the single-stream blocks with the text concatenated into hidden_states
         blocks={"Flux2TransformerBlock": PAIR, "Flux2SingleTransformerBlock": SINGLE},
+        # the model concatenates text and image between the two lists and cuts the text off after the single
+        # blocks, so the whole stack is not one chain; the single-stream list is (called with hidden_states = the
+        # text-first joint sequence, encoder_hidden_states=None, returning the joint sequence): the cache skips it
+        # and the double blocks always run
+        cached=("single_transformer_blocks",),
         reads_after=("hidden_states",),
-        cache=(
-            "the model concatenates the text and image streams between the double- and single-stream blocks (and "
-            "cuts the text off after them): the stack is not one chain of blocks"
-        ),
+        # the KV-cache modes change the joint sequence (reference tokens) and fill a cache from every block
+        uncached_if=("kv_cache",),
     ),
     attention=TokenLayout(
         self_attention={"Flux2TransformerBlock": ("attn",), "Flux2SingleTransformerBlock": ("attn",)},

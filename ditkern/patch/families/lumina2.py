@@ -16,9 +16,8 @@ computes them) and the final residual add of each block (nothing follows it insi
 Stack: ``layers``, one joint stream ``[caption, image]`` per block (the refiners run before it on the separate
 streams and are not part of the chain). Attention: joint self-attention, text first, the grid read from the latent
 and the caption's effective length (``encoder_attention_mask``); a batch whose captions differ in length passes a
-mask and is refused by windowed attention with that reason. Taylor cache: not applied (Lumina's timestep runs from 0
-at noise up to 1, and the cache reads a rising timestep as the start of a new generation, so it would reset every
-step and never forecast).
+mask and is refused by windowed attention with that reason. Taylor cache: over ``layers``; Lumina's timestep runs from 0
+at noise up to 1, declared with ``timestep_rises`` (a timestep back down starts a new generation).
 """
 
 from __future__ import annotations
@@ -129,8 +128,7 @@ FAMILY = Family(
     stack=Stack(
         lists=("layers",),
         blocks={"Lumina2TransformerBlock": SINGLE},
-        cache="Lumina2's timestep rises from 0 (noise) to 1 (image) and the Taylor cache reads a rising timestep as a "
-        "new generation: it would reset its state every step and never forecast",
+        timestep_rises=True,  # the pipeline passes 1 - t / 1000: 0 (noise) -> 1 (image)
     ),
     attention=TokenLayout(
         self_attention={"Lumina2TransformerBlock": ("attn",)},

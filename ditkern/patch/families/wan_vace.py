@@ -6,12 +6,13 @@
   residual + norm3 + modulate - with its input projection (first VACE block) and the hint projection ``proj_out``
   kept as diffusers computes them. Modulation in fp32 beside the stream, as in Wan.
 
-Stack: ``blocks`` (image stream only). The Taylor cache does not apply: the model's forward adds a VACE hint to the image
-stream after each block of ``vace_layers``, between the blocks, so the stack is not one chain whose residual could be
-forecast from its input. The VACE blocks take (hidden_states, encoder_hidden_states, control_hidden_states) and return
-a new hint beside the control stream, which no stream signature expresses; they are outside the stack, so windowed
-attention covers the ``attn1`` of ``blocks`` only (the VACE blocks' self-attention stays dense). Quant: also keeps the
-VACE input/hint projections (``proj_in``, ``proj_out`` of each VACE block: the hint enters the image stream unnormalised).
+Stack: ``blocks`` (image stream only). The model's forward adds a VACE hint to the image stream after each block of
+``vace_layers``, between the blocks, so the whole stack is not one chain; the blocks after the last hint are, and the
+Taylor cache skips those (Wan2.1-VACE-14B: blocks 36-39 of 40; the blocks up to the last hint always run). The VACE
+blocks take (hidden_states, encoder_hidden_states, control_hidden_states) and return a new hint beside the control
+stream, which no stream signature expresses; they are outside the stack, so windowed attention covers the ``attn1`` of
+``blocks`` only (the VACE blocks' self-attention stays dense). Quant: also keeps the VACE input/hint projections
+(``proj_in``, ``proj_out`` of each VACE block: the hint enters the image stream unnormalised).
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ from ditkern.patch.engine import Plan
 from ditkern.patch.families.wan import wan_block_rule
 from ditkern.patch.family import COMMON_SKIP, SINGLE, Family, QuantLayout, Stack, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
+
+
+def after_last_hint(model, blocks):
+    """The cached chain: the blocks after the last VACE hint (``blocks.{max(vace_layers) + 1}`` on)."""
+    last = max(model.config.vace_layers)
+    if len(blocks) - (last + 1) < 2:
+        return (
+            f"the model's forward adds a VACE control hint to the image stream after each block of vace_layers; the "
+            f"last hint follows block {last} of {len(blocks)}, leaving fewer than two blocks after it as one chain"
+        )
+    return blocks[last + 1 :]
 
 
 def wan_vace_block_rule(block, cfg):
@@ -81,8 +93,9 @@ FAMILY = Family(
     stack=Stack(
         lists=("blocks",),
         blocks={"WanTransformerBlock": SINGLE},
-        cache="the model's forward adds a VACE control hint to the image stream between blocks (after each block of "
-        "vace_layers), so the stack is not one chain of blocks whose residual could be forecast",
+        # the forward adds a VACE control hint to the image stream after each block of vace_layers, so only the
+        # blocks after the last hint are one chain; the blocks up to it always run
+        cached=after_last_hint,
     ),
     attention=TokenLayout(
         self_attention={"WanTransformerBlock": ("attn1",)},

@@ -11,10 +11,10 @@ clean tokens through ``select_per_token``) is read as ``[B, S, D]`` tensors. The
 Not fused: the context / SigLIP refiners' blocks (``modulation=False``: RMSNorm-only, no adaLN modulation; the report
 says so), the post-attention / post-FFN RMSNorms, the block's last residual add.
 
-Stack: ``layers``, one unified stream ``[image (padded to 32), caption (padded to 32)]``. The Taylor cache does not
-apply: the model is called with ``x`` / ``t`` / ``cap_feats`` (lists of per-image latents and captions), not the
-``hidden_states`` / ``timestep`` the cache's call bookkeeping reads, and its timestep ``(1000 - t) / 1000`` rises
-through sampling, which the cache reads as a new generation. Attention: self-attention of the main layers, image
+Stack: ``layers``, one unified stream ``[image (padded to 32), caption (padded to 32)]``. The Taylor cache
+skips it; the model is called with ``x`` / ``t`` / ``cap_feats`` (lists of per-image latents and captions) and its
+timestep ``(1000 - t) / 1000`` rises through sampling: the Stack declares ``latents="x"``, ``timestep="t"``,
+``timestep_rises=True``. Attention: self-attention of the main layers, image
 first, the grid from the latents (all items of one size; the image padding tokens count with the text tokens, which
 attend and are attended globally); a batch whose sequences differ in length passes a mask, which windowed attention
 refuses with that reason.
@@ -143,8 +143,11 @@ FAMILY = Family(
         lists=("layers",),
         blocks={"ZImageTransformerBlock": X},
         reads_after=("x",),
-        cache="the model is called with x / t / cap_feats (lists of latents and captions), not the hidden_states / "
-        "timestep the Taylor cache reads, and its timestep (1000 - t) / 1000 rises through sampling",
+        # forward(x: list of B latents, t: [B], cap_feats, ...); the pipeline's t is (1000 - t) / 1000: it rises
+        latents="x",
+        timestep="t",
+        timestep_rises=True,
+        uncached_if=("controlnet_block_samples",),  # added to the stream between layers
     ),
     attention=TokenLayout(
         self_attention={"ZImageTransformerBlock": ("attention",)},
