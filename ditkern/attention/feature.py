@@ -77,12 +77,13 @@ def _block_rule(ctx: GridContext, cfg: WindowAttention, layout: TokenLayout, ind
                     f"({', '.join(sorted(layout.processors))})"
                 )
         saved = {}
+        text_padding = getattr(layout.grid, "text_padding", False)  # processors.accepts_text_padding
 
         def apply(b):
             for a in attrs:
                 m = getattr(b, a)
                 saved[a] = m.processor
-                m.set_processor(wrap(m.processor, ctx, cfg, layout.text, i, backend))
+                m.set_processor(wrap(m.processor, ctx, cfg, layout.text, i, backend, text_padding))
 
         def undo(b):
             for a in attrs:

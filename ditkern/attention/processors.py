@@ -53,13 +53,15 @@ class _RouteSDPA(TorchFunctionMode):
 class WindowProcessor:
     """Runs ``inner`` (the layer's original processor) with its attention product windowed."""
 
-    def __init__(self, inner, ctx: GridContext, config, text_position: str, index: int, backend: str | None):
+    def __init__(self, inner, ctx: GridContext, config, text_position: str, index: int, backend: str | None,
+                 text_padding: bool = False):  # fmt: skip
         self.inner = inner
         self.ctx = ctx
         self.config = config
         self.text_position = text_position
         self.index = index
         self.backend = backend
+        self.text_padding = text_padding  # the family's masks are text key-padding masks (accepts_text_padding)
 
     def __getattr__(self, name):  # attributes diffusers reads from a processor (_attention_backend, ...)
         if name == "inner":
@@ -90,7 +92,7 @@ class WindowProcessor:
                 f"ditkern window attention (block {self.index}): no token grid known; the block ran outside the "
                 "patched transformer's forward. Pass WindowAttention(grid=...) to fix it."
             )
-        if attn_mask is not None or is_causal or dropout_p:
+        if (attn_mask is not None and not self.text_padding) or is_causal or dropout_p:
             raise NotImplementedError(
                 f"ditkern window attention (block {self.index}): the processor passed attn_mask/is_causal/dropout_p "
                 "to SDPA; windowed attention takes the text padding as text_mask only (no general masks)"
@@ -107,14 +109,85 @@ class WindowProcessor:
                 f"call has {self.ctx.text} text tokens, but the attention sequence has {S}; the grid does not match "
                 "the sequence length"
             )
+        text_mask = None
+        if attn_mask is not None:
+            text_mask = text_key_mask(attn_mask, query.shape[0], S, S - N, self.text_position, self.index)
         c = self.config
         return window_attention(
             query, key, value, grid=grid, window=c.window, text_tokens=S - N, text_position=self.text_position,
-            scale=scale, shape=c.shape, granularity=c.granularity, tile=c.tile, backend=self.backend,
+            text_mask=text_mask, scale=scale, shape=c.shape, granularity=c.granularity, tile=c.tile,
+            backend=self.backend,
         )  # fmt: skip
 
 
-def wrap(inner, ctx: GridContext, config, text_position: str, index: int, backend: str | None) -> WindowProcessor:
+def text_key_mask(attn_mask: torch.Tensor, batch: int, S: int, T: int, text_position: str, index: int = -1):
+    """The ``[B, T]`` ``text_mask`` (True = a real text key) equal to an SDPA ``attn_mask`` that is a text key-padding
+    mask, or a ``NotImplementedError`` saying why it is not one.
+
+    Accepted: a boolean mask, or an additive one holding only 0 and -inf (0 = attend), broadcastable to
+    ``[B, H, S, S]``, where every image key is valid and one key mask ``k`` (read from an image query's row) gives
+    either every row (a pure key-padding mask: ``window_attention`` computes exactly that) or ``k[q] & k[key]`` (the
+    outer product HunyuanVideo 1.5 and Chroma build: the rows of padded text queries are all masked, SDPA returns zeros
+    there, while ``window_attention`` lets them attend to the valid keys; those rows are padding the model discards).
+    Anything else - a query-dependent mask, masked image keys, an additive bias such as a float 0/1 mask - is refused:
+    windowed attention would compute something else.
+    """
+    where = f"ditkern window attention (block {index})"
+    m = attn_mask
+    if m.dtype != torch.bool:
+        if not m.is_floating_point():
+            raise NotImplementedError(f"{where}: attn_mask of dtype {m.dtype} is not a boolean or additive mask")
+        zero, neg = m == 0, m == float("-inf")
+        if not bool((zero | neg).all()):
+            raise NotImplementedError(
+                f"{where}: the additive attn_mask holds values other than 0 and -inf (e.g. a float 0/1 mask, which "
+                "SDPA adds to the scores as a bias): it is not a text key-padding mask, and windowed attention "
+                "removes padded text keys only; pass a boolean mask"
+            )
+        m = zero
+    if m.dim() > 4 or m.shape[-1] != S or (m.dim() >= 2 and m.shape[-2] not in (1, S)):
+        raise NotImplementedError(f"{where}: attn_mask of shape {tuple(attn_mask.shape)} is not a [B, 1, S or 1, S] "
+                                  f"key mask over the {S} tokens")  # fmt: skip
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.shape[0] not in (1, batch):
+        raise NotImplementedError(f"{where}: attn_mask batch {m.shape[0]} does not match the batch {batch}")
+    m = m.expand(batch, m.shape[1], m.shape[2], S)
+    img0 = T if text_position == "first" else 0  # the first image token
+    img = slice(T, S) if text_position == "first" else slice(0, S - T)
+    row = img0 if m.shape[2] == S else 0
+    k = m[:, 0, row, :]  # [B, S]: the keys an image query sees
+    if not bool(k[:, img].all()):
+        raise NotImplementedError(f"{where}: attn_mask masks image keys; windowed attention only removes padded "
+                                  "text keys (text_mask)")  # fmt: skip
+    pure = k[:, None, None, :]
+    if not bool((m == pure).all()):
+        outer = pure & k[:, None, :, None]
+        if m.shape[2] != S or not bool((m == outer).all()):
+            raise NotImplementedError(
+                f"{where}: attn_mask is not a text key-padding mask (it differs between query rows beyond the rows "
+                "of padded text queries); windowed attention would compute something else"
+            )
+    if T == 0:
+        return None
+    return k[:, :T] if text_position == "first" else k[:, S - T :]
+
+
+def accepts_text_padding(reader):
+    """A family's grid reader, marked so that its windowed processors take the SDPA masks of its processors as text
+    key-padding masks (converted by :func:`text_key_mask`, refused at call time when they are not)."""
+
+    def read(model, args, kwargs, read_ids: bool = True):
+        return reader(model, args, kwargs, read_ids=read_ids)
+
+    read.text_padding = True
+    read.__name__ = getattr(reader, "__name__", "grid")
+    read.__doc__ = reader.__doc__
+    return read
+
+
+def wrap(inner, ctx: GridContext, config, text_position: str, index: int, backend: str | None,
+         text_padding: bool = False) -> WindowProcessor:  # fmt: skip
     """A ``WindowProcessor`` whose ``__call__`` shows ``inner.__call__``'s signature: diffusers' ``Attention.forward``
     drops keyword arguments that the processor's signature does not name."""
     sig = inspect.signature(type(inner).__call__)
@@ -124,7 +197,7 @@ def wrap(inner, ctx: GridContext, config, text_position: str, index: int, backen
 
     __call__.__signature__ = sig
     cls = type(f"Window{type(inner).__name__}", (WindowProcessor,), {"__call__": __call__})
-    return cls(inner, ctx, config, text_position, index, backend)
+    return cls(inner, ctx, config, text_position, index, backend, text_padding)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -278,8 +278,42 @@ def test_window_covering_the_grid_is_dense_attention(family):
     assert torch.equal(_run(model, inputs), before)
 
 
-@pytest.mark.parametrize("family,why", [("nucleusmoe", "query and key lengths differ"),
-                                        ("hunyuanimage", "always passes the text padding mask")])  # fmt: skip
+def test_hunyuanimage_window_with_text_padding_mask():
+    """A padded batch (prompts of 6 and 4 real tokens): the model's [B, 1, 1, S] key-padding mask becomes text_mask;
+    a window covering the grid is dense attention (within the rule against fp64), a small one is not, and a
+    query-dependent mask is refused at call time."""
+    model, inputs = _build("hunyuanimage")
+    inputs["encoder_attention_mask"][1, -2:] = 0
+    ref64 = _run(copy.deepcopy(model).double(), _to(inputs, torch.float64))
+    before = _run(model, inputs)
+    report = ditkern.patch(model, fused_norms=False, attention=ditkern.WindowAttention(window=11), backend="torch")
+    windowed = [r for r in report.patched if "(window_attention)" in r.what]
+    assert len(windowed) == 4, str(report)  # 2 dual- and 2 single-stream blocks
+    err_window, err_dense = _err(_run(model, inputs), ref64), _err(before, ref64)
+    assert err_window <= 2 * err_dense + 1.2e-7 * ref64.abs().max().item(), (err_window, err_dense)
+    ditkern.unpatch(model)
+    with ditkern.patched(model, fused_norms=False, attention=ditkern.WindowAttention(window=3), backend="torch"):
+        small = _run(model, inputs)
+        assert torch.isfinite(small).all() and not torch.allclose(small, before, atol=1e-4)
+        attn = model.transformer_blocks[0].attn
+
+        def query_dependent(module, args, kwargs):  # the key mask, except one image query that sees no text
+            mask = kwargs["attention_mask"]
+            S = mask.shape[-1]
+            full = mask.expand(mask.shape[0], 1, S, S).clone()
+            full[:, :, 1, S - 6 :] = False
+            return args, dict(kwargs, attention_mask=full)
+
+        handle = attn.register_forward_pre_hook(query_dependent, with_kwargs=True)
+        try:
+            with pytest.raises(NotImplementedError, match="not a text key-padding mask"):
+                _run(model, inputs)
+        finally:
+            handle.remove()
+    assert torch.equal(_run(model, inputs), before)
+
+
+@pytest.mark.parametrize("family,why", [("nucleusmoe", "query and key lengths differ")])
 def test_window_attention_reports_why_not(family, why):
     model, _ = _build(family)
     report = ditkern.patch(model, attention=ditkern.WindowAttention(window=3), backend="torch")

@@ -293,12 +293,35 @@ def test_window_covering_grid_is_dense_attention(family):
     assert _hooks_left(model) == [] and torch.equal(_run(model, inputs), before)
 
 
-def test_chroma_window_attention_reports_why_not():
-    model, _ = tiny.chroma()
-    report = ditkern.patch(model, attention=ditkern.WindowAttention(window=3), backend="torch")
-    rows = [r for r in report.skipped if r.cls == "ChromaTransformer2DModel"]
-    assert len(rows) == 1 and "padding mask" in rows[0].reason, str(report)
+def test_chroma_window_with_text_padding_mask():
+    """A padded batch (prompts of 4 and 6 tokens, each + the EOS): the blocks' mask, the outer product of the boolean padding
+    mask, becomes the window op's text_mask; a window covering the grid is dense attention (on the image tokens, all
+    the model returns), a small one is not; a mask that is not a text key-padding mask is refused at call time."""
+    model, inputs = tiny.chroma()
+    model.eval()
+    text = inputs["attention_mask"][:, :7]
+    assert not text[0].all() and not torch.equal(text[0], text[1])  # prompts of different lengths, one padded
+    ref64 = _run(copy.deepcopy(model).double(), _to(inputs, torch.float64))
+    before = _run(model, inputs)
+    big = 2 * 6 + 1  # the 5 x 6 token grid
+    report = ditkern.patch(model, fused_norms=False, attention=ditkern.WindowAttention(window=big), backend="torch")
+    rows = [r for r in report.patched if "(window_attention)" in r.what]
+    assert len(rows) == 2 and not report.skipped, str(report)  # one double-, one single-stream block
+    err_window, err_dense = _err(_run(model, inputs), ref64), _err(before, ref64)
+    assert err_window <= 2 * err_dense + 1e-5, (err_window, err_dense)
     ditkern.unpatch(model)
+    with ditkern.patched(model, attention=ditkern.WindowAttention(window=3), backend="torch"):
+        small = _run(model, inputs)
+        assert torch.isfinite(small).all() and _err(small, before) > 1e-3
+        # ChromaPipeline's own mask is float (the T5 mask in the encoder's dtype): SDPA adds it as a 0/1 bias
+        bad = dict(inputs, attention_mask=inputs["attention_mask"].float())
+        with pytest.raises(NotImplementedError, match="values other than 0 and -inf"):
+            _run(model, bad)
+        mask = inputs["attention_mask"].clone()
+        mask[0, -1] = False  # an image token masked
+        with pytest.raises(NotImplementedError, match="masks image keys"):
+            _run(model, dict(inputs, attention_mask=mask))
+    assert _hooks_left(model) == [] and torch.equal(_run(model, inputs), before)
 
 
 def test_qwenimage_window_refuses_what_it_cannot_window():

@@ -41,7 +41,7 @@ CASES = {
     "hunyuan_video15": Case(
         expected={"HunyuanVideo15TransformerBlock": 2, "AdaLayerNormZero": 4, "AdaLayerNormContinuous": 1},
         norm=("transformer_blocks", "norm2"),
-        attention="padding mask to every attention call",
+        window_layers=2,  # the processor's padding mask taken as text_mask (padded batch: see the test below)
     ),
 }
 FAMILIES = sorted(CASES)
@@ -286,6 +286,41 @@ def test_window_attention(family):
     assert _max_err(_run(model, inputs), before) > 1e-4
     ditkern.unpatch(model)
     assert all(torch.equal(a, b) for a, b in zip(_run(model, inputs), before))
+
+
+def test_hunyuan_video15_window_with_text_padding_mask():
+    """A padded batch (Qwen and ByT5 prompts of different lengths per item, the zeroed text-to-video image tokens
+    padded): the [B, 1, S, S] mask becomes text_mask; a window covering the grid is dense attention (the image
+    stream, all the model returns, within the rule against fp64), a small window is not, and a mask that masks an
+    image key is refused at call time."""
+    model, inputs = _tiny("hunyuan_video15")
+    m, m2 = inputs["encoder_attention_mask"], inputs["encoder_attention_mask_2"]
+    assert not torch.equal(m[0], m[1]) and not torch.equal(m2[0], m2[1])
+    ref64 = _run(copy.deepcopy(model).double(), _to(inputs, torch.float64))[0]
+    before = _run(model, inputs)[0]
+    with ditkern.patched(model, fused_norms=False, attention=ditkern.WindowAttention(window=9), backend="torch"):
+        out = _run(model, inputs)[0]
+    err_window, err_dense = _err(out, ref64), _err(before, ref64)
+    assert err_window <= 2 * err_dense + FLOOR[torch.float32] * ref64.abs().max().item(), (err_window, err_dense)
+    with ditkern.patched(model, fused_norms=False, attention=ditkern.WindowAttention(window=1), backend="torch"):
+        assert _err(_run(model, inputs)[0], before) > 1e-3
+        attn = model.transformer_blocks[0].attn
+
+        def mask_an_image_key(module, args, kwargs):  # a full-length mask: the processor pads nothing in front
+            mask = kwargs["attention_mask"]
+            S = module.processor.ctx.text + 12  # the text tokens + the 1 x 3 x 4 grid
+            full = torch.ones(mask.shape[0], S, dtype=torch.bool)
+            full[:, S - mask.shape[1] :] = mask.bool()
+            full[0, 0] = False
+            return args, dict(kwargs, attention_mask=full)
+
+        handle = attn.register_forward_pre_hook(mask_an_image_key, with_kwargs=True)
+        try:
+            with pytest.raises(NotImplementedError, match="masks image keys"):
+                _run(model, inputs)
+        finally:
+            handle.remove()
+    assert torch.equal(_run(model, inputs)[0], before)
 
 
 def _grads(model, inputs, cotangents):

@@ -12,9 +12,16 @@ in ``residual + gate * proj_out(...)`` with no norm after it, so only their norm
 
 Stack: the double-stream blocks, then the single-stream blocks, which the model calls on the text-first concatenation
 (``hidden_states`` only). The model concatenates the streams between the two lists and cuts the text off after them, so
-the stack is not one chain: the Taylor cache forecasts across the single-stream list alone (``cached``). Windowed
-attention does not apply: Chroma's pipeline always passes the T5 padding mask as ``attention_mask``, which the blocks
-turn into a ``[B, 1, S, S]`` SDPA mask, and ditkern's windowed attention takes no general masks.
+the stack is not one chain: the Taylor cache forecasts across the single-stream list alone (``cached``).
+
+Windowed attention: both block kinds' ``attn`` (``FluxAttnProcessor``, text first, the grid from ``img_ids``). The model
+takes ``attention_mask [B, T + H*W]`` and every block passes ``m[:, None, None, :] * m[:, None, :, None]`` to SDPA. A
+boolean mask (text valid or padded, image tokens valid) is that outer product: every image query's row is the text
+key-padding mask, which becomes the window op's ``text_mask``; the rows of padded text queries are all masked (SDPA
+returns zeros) while the op lets them attend to the valid keys, and the model cuts the text tokens off after the
+single-stream blocks. Any other mask is refused at call time (``processors.text_key_mask``), among them the float
+mask ChromaPipeline builds (the T5 mask in the text encoder's dtype, concatenated with boolean ones: a float 0/1
+mask, which SDPA adds to the scores as a bias rather than masking).
 """
 
 from __future__ import annotations
@@ -23,11 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ditkern.attention.processors import accepts_text_padding, flux_grid
 from ditkern.patch.common import (
     BLOCK_WHAT, AdaLNNormRule, Modulate, adaln_backend, check_fingerprint, has_attrs, norm_spec, residual_modulate,
 )  # fmt: skip
 from ditkern.patch.engine import Plan
-from ditkern.patch.family import COMMON_SKIP, PAIR, SINGLE, Family, QuantLayout, Stack
+from ditkern.patch.family import COMMON_SKIP, PAIR, SINGLE, Family, QuantLayout, Stack, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
 
@@ -151,9 +159,12 @@ FAMILY = Family(
         # ControlNet samples are added to the image tokens between the single blocks
         uncached_if=("controlnet_single_block_samples",),
     ),
-    attention=(
-        "Chroma's pipeline always passes the T5 padding mask as attention_mask, which every block turns into an SDPA "
-        "mask; windowed attention takes no general masks"
+    # the blocks' SDPA masks: the outer product of the text padding mask (boolean), taken as text_mask
+    attention=TokenLayout(
+        self_attention={"ChromaTransformerBlock": ("attn",), "ChromaSingleTransformerBlock": ("attn",)},
+        processors=frozenset({"FluxAttnProcessor", "FluxAttnProcessor2_0"}),
+        text="first",
+        grid=accepts_text_padding(flux_grid),
     ),
     # the approximator computes every modulation of the model: kept in high precision
     quant=QuantLayout(skip=(*COMMON_SKIP, "distilled_guidance_layer*")),

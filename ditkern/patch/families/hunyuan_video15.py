@@ -6,22 +6,45 @@ shared norm rule), joint attention, then per stream the gated attention residual
 (``context_embedder``: its own ``HunyuanVideo15AdaNorm`` gating, no norm after a gated residual) is left as it is.
 
 Stack: ``transformer_blocks``, ``(hidden_states, encoder_hidden_states) -> (hidden_states, encoder_hidden_states)`` (the
-image stream first, unlike FLUX); the model reads the image stream after it. Windowed attention does not apply:
-``HunyuanVideo15AttnProcessor2_0`` passes a boolean ``[B, 1, S, S]`` padding mask to every attention call, and ditkern's
-window attention takes text padding only as ``text_mask`` ``[B, T]``, not from a general mask.
+image stream first, unlike FLUX); the model reads the image stream after it.
+
+Windowed attention: the blocks' ``attn`` (``HunyuanVideo15AttnProcessor2_0``), text last; the text of the joint
+sequence is the Qwen states, the ByT5 states and the image-embedding tokens (reordered valid first), the grid the latent
+over ``(patch_size_t, patch_size, patch_size)``. The processor passes SDPA ``k[:, None, :, None] & k[:, None, None, :]``
+with ``k`` = ones for the image tokens, then the text padding mask: every image query's row is the text key-padding
+mask (the window op's ``text_mask``); padded text queries' rows are all masked (SDPA returns zeros there, the op lets
+them attend to the valid keys), and those tokens are keys masked in every later block and dropped after the stack (the
+model reads only the image stream). Any other mask is refused at call time (``processors.text_key_mask``).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+
+from ditkern.attention.processors import accepts_text_padding
 from ditkern.patch.common import (
     BLOCK_WHAT, NORM_RULES, adaln_backend, check_fingerprint, has_attrs, norm_spec, residual_modulate,
 )  # fmt: skip
 from ditkern.patch.engine import Plan
-from ditkern.patch.family import COMMON_SKIP, Family, QuantLayout, Stack, Streams
+from ditkern.patch.family import COMMON_SKIP, Family, QuantLayout, Stack, Streams, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
 IMAGE_TEXT = Streams(takes=("hidden_states", "encoder_hidden_states"), returns=("hidden_states", "encoder_hidden_states"))
 """``block(hidden_states, encoder_hidden_states, ...) -> (hidden_states, encoder_hidden_states)``"""
+
+
+@accepts_text_padding
+def hunyuan_video15_grid(model, args, kwargs, read_ids: bool = True):
+    """The latent ``[B, C, F, H, W]`` over ``(patch_size_t, patch_size, patch_size)``; the joint sequence's text is the
+    Qwen states + the ByT5 states + the image-embedding tokens."""
+    a = inspect.signature(type(model).forward).bind_partial(model, *args, **kwargs).arguments
+    hs = a["hidden_states"]
+    p, pt = model.config.patch_size, model.config.patch_size_t
+    grid = (hs.shape[-3] // pt, hs.shape[-2] // p, hs.shape[-1] // p)
+    text = sum(a[k].shape[1] for k in ("encoder_hidden_states", "encoder_hidden_states_2", "image_embeds")
+               if a.get(k) is not None)  # fmt: skip
+    return grid, math.prod(grid), text
 
 
 def hunyuan_video15_block_rule(block, cfg):
@@ -78,8 +101,13 @@ FAMILY = Family(
         blocks={"HunyuanVideo15TransformerBlock": IMAGE_TEXT},
         reads_after=("hidden_states",),
     ),
-    attention="HunyuanVideo15AttnProcessor2_0 passes a boolean [B, 1, S, S] padding mask to every attention call; "
-    "ditkern's window attention takes text padding only as text_mask [B, T], not from a general mask",
+    # the processor's [B, 1, S, S] mask: the outer product of the text padding mask, taken as text_mask
+    attention=TokenLayout(
+        self_attention={"HunyuanVideo15TransformerBlock": ("attn",)},
+        processors=frozenset({"HunyuanVideo15AttnProcessor2_0"}),
+        text="last",
+        grid=hunyuan_video15_grid,
+    ),
     quant=QuantLayout(skip=COMMON_SKIP),
-    notes="the token refiner (context_embedder) is not fused; windowed attention is not declared (masked SDPA)",
+    notes="the token refiner (context_embedder) is not fused (and not windowed)",
 )

@@ -9,23 +9,46 @@ gating, no norm after a gated residual) is left as it is.
 
 Stack: the dual-stream, then the single-stream blocks, all ``(hidden_states, encoder_hidden_states) ->
 (hidden_states, encoder_hidden_states)`` (the single blocks concatenate and split the streams inside), so the two lists
-are one chain; the model reads the image stream after it. Windowed attention does not apply: the model always passes
-the text padding mask to SDPA (``attention_mask`` ``[B, 1, 1, S]``), which ditkern's window attention does not take.
+are one chain; the model reads the image stream after it.
+
+Windowed attention: both block kinds' ``attn`` (``HunyuanImageAttnProcessor``), text last (the single blocks
+concatenate image then text); the text is the Qwen states (+ the ByT5 states when given), the grid the latent over
+``patch_size`` (2-D or 3-D). The model passes SDPA ``attention_mask [B, 1, 1, S]``: ones for the image tokens, then the
+text padding mask, the same for every query row - a pure key-padding mask, which becomes the window op's
+``text_mask`` (padded text queries attend to the valid keys in both). Any other mask is refused at call time
+(``processors.text_key_mask``).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+
+from ditkern.attention.processors import accepts_text_padding
 from ditkern.patch.common import (
     BLOCK_WHAT, NORM_RULES, adaln_backend, check_fingerprint, has_attrs, norm_spec, residual_modulate,
 )  # fmt: skip
 from ditkern.patch.engine import Plan
-from ditkern.patch.family import COMMON_SKIP, Family, QuantLayout, Stack, Streams
+from ditkern.patch.family import COMMON_SKIP, Family, QuantLayout, Stack, Streams, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
 IMAGE_TEXT = Streams(
     takes=("hidden_states", "encoder_hidden_states"), returns=("hidden_states", "encoder_hidden_states")
 )
 """``block(hidden_states, encoder_hidden_states, temb, ...) -> (hidden_states, encoder_hidden_states)``"""
+
+
+@accepts_text_padding
+def hunyuanimage_grid(model, args, kwargs, read_ids: bool = True):
+    """The latent ``[B, C, H, W]`` or ``[B, C, F, H, W]`` over ``patch_size``; the joint sequence's text is the Qwen
+    states (+ the ByT5 states when the model has ``context_embedder_2`` and they are given)."""
+    a = inspect.signature(type(model).forward).bind_partial(model, *args, **kwargs).arguments
+    hs = a["hidden_states"]
+    grid = tuple(d // p for d, p in zip(hs.shape[2:], model.config.patch_size))
+    text = a["encoder_hidden_states"].shape[1]
+    if getattr(model, "context_embedder_2", None) is not None and a.get("encoder_hidden_states_2") is not None:
+        text += a["encoder_hidden_states_2"].shape[1]
+    return grid, math.prod(grid), text
 
 
 def hunyuanimage_block_rule(block, cfg):
@@ -83,8 +106,13 @@ FAMILY = Family(
         blocks={"HunyuanImageTransformerBlock": IMAGE_TEXT, "HunyuanImageSingleTransformerBlock": IMAGE_TEXT},
         reads_after=("hidden_states",),
     ),
-    attention="the model always passes the text padding mask to SDPA ([B, 1, 1, S] attention_mask); ditkern's window "
-    "attention takes no general mask",
+    # the model's [B, 1, 1, S] mask: a text key-padding mask, taken as text_mask
+    attention=TokenLayout(
+        self_attention={"HunyuanImageTransformerBlock": ("attn",), "HunyuanImageSingleTransformerBlock": ("attn",)},
+        processors=frozenset({"HunyuanImageAttnProcessor"}),
+        text="last",
+        grid=hunyuanimage_grid,
+    ),
     quant=QuantLayout(skip=COMMON_SKIP),
     notes="single-stream blocks end in a gated residual with no norm after it (only their AdaLayerNormZeroSingle is "
     "fused); the token refiner (context_embedder) is not fused",
