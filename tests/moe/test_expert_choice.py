@@ -78,7 +78,7 @@ def test_capacity_above_tokens_raises_like_diffusers():
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_matches_nucleus_layer_low_precision(dtype):
     """bf16 scores tie often: the routing runs diffusers' own torch.topk on the same values, so the same tokens are
-    taken and the error against float64 stays within the rule (a different token choice would break it)."""
+    taken and the error against float64 stays within the rule."""
     layer = _layer(E=4, cf=2.0).to(dtype)
     moe = ExpertChoiceMoE.from_nucleus(layer, block_m=16, backend="torch")
     x, xu, t = _inputs(2, 13, 32, dtype)
