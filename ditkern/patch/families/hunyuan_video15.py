@@ -47,20 +47,30 @@ def hunyuan_video15_grid(model, args, kwargs, read_ids: bool = True):
     return grid, math.prod(grid), text
 
 
-def hunyuan_video15_block_rule(block, cfg):
+def dual_stream_block_rule(fingerprint: str, rotary: str):
+    """The rule of a HunyuanVideo-style dual-stream block (also HunyuanImage's): ``fingerprint`` names the validated
+    diffusers forward, ``rotary`` the name under which that forward takes its rotary embedding."""
+
+    def rule(block, cfg):
+        return _dual_stream_plan(block, cfg, fingerprint, rotary)
+
+    return rule
+
+
+def _dual_stream_plan(block, cfg, fingerprint, rotary_name):
     if not cfg.fused_norms:
         return None
     reason = (
         has_attrs(block, "norm1", "norm1_context", "attn", "norm2", "ff", "norm2_context", "ff_context")
-        or check_fingerprint(block, FINGERPRINTS["HunyuanVideo15TransformerBlock"])
+        or check_fingerprint(block, FINGERPRINTS[fingerprint])
         or next((s for s in (norm_spec(block.norm2), norm_spec(block.norm2_context)) if isinstance(s, str)), None)
     )
     if reason:
         return reason
     backend = cfg.backend
 
-    def forward(block, hidden_states, encoder_hidden_states, temb, attention_mask=None, freqs_cis=None, *args,
-                **kwargs):  # fmt: skip
+    def forward(block, hidden_states, encoder_hidden_states, temb, attention_mask=None, rotary=None, *args, **kwargs):
+        rotary = kwargs.pop(rotary_name, rotary)
         norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden_states, emb=temb)
         norm_encoder_hidden_states, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(
             encoder_hidden_states, emb=temb
@@ -69,7 +79,7 @@ def hunyuan_video15_block_rule(block, cfg):
             hidden_states=norm_hidden_states,
             encoder_hidden_states=norm_encoder_hidden_states,
             attention_mask=attention_mask,
-            image_rotary_emb=freqs_cis,
+            image_rotary_emb=rotary,
         )
         # per stream: x + gate_msa * attn, then norm2 * (1 + scale_mlp) + shift_mlp, in one pass
         hidden_states, norm_hidden_states = residual_modulate(
@@ -86,6 +96,9 @@ def hunyuan_video15_block_rule(block, cfg):
         return hidden_states, encoder_hidden_states
 
     return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm2, cfg))
+
+
+hunyuan_video15_block_rule = dual_stream_block_rule("HunyuanVideo15TransformerBlock", "freqs_cis")
 
 
 FAMILY = Family(

@@ -25,12 +25,9 @@ import inspect
 import math
 
 from ditkern.attention.processors import accepts_text_padding
-from ditkern.patch.common import (
-    BLOCK_WHAT, NORM_RULES, adaln_backend, check_fingerprint, has_attrs, norm_spec, residual_modulate,
-)  # fmt: skip
-from ditkern.patch.engine import Plan
+from ditkern.patch.common import NORM_RULES
+from ditkern.patch.families.hunyuan_video15 import dual_stream_block_rule
 from ditkern.patch.family import COMMON_SKIP, Family, QuantLayout, Stack, Streams, TokenLayout
-from ditkern.patch.fingerprints import FINGERPRINTS
 
 IMAGE_TEXT = Streams(
     takes=("hidden_states", "encoder_hidden_states"), returns=("hidden_states", "encoder_hidden_states")
@@ -51,45 +48,8 @@ def hunyuanimage_grid(model, args, kwargs, read_ids: bool = True):
     return grid, math.prod(grid), text
 
 
-def hunyuanimage_block_rule(block, cfg):
-    if not cfg.fused_norms:
-        return None
-    reason = (
-        has_attrs(block, "norm1", "norm1_context", "attn", "norm2", "ff", "norm2_context", "ff_context")
-        or check_fingerprint(block, FINGERPRINTS["HunyuanImageTransformerBlock"])
-        or next((s for s in (norm_spec(block.norm2), norm_spec(block.norm2_context)) if isinstance(s, str)), None)
-    )
-    if reason:
-        return reason
-    backend = cfg.backend
-
-    def forward(block, hidden_states, encoder_hidden_states, temb, attention_mask=None, image_rotary_emb=None, *args,
-                **kwargs):  # fmt: skip
-        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden_states, emb=temb)
-        norm_encoder_hidden_states, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(
-            encoder_hidden_states, emb=temb
-        )
-        attn_output, context_attn_output = block.attn(
-            hidden_states=norm_hidden_states,
-            encoder_hidden_states=norm_encoder_hidden_states,
-            attention_mask=attention_mask,
-            image_rotary_emb=image_rotary_emb,
-        )
-        # per stream: x + gate_msa * attn, then norm2 * (1 + scale_mlp) + shift_mlp, in one pass
-        hidden_states, norm_hidden_states = residual_modulate(
-            block.norm2, hidden_states, attn_output, gate_msa, shift_mlp, scale_mlp, backend
-        )
-        encoder_hidden_states, norm_encoder_hidden_states = residual_modulate(
-            block.norm2_context, encoder_hidden_states, context_attn_output, c_gate_msa, c_shift_mlp, c_scale_mlp,
-            backend,
-        )  # fmt: skip
-        ff_output = block.ff(norm_hidden_states)
-        context_ff_output = block.ff_context(norm_encoder_hidden_states)
-        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
-        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
-        return hidden_states, encoder_hidden_states
-
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm2, cfg))
+# the same dual-stream block as HunyuanVideo 1.5; its forward takes the rotary embedding as image_rotary_emb
+hunyuanimage_block_rule = dual_stream_block_rule("HunyuanImageTransformerBlock", "image_rotary_emb")
 
 
 FAMILY = Family(
