@@ -95,15 +95,16 @@ def _adaln_cases() -> list[CompileCase]:
     B, S, D = d["B"], d["S"], d["D"]
     cases.append(CompileCase(
         "adaln_modulate", "wan_720p/per_token_fp32_mod",
-        lambda: adaln_modulate(_e(B, S, D), _e(B, S, D, dtype=torch.float32), _e(B, S, D, dtype=torch.float32),
-                               backend="triton"),
+        lambda B=B, S=S, D=D: adaln_modulate(_e(B, S, D), _e(B, S, D, dtype=torch.float32),
+                                             _e(B, S, D, dtype=torch.float32), backend="triton"),
         True, B * S * D * (2 + 2 + 4 + 4),
     ))  # fmt: skip
     d = SHAPES["sd3_1024"]
     B, S, D = d["B"], d["S"], d["D"]
     cases.append(CompileCase(
         "adaln_modulate", "sd3_1024/rms",
-        lambda: adaln_modulate(_e(B, S, D), *_e(B, 2 * D).chunk(2, 1), norm="rms", weight=_e(D), backend="triton"),
+        lambda B=B, S=S, D=D: adaln_modulate(_e(B, S, D), *_e(B, 2 * D).chunk(2, 1), norm="rms", weight=_e(D),
+                                             backend="triton"),
         True, 2 * B * S * D * 2,
     ))  # fmt: skip
     return cases
