@@ -14,6 +14,7 @@ to every key. Layout: q/k/v ``[B, H, S, Dh]`` with any strides, out ``[B, H, S, 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,235 +23,290 @@ import triton.language as tl
 import triton.runtime.errors
 
 from ditkern._backend import device_capability, max_shared_memory
-from ditkern.kernels.window_ranges import key_range
+from ditkern.kernels.window_ranges import _axis_units, key_range, key_tile_lists, query_tile
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, b_q, p_kbase, p_vbase, o_tok, m_key, m_qk, o_d, m_d, stride_ks, stride_kd, stride_vs,
-            stride_vd, qk_scale, APPLY_MASK: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """One key block: scores, online-softmax update, accumulate p @ v."""
-    o_tok64 = o_tok.to(tl.int64)
-    b_k = tl.load(
-        p_kbase + o_tok64[:, None] * stride_ks + o_d[None, :] * stride_kd, mask=m_key[:, None] & m_d[None, :], other=0.0
-    )  # [BLOCK_N, BLOCK_D]
-    if IEEE:
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+def _load_rows(p, o_row, stride_s, o_d, stride_d, m_row, ALIGN: tl.constexpr, HEAD_DIM: tl.constexpr,
+               MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr):  # fmt: skip
+    """``[rows, len(o_d)]`` of a ``[S, Dh]`` matrix; ``stride_s`` is in units of ``ALIGN`` elements, so the compiler
+    knows each row starts on a 16-byte boundary (head dim 72: stride 72 is not a multiple of 16 elements, which Triton
+    specialises on, so without the unit it proves nothing and loads element by element)."""
+    ptrs = p + o_row[:, None] * stride_s * ALIGN + o_d[None, :] * stride_d
+    if MASK_ROWS:
+        if MASK_D:
+            return tl.load(ptrs, mask=m_row[:, None] & (o_d[None, :] < HEAD_DIM), other=0.0)
+        else:
+            return tl.load(ptrs, mask=m_row[:, None], other=0.0)
     else:
-        b_s = tl.dot(b_q, tl.trans(b_k))
+        if MASK_D:
+            return tl.load(ptrs, mask=o_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _attend(acc, acc2, m_i, l_i, b_q, b_q2, p_k, p_v, o_row, m_key, m_qk, o_d, o_d2,
+            stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+            MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_D2: tl.constexpr,
+            ALIGN: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One key tile: scores, online-softmax update, accumulate p @ v. ``MASKED=False``: every key of the tile is
+    valid and inside every query's window, so neither the loads nor the scores are predicated."""
+    MASK_D: tl.constexpr = HEAD_DIM < BLOCK_D
+    b_k = _load_rows(p_k, o_row, stride_ks, o_d, stride_kd, m_key, ALIGN, HEAD_DIM, MASKED, MASK_D)  # [BLOCK_N, BLOCK_D]
+    b_s = _dot(b_q, tl.trans(b_k), IEEE)
+    if HAS_D2:  # head dim 72 = 64 + a 16-wide part (8 of it zero): two dots instead of one padded to 128
+        b_k2 = _load_rows(p_k, o_row, stride_ks, o_d2, stride_kd, m_key, ALIGN, HEAD_DIM, MASKED, True)
+        b_s += _dot(b_q2, tl.trans(b_k2), IEEE)
     b_s = b_s * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
-    if APPLY_MASK:
+    if MASKED:
         b_s = tl.where(m_qk, b_s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(b_s, 1))
-    # a row that has seen only masked keys so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        # a row that has seen only masked keys so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        m_safe = m_new
     alpha = tl.exp2(m_i - m_safe)
     b_p = tl.exp2(b_s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(b_p, 1)
-    b_v = tl.load(
-        p_vbase + o_tok64[:, None] * stride_vs + o_d[None, :] * stride_vd, mask=m_key[:, None] & m_d[None, :], other=0.0
-    )
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-    return acc, m_new, l_i
+    b_v = _load_rows(p_v, o_row, stride_vs, o_d, stride_vd, m_key, ALIGN, HEAD_DIM, MASKED, MASK_D)
+    b_p16 = b_p.to(b_v.dtype)
+    acc = acc * alpha[:, None] + _dot(b_p16, b_v, IEEE)
+    if HAS_D2:
+        b_v2 = _load_rows(p_v, o_row, stride_vs, o_d2, stride_vd, m_key, ALIGN, HEAD_DIM, MASKED, True)
+        acc2 = acc2 * alpha[:, None] + _dot(b_p16, b_v2, IEEE)
+    return acc, acc2, m_new, l_i
 
 
 @triton.jit
-def _axis_box(c0, c1, N, WIN, TILE: tl.constexpr, CIRCLE: tl.constexpr, TILE_MODE: tl.constexpr):
-    """Keys ``[lo, hi)`` along one axis seen by queries with coordinates ``c0..c1`` (inclusive)."""
-    if CIRCLE:
-        r = WIN // 2
-        lo = tl.maximum(c0 - r, 0)
-        hi = tl.minimum(c1 + r + 1, N)
-    elif TILE_MODE:
-        nt = tl.cdiv(N, TILE)
-        wt = tl.minimum(tl.where(WIN >= N, nt, WIN // TILE), nt)
-        s = tl.minimum(tl.maximum(c0 // TILE - wt // 2, 0), nt - wt)
-        lo = s * TILE
-        hi = tl.minimum((s + wt) * TILE, N)
+def _entry_rows(e, IMG_OFF, GH, GW, r_t, r_h, r_w, KH: tl.constexpr, KW: tl.constexpr, ROW64: tl.constexpr):
+    """Sequence positions of the keys of one list entry (see ``key_tile_lists``): ``e >= 0`` an image key tile whose
+    first token has raster index ``e``; ``e < 0`` the run of consecutive tokens from ``-e - 1``."""
+    is_run = e < 0
+    start = tl.where(is_run, -e - 1, IMG_OFF + e)
+    st = tl.where(is_run, KH * KW, GH * GW)
+    sh = tl.where(is_run, KW, GW)
+    o_tok = start + r_t * st + r_h * sh + r_w
+    if ROW64:
+        return o_tok, o_tok.to(tl.int64)
     else:
-        lo = tl.minimum(tl.maximum(c0 - WIN // 2, 0), N - WIN)
-        hi = tl.minimum(tl.maximum(c1 - WIN // 2, 0), N - WIN) + WIN
-    return lo, hi
-
-
-@triton.jit
-def _axis_full(c0, c1, k0, k1, N, WIN):
-    """Is the key range ``k0..k1`` (inclusive) inside the rect window of every query ``c0..c1`` (token mode)."""
-    s_last = tl.minimum(tl.maximum(c1 - WIN // 2, 0), N - WIN)  # the latest window start
-    s_first = tl.minimum(tl.maximum(c0 - WIN // 2, 0), N - WIN)  # the earliest window end is s_first + WIN
-    return (k0 >= s_last) & (k1 < s_first + WIN)
+        return o_tok, o_tok
 
 
 @triton.jit
 def _window_attention_fwd_kernel(
-    Q, K, V, O, KPM,
+    Q, K, V, O, KPM, LISTS,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os,
     stride_mb,
-    NH, S, T, IMG_OFF, TXT_OFF, HEAD_DIM,
-    GT, GH, GW, WT, WH, WW,
+    NH, S, T, IMG_OFF, TXT_OFF,
+    GT, GH, GW,
+    WT, WH, WW, NUT, NUH, NUW,
     CT, CH, CW, RR,
     N_IMG_TILES,
     qk_scale,
-    TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_KPM: tl.constexpr, CIRCLE: tl.constexpr, TILE_MODE: tl.constexpr, IEEE: tl.constexpr,
+    QT: tl.constexpr, QH: tl.constexpr, QW: tl.constexpr,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    DIV_T: tl.constexpr, DIV_H: tl.constexpr, DIV_W: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_D2: tl.constexpr, D2: tl.constexpr, ALIGN: tl.constexpr,
+    ROW64: tl.constexpr, HAS_KPM: tl.constexpr, CIRCLE: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    BLOCK: tl.constexpr = TT * TH * TW
+    BLOCK_M: tl.constexpr = QT * QH * QW
+    BLOCK_N: tl.constexpr = KT * KH * KW
     i_tile = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NH).to(tl.int64)
     i_h = (i_bh % NH).to(tl.int64)
-    p_q = Q + i_b * stride_qb + i_h * stride_qh
-    p_k = K + i_b * stride_kb + i_h * stride_kh
-    p_v = V + i_b * stride_vb + i_h * stride_vh
-    p_o = O + i_b * stride_ob + i_h * stride_oh
+    p_q = Q + (i_b * stride_qb + i_h * stride_qh) * ALIGN
+    p_k = K + (i_b * stride_kb + i_h * stride_kh) * ALIGN
+    p_v = V + (i_b * stride_vb + i_h * stride_vh) * ALIGN
+    p_o = O + (i_b * stride_ob + i_h * stride_oh) * ALIGN
 
-    o_m = tl.arange(0, BLOCK)
+    o_m = tl.arange(0, BLOCK_M)
+    o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < HEAD_DIM
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    o_d2 = BLOCK_D + tl.arange(0, D2)
+    MASK_D: tl.constexpr = HEAD_DIM < BLOCK_D
 
     if i_tile < N_IMG_TILES:
-        # ---- an image query tile: a TT x TH x TW patch of the grid
-        n_tw = tl.cdiv(GW, TW)
-        n_th = tl.cdiv(GH, TH)
-        t0 = (i_tile // (n_tw * n_th)) * TT
-        h0 = ((i_tile // n_tw) % n_th) * TH
-        w0 = (i_tile % n_tw) * TW
-        q_t = t0 + o_m // (TH * TW)
-        q_h = h0 + (o_m // TW) % TH
-        q_w = w0 + o_m % TW
+        # an image query tile: a QT x QH x QW patch of the grid
+        n_qw = tl.cdiv(GW, QW)
+        n_qh = tl.cdiv(GH, QH)
+        q_t = (i_tile // (n_qw * n_qh)) * QT + o_m // (QH * QW)
+        q_h = ((i_tile // n_qw) % n_qh) * QH + (o_m // QW) % QH
+        q_w = (i_tile % n_qw) * QW + o_m % QW
         m_q = (q_t < GT) & (q_h < GH) & (q_w < GW)
         q_tok = IMG_OFF + (q_t * GH + q_h) * GW + q_w
-        b_q = tl.load(
-            p_q + q_tok.to(tl.int64)[:, None] * stride_qs + o_d[None, :] * stride_qd,
-            mask=m_q[:, None] & m_d[None, :], other=0.0,
-        )  # [BLOCK, BLOCK_D]
-        t1 = tl.minimum(t0 + TT, GT) - 1
-        h1 = tl.minimum(h0 + TH, GH) - 1
-        w1 = tl.minimum(w0 + TW, GW) - 1
-        lo_t, hi_t = _axis_box(t0, t1, GT, WT, TT, CIRCLE, TILE_MODE)
-        lo_h, hi_h = _axis_box(h0, h1, GH, WH, TH, CIRCLE, TILE_MODE)
-        lo_w, hi_w = _axis_box(w0, w1, GW, WW, TW, CIRCLE, TILE_MODE)
-        # per-query window starts (rect, token granularity)
-        s_t = tl.minimum(tl.maximum(q_t - WT // 2, 0), GT - WT)
-        s_h = tl.minimum(tl.maximum(q_h - WH // 2, 0), GH - WH)
-        s_w = tl.minimum(tl.maximum(q_w - WW // 2, 0), GW - WW)
-        for k_t0 in range(lo_t, hi_t, TT):
-            for k_h0 in range(lo_h, hi_h, TH):
-                for k_w0 in range(lo_w, hi_w, TW):
-                    k_t = k_t0 + o_m // (TH * TW)
-                    k_h = k_h0 + (o_m // TW) % TH
-                    k_w = k_w0 + o_m % TW
-                    m_k = (k_t < hi_t) & (k_h < hi_h) & (k_w < hi_w)
-                    k_tok = IMG_OFF + (k_t * GH + k_h) * GW + k_w
-                    if CIRCLE:
-                        d_t = q_t[:, None] - k_t[None, :]
-                        d_h = q_h[:, None] - k_h[None, :]
-                        d_w = q_w[:, None] - k_w[None, :]
-                        dist = (d_t * d_t).to(tl.int64) * CT + (d_h * d_h).to(tl.int64) * CH
-                        dist += (d_w * d_w).to(tl.int64) * CW
-                        m_qk = m_k[None, :] & (dist <= RR)
-                        acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, p_k, p_v, k_tok, m_k, m_qk, o_d, m_d, stride_ks,
-                                                stride_kd, stride_vs, stride_vd, qk_scale, True, IEEE)  # fmt: skip
-                    elif TILE_MODE:
-                        # whole key tiles: only the grid edge can cut one
-                        edge = (k_t0 + TT > hi_t) | (k_h0 + TH > hi_h) | (k_w0 + TW > hi_w)
-                        if edge:
-                            acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, p_k, p_v, k_tok, m_k, m_k[None, :], o_d, m_d,
-                                                    stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, True, IEEE)  # fmt: skip
-                        else:
-                            acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, p_k, p_v, k_tok, m_k, m_k[None, :], o_d, m_d,
-                                                    stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, False, IEEE)  # fmt: skip
-                    else:
-                        full = (
-                            _axis_full(t0, t1, k_t0, k_t0 + TT - 1, GT, WT)
-                            & _axis_full(h0, h1, k_h0, k_h0 + TH - 1, GH, WH)
-                            & _axis_full(w0, w1, k_w0, k_w0 + TW - 1, GW, WW)
-                        )
-                        if full:
-                            acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, p_k, p_v, k_tok, m_k, m_k[None, :], o_d, m_d,
-                                                    stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, False, IEEE)  # fmt: skip
-                        else:
-                            m_qk = (
-                                m_k[None, :]
-                                & (k_t[None, :] >= s_t[:, None]) & (k_t[None, :] < s_t[:, None] + WT)
-                                & (k_h[None, :] >= s_h[:, None]) & (k_h[None, :] < s_h[:, None] + WH)
-                                & (k_w[None, :] >= s_w[:, None]) & (k_w[None, :] < s_w[:, None] + WW)
-                            )  # fmt: skip
-                            acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, p_k, p_v, k_tok, m_k, m_qk, o_d, m_d, stride_ks,
-                                                    stride_kd, stride_vs, stride_vd, qk_scale, True, IEEE)  # fmt: skip
-        # every text key (global tokens)
-        for j0 in range(0, T, BLOCK):
-            o_j = j0 + o_m
-            m_k = o_j < T
-            if HAS_KPM:
-                m_k &= tl.load(KPM + i_b * stride_mb + o_j, mask=m_k, other=0) != 0
-            acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, p_k, p_v, TXT_OFF + o_j, m_k, m_k[None, :], o_d, m_d,
-                                    stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, True, IEEE)  # fmt: skip
+        c_hi = TXT_OFF + T  # run entries of an image tile are its text keys
     else:
-        # ---- a block of text queries: attends to every valid key
-        o_q = (i_tile - N_IMG_TILES) * BLOCK + o_m
+        # a block of text queries: attends to every valid key
+        o_q = (i_tile - N_IMG_TILES) * BLOCK_M + o_m
         m_q = o_q < T
         q_tok = TXT_OFF + o_q
-        b_q = tl.load(
-            p_q + q_tok.to(tl.int64)[:, None] * stride_qs + o_d[None, :] * stride_qd,
-            mask=m_q[:, None] & m_d[None, :], other=0.0,
-        )
-        for j0 in range(0, S, BLOCK):
-            o_j = j0 + o_m
-            m_k = o_j < S
-            if HAS_KPM:
-                is_txt = (o_j >= TXT_OFF) & (o_j < TXT_OFF + T)
-                m_k &= tl.load(KPM + i_b * stride_mb + (o_j - TXT_OFF), mask=m_k & is_txt, other=1) != 0
-            acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, p_k, p_v, o_j, m_k, m_k[None, :], o_d, m_d,
-                                    stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, True, IEEE)  # fmt: skip
+        q_t = tl.zeros([BLOCK_M], dtype=tl.int32)
+        q_h = tl.zeros([BLOCK_M], dtype=tl.int32)
+        q_w = tl.zeros([BLOCK_M], dtype=tl.int32)
+        c_hi = S
+    if ROW64:
+        q_row = q_tok.to(tl.int64)
+    else:
+        q_row = q_tok
+    b_q = _load_rows(p_q, q_row, stride_qs, o_d, stride_qd, m_q, ALIGN, HEAD_DIM, True, MASK_D)  # [BLOCK_M, BLOCK_D]
+    if HAS_D2:
+        b_q2 = _load_rows(p_q, q_row, stride_qs, o_d2, stride_qd, m_q, ALIGN, HEAD_DIM, True, True)
+    else:
+        b_q2 = b_q
+    # per-query first window unit along each axis (rect: token or whole tile, see window_ranges._axis_units)
+    s_t = tl.minimum(tl.maximum(q_t // DIV_T - WT // 2, 0), NUT - WT)
+    s_h = tl.minimum(tl.maximum(q_h // DIV_H - WH // 2, 0), NUH - WH)
+    s_w = tl.minimum(tl.maximum(q_w // DIV_W - WW // 2, 0), NUW - WW)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_t = o_n // (KH * KW)
+    r_h = (o_n // KW) % KH
+    r_w = o_n % KW
+    i_beg = tl.load(LISTS + 3 * i_tile)
+    i_mid = tl.load(LISTS + 3 * i_tile + 1)
+    i_end = tl.load(LISTS + 3 * i_tile + 2)
+    # key tiles inside every query's window: no predicate at all (the bulk of the work)
+    e = tl.load(LISTS + i_beg)
+    for i in range(i_beg, i_mid):
+        o_tok, o_row = _entry_rows(e, IMG_OFF, GH, GW, r_t, r_h, r_w, KH, KW, ROW64)
+        e = tl.load(LISTS + i + 1)
+        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, p_k, p_v, o_row, o_n < BLOCK_N, m_q[:, None],
+                                      o_d, o_d2, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, False,
+                                      HEAD_DIM, BLOCK_D, HAS_D2, ALIGN, IEEE)  # fmt: skip
+    # key tiles cut by a window, the grid edge, the end of the text or the text padding mask
+    e = tl.load(LISTS + i_mid)
+    for i in range(i_mid, i_end):
+        o_tok, o_row = _entry_rows(e, IMG_OFF, GH, GW, r_t, r_h, r_w, KH, KW, ROW64)
+        is_run = e < 0
+        m_run = o_tok < c_hi
+        if HAS_KPM:
+            in_txt = (o_tok >= TXT_OFF) & (o_tok < TXT_OFF + T)
+            m_run &= tl.load(KPM + i_b * stride_mb + (o_tok - TXT_OFF), mask=m_run & in_txt, other=1) != 0
+        e_img = tl.maximum(e, 0)
+        k_t = e_img // (GH * GW) + r_t
+        k_h = (e_img // GW) % GH + r_h
+        k_w = e_img % GW + r_w
+        m_img = (k_t < GT) & (k_h < GH) & (k_w < GW)
+        if CIRCLE:
+            d_t = q_t[:, None] - k_t[None, :]
+            d_h = q_h[:, None] - k_h[None, :]
+            d_w = q_w[:, None] - k_w[None, :]
+            dist = (d_t * d_t).to(tl.int64) * CT + (d_h * d_h).to(tl.int64) * CH + (d_w * d_w).to(tl.int64) * CW
+            m_win = dist <= RR
+        else:
+            u_t = k_t // DIV_T
+            u_h = k_h // DIV_H
+            u_w = k_w // DIV_W
+            m_win = (
+                (u_t[None, :] >= s_t[:, None]) & (u_t[None, :] < s_t[:, None] + WT)
+                & (u_h[None, :] >= s_h[:, None]) & (u_h[None, :] < s_h[:, None] + WH)
+                & (u_w[None, :] >= s_w[:, None]) & (u_w[None, :] < s_w[:, None] + WW)
+            )  # fmt: skip
+        m_key = tl.where(is_run, m_run, m_img)
+        m_qk = tl.where(is_run, m_run[None, :], m_img[None, :] & m_win)
+        acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, p_k, p_v, o_row, m_key, m_qk, o_d, o_d2,
+                                      stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, True,
+                                      HEAD_DIM, BLOCK_D, HAS_D2, ALIGN, IEEE)  # fmt: skip
+        e = tl.load(LISTS + i + 1)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    b_o = acc / l_safe[:, None]
-    tl.store(
-        p_o + q_tok.to(tl.int64)[:, None] * stride_os + o_d[None, :],
-        b_o.to(O.dtype.element_ty),
-        mask=m_q[:, None] & m_d[None, :],
-    )
+    p_out = p_o + q_row[:, None] * stride_os * ALIGN
+    if MASK_D:
+        tl.store(p_out + o_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty),
+                 mask=m_q[:, None] & (o_d[None, :] < HEAD_DIM))  # fmt: skip
+    else:
+        tl.store(p_out + o_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=m_q[:, None])
+    if HAS_D2:
+        tl.store(p_out + o_d2[None, :], (acc2 / l_safe[:, None]).to(O.dtype.element_ty),
+                 mask=m_q[:, None] & (o_d2[None, :] < HEAD_DIM))  # fmt: skip
 
 
-def _num_warps(block: int, block_d: int) -> int:
-    return 4 if block * block_d <= 64 * 64 else 8
+def head_split(head_dim: int) -> tuple[int, int]:
+    """``(BLOCK_D, BLOCK_D2)``: the head dim as a power-of-two part plus, where that wastes less than padding to the
+    next power of two, a second part of >= 16 (``tl.dot`` needs power-of-two sizes >= 16): 72 -> 64 + 16 (80 computed
+    instead of 128), 96 -> 64 + 32, 80 -> 64 + 16; 64 and 128 -> one part."""
+    full = max(16, triton.next_power_of_2(head_dim))
+    if head_dim <= 16 or head_dim == full:
+        return full, 0
+    low = full // 2
+    rest = max(16, triton.next_power_of_2(head_dim - low))
+    return (low, rest) if low + rest < full else (full, 0)
 
 
-# Shared memory of the compiled kernel in units of one [BLOCK, BLOCK_D] tile, by software-pipeline depth, measured with
-# the GPU-less compile check (bench/static.py, triton 3.9, 8x8 tiles, Dh 64-256): before Hopper the K/V loads are
-# cp.async-staged (2.5 / 5 / 8 tiles), from sm_90 on the wgmma path also stages Q and the P operand (2 / 8 / 12).
-# Rounded up by one tile of margin for other Triton versions; a launch that still does not fit retries shallower.
+def _num_warps(block_m: int) -> int:
+    # one warpgroup (4 warps, wgmma's 64-row granule) per 64 query rows, so each warpgroup owns whole rows and the
+    # row max / sum never crosses warpgroups; 256-row tiles keep 8 warps (two 64-row MMAs per warpgroup)
+    return max(4, min(8, block_m // 16))
+
+
+def query_rows(block_n: int) -> int:
+    """Query-tile rows for a key tile of ``block_n`` tokens: 128 (two warpgroups of 64 rows), or the key tile when it
+    is larger."""
+    return max(128, block_n)
+
+
+# Shared memory of the compiled kernel: per software-pipeline stage one K and one V tile ([BLOCK_N, Dh padded]), plus
+# the Q tile, in bytes per element of the tile, measured with the GPU-less compile check (bench.static, triton 3.9)
+# and rounded up; a launch that still does not fit retries one stage shallower (the OutOfResources path below).
 _SMEM_TILES = {False: {3: 9, 2: 6, 1: 3.5}, True: {3: 13, 2: 9, 1: 3}}
 
 
-def launch_config(block: int, block_d: int, elt_size: int, capability, smem_limit) -> tuple[int, int] | str:
-    """``(num_warps, num_stages)`` for a query tile of ``block`` tokens and head dim ``block_d`` on a device of this
+def smem_bytes(block_m: int, block_n: int, dpad: int, elt_size: int, stages: int, hopper: bool) -> int:
+    """Predicted shared memory of one program."""
+    kv = 2 * block_n * dpad * elt_size
+    q = block_m * dpad * elt_size
+    return int(q + stages * kv)
+
+
+def launch_config(block_n: int, head_dim: int, elt_size: int, capability, smem_limit) -> tuple[int, int, int] | str:
+    """``(block_m, num_warps, num_stages)`` for key tiles of ``block_n`` tokens and this head dim on a device of this
     capability with ``smem_limit`` bytes of shared memory per block (None: no limit, the interpreter), or the reason no
     configuration fits (then the backend refuses: a kernel must never fail at launch)."""
-    warps = _num_warps(block, block_d)
+    block_m = query_rows(block_n)
+    warps = _num_warps(block_m)
     if smem_limit is None:
-        return warps, 2
-    tile = block * block_d * elt_size
-    table = _SMEM_TILES[capability is not None and tuple(capability) >= (9, 0)]
+        return block_m, warps, 2
+    hopper = capability is not None and tuple(capability) >= (9, 0)
+    dpad = sum(head_split(head_dim))
     for stages in (3, 2, 1):
-        if table[stages] * tile <= smem_limit:
-            return warps, stages
+        if smem_bytes(block_m, block_n, dpad, elt_size, stages, hopper) <= smem_limit:
+            return block_m, warps, stages
+    need = smem_bytes(block_m, block_n, dpad, elt_size, 1, hopper)
     return (
-        f"a {block}-token query tile with head dim {block_d} needs ~{int(table[1] * tile) // 1024} KB of shared memory,"
+        f"a {block_m}-query / {block_n}-key tile with head dim {head_dim} needs ~{need // 1024} KB of shared memory,"
         f" the device allows {smem_limit // 1024} KB: use a smaller tile"
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _lists_host(spec, qtile, text_tokens, text_position, has_kpm):
+    buf, n_q = key_tile_lists(spec, qtile, text_tokens, text_position, has_kpm)
+    return torch.tensor(buf, dtype=torch.int32), n_q
+
+
+@functools.lru_cache(maxsize=64)
+def _lists_on(spec, qtile, text_tokens, text_position, has_kpm, device):
+    buf, n_q = _lists_host(spec, qtile, text_tokens, text_position, has_kpm)
+    return buf.to(device), n_q
 
 
 def window_attention_triton(q, k, v, spec, text_tokens: int, text_position: str, text_mask, scale: float):
@@ -259,33 +315,44 @@ def window_attention_triton(q, k, v, spec, text_tokens: int, text_position: str,
     out = torch.empty((B, NH, S, Dh), dtype=q.dtype, device=q.device)
     GT, GH, GW = spec.grid
     TT, TH, TW = spec.tile
-    block = TT * TH * TW
-    n_img = spec.n_image
-    img_off, txt_off = (text_tokens, 0) if text_position == "first" else (0, n_img)
-    n_img_tiles = triton.cdiv(GT, TT) * triton.cdiv(GH, TH) * triton.cdiv(GW, TW)
-    n_txt_blocks = triton.cdiv(text_tokens, block)
-    (ct, ch, cw), rr = spec.circle_weights() if spec.shape == "circle" else ((0, 0, 0), 0)
-    kpm = text_mask.to(torch.int8).contiguous() if text_mask is not None else None
-    block_d = max(16, triton.next_power_of_2(Dh))
-    grid = (n_img_tiles + n_txt_blocks, B * NH)
-    config = launch_config(block, block_d, q.element_size(), device_capability(q.device), max_shared_memory(q.device))
+    block_n = TT * TH * TW
+    config = launch_config(block_n, Dh, q.element_size(), device_capability(q.device), max_shared_memory(q.device))
     if isinstance(config, str):  # the op's can_run refuses this case first; reaching here is a caller's bug
         raise RuntimeError(f"window_attention_triton: {config}")
-    num_warps, num_stages = config
+    block_m, num_warps, num_stages = config
+    qtile = query_tile(spec, block_m)
+    n_img = spec.n_image
+    img_off, txt_off = (text_tokens, 0) if text_position == "first" else (0, n_img)
+    n_img_tiles = triton.cdiv(GT, qtile[0]) * triton.cdiv(GH, qtile[1]) * triton.cdiv(GW, qtile[2])
+    lists, n_q = _lists_on(spec, qtile, text_tokens, text_position, text_mask is not None, str(q.device))
+    (ct, ch, cw), rr = spec.circle_weights() if spec.shape == "circle" else ((0, 0, 0), 0)
+    units = [_axis_units(spec, a) for a in range(3)]
+    kpm = text_mask.to(torch.int8).contiguous() if text_mask is not None else None
+    block_d, block_d2 = head_split(Dh)
+    strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3]]
+    align = 16 // q.element_size()
+    if any(s % align for s in strides):
+        align = 1
+    qs, ks, vs, os_ = (strides[i : i + 3] for i in range(0, 12, 3))
+    row64 = (S - 1) * max(q.stride(2), k.stride(2), v.stride(2), out.stride(2)) >= 2**31
+    grid = (n_q, B * NH)
     args = (
-        q, k, v, out, kpm if kpm is not None else out,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
+        q, k, v, out, kpm if kpm is not None else out, lists,
+        *(s // align for s in qs), q.stride(3), *(s // align for s in ks), k.stride(3),
+        *(s // align for s in vs), v.stride(3), *(s // align for s in os_),
         kpm.stride(0) if kpm is not None else 0,
-        NH, S, text_tokens, img_off, txt_off, Dh,
-        GT, GH, GW, *spec.window,
+        NH, S, text_tokens, img_off, txt_off,
+        GT, GH, GW,
+        *(u[1] for u in units), *(u[2] for u in units),
         ct, ch, cw, rr,
         n_img_tiles,
         scale * LOG2E,
     )  # fmt: skip
     constexprs = dict(
-        TT=TT, TH=TH, TW=TW, BLOCK_D=block_d,
-        HAS_KPM=kpm is not None, CIRCLE=spec.shape == "circle", TILE_MODE=spec.granularity == "tile",
-        IEEE=q.dtype == torch.float32,
+        QT=qtile[0], QH=qtile[1], QW=qtile[2], KT=TT, KH=TH, KW=TW,
+        DIV_T=units[0][0], DIV_H=units[1][0], DIV_W=units[2][0],
+        HEAD_DIM=Dh, BLOCK_D=block_d, HAS_D2=block_d2 > 0, D2=max(block_d2, 16), ALIGN=align, ROW64=row64,
+        HAS_KPM=kpm is not None, CIRCLE=spec.shape == "circle", IEEE=q.dtype == torch.float32,
     )  # fmt: skip
     while True:
         try:

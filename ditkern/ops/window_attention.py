@@ -394,8 +394,7 @@ def _triton_can_run(q, *others, spec: WindowSpec | None = None) -> str | None:
         return reason
     from ditkern.kernels.window_attention import launch_config  # noqa: PLC0415
 
-    block_d = max(16, 1 << (q.shape[-1] - 1).bit_length())
-    config = launch_config(math.prod(spec.tile), block_d, q.element_size(), device_capability(q.device),
+    config = launch_config(math.prod(spec.tile), q.shape[-1], q.element_size(), device_capability(q.device),
                            max_shared_memory(q.device))  # fmt: skip
     return config if isinstance(config, str) else None
 
