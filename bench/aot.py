@@ -119,6 +119,33 @@ _PTX_COUNTS = {
 _MMA = re.compile(r"\b(HGMMA|QGMMA|IGMMA|HMMA|QMMA|IMMA|UTC\w*MMA)\b")
 
 
+_DEPBAR = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*0x([0-9a-f]+)")
+_LDGSTS_WIDTH = re.compile(r"\bLDGSTS\.E(?:\.\w+)*?\.(128|64)\b")
+
+
+def main_loop_traits(body: list[str] | None) -> dict:
+    """What one iteration of the main loop waits on and loads.
+
+    ``main_loop_wgmma_wait``: the smallest N of the ``WARPGROUP.DEPBAR.LE gsb0, N`` waits in the loop (wgmma.wait_group
+    N: wait until at most N wgmma groups are in flight). 0 means the iteration waits for the tensor-core work it just
+    issued, so loads, dequantisation and the MMA do not overlap; >= 1 keeps one group in flight. None: no wgmma wait
+    in the loop (mma.sync kernels, or no loop). ``main_loop_ldg`` counts plain global loads (synchronous: their latency
+    is exposed unless other warps hide it), ``main_loop_ldgsts`` async copies (cp.async, and of them 128-bit),
+    ``main_loop_tma`` TMA loads.
+    """
+    if body is None:
+        return {"main_loop_wgmma_wait": None, "main_loop_ldg": None, "main_loop_ldgsts": None,
+                "main_loop_ldgsts_128": None, "main_loop_tma": None}  # fmt: skip
+    waits = [int(m.group(1), 16) for b in body for m in [_DEPBAR.search(b)] if m]
+    return {
+        "main_loop_wgmma_wait": min(waits) if waits else None,
+        "main_loop_ldg": sum(1 for b in body if re.search(r"\bLDG\b", b)),
+        "main_loop_ldgsts": sum(1 for b in body if re.search(r"\bLDGSTS\b", b)),
+        "main_loop_ldgsts_128": sum(1 for b in body if (m := _LDGSTS_WIDTH.search(b)) and m.group(1) == "128"),
+        "main_loop_tma": sum(1 for b in body if re.search(_SASS_COUNTS["tma_loads"], b)),
+    }
+
+
 def parse_sass(sass: str) -> dict:
     """Instruction counts and loops of ``nvdisasm -c`` output.
 
@@ -142,7 +169,7 @@ def parse_sass(sass: str) -> dict:
         if m and m.group(1) in labels and labels[m.group(1)] < i:  # a lone self-branch is the end-of-kernel trap
             body = instrs[labels[m.group(1)] : i + 1]
             mma = sum(1 for b in body if _MMA.search(b))
-            loops.append({"instructions": len(body), "mma": mma})
+            loops.append({"instructions": len(body), "mma": mma, "body": body})
     # In a nest the outer body contains the inner one: among the loops with the most MMAs take the shortest (the
     # innermost loop that holds them); without MMAs the longest loop. Both sides of a branch in a body are counted.
     most = max((lp["mma"] for lp in loops), default=0)
@@ -156,6 +183,7 @@ def parse_sass(sass: str) -> dict:
         "sass_loops": len(loops),
         "main_loop_instructions": main["instructions"] if main else None,
         "main_loop_mma": main["mma"] if main else None,
+        **main_loop_traits(main["body"] if main else None),
         **{k: len(re.findall(p, text)) for k, p in _SASS_COUNTS.items()},
         "spill_instructions": len(re.findall(r"\b(?:STL|LDL)\b", text)),
     }

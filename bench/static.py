@@ -10,8 +10,9 @@ own launchers (``bench/compile_cases.py``). Columns: registers, spilled bytes, s
 limit), warps/stages, the tensor-core instructions in SASS (HGMMA = bf16/fp16 wgmma, QGMMA = fp8 wgmma, HMMA =
 mma.sync, QMMA = fp8 mma.sync on Ada, UTC*MMA = Blackwell tcgen05), async copies (LDGSTS = cp.async, TMA),
 128/64-bit global loads, the SASS instructions of the main loop per iteration (the innermost loop holding the most
-tensor-core instructions, else the longest loop), and the bytes and FLOPs one call needs with its roofline floor on
-an H200 (4.8 TB/s, 989 TFLOP/s bf16, 1979 fp8).
+tensor-core instructions, else the longest loop) and what it waits on and loads (its smallest wgmma wait depth, 0 =
+each iteration waits for the MMA it just issued; plain LDG; cp.async, of them 128-bit), and the bytes and FLOPs one
+call needs with its roofline floor on an H200 (4.8 TB/s, 989 TFLOP/s bf16, 1979 fp8).
 Violations (the compile test fails on them): a compile error, a grid over the hardware limits, shared memory over the
 architecture's, register spills in a memory-bound kernel. A backend that refuses an architecture through its
 ``can_run`` is listed as refused, with the reason, and is not compiled.
@@ -110,6 +111,15 @@ def _async(r: dict) -> str:
     return ", ".join(parts) or "-"
 
 
+def _loop_traits(r: dict) -> str:
+    """The main loop's wgmma wait depth (0: waits on the MMA it just issued; - : none, e.g. mma.sync), its plain
+    global loads and its async copies (of them 128-bit)."""
+    if r.get("main_loop_ldg") is None:
+        return "-"
+    wait = "-" if r["main_loop_wgmma_wait"] is None else str(r["main_loop_wgmma_wait"])
+    return f"{wait} / {r['main_loop_ldg']} / {r['main_loop_ldgsts']} ({r['main_loop_ldgsts_128']})"
+
+
 def render(result: dict, cuda_rows: list[dict] | None, sha: str) -> str:
     arch = result["arch"]
     v = result["versions"]
@@ -122,8 +132,9 @@ def render(result: dict, cuda_rows: list[dict] | None, sha: str) -> str:
         "(4.8 TB/s, 989 TFLOP/s bf16, 1979 fp8) for the bytes and FLOPs one call needs.",
         "",
         "| op | shape | kernel | grid | warps/stages | regs | spill B | smem KB (limit) | tensor cores (SASS) | async "
-        "copies | LDG 128/64/all | main loop instr (MMA) | MB | GFLOP | H200 floor us | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "copies | LDG 128/64/all | main loop instr (MMA) | main loop wgmma wait / LDG / LDGSTS (128-bit) | MB | "
+        "GFLOP | H200 floor us | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         loop = "-" if r["main_loop_instructions"] is None else f"{r['main_loop_instructions']} ({r['main_loop_mma']})"
@@ -132,7 +143,7 @@ def render(result: dict, cuda_rows: list[dict] | None, sha: str) -> str:
             f"| {r['op']} | {r['shape']} | {r['kernel']} | {'x'.join(map(str, r['grid']))} | "
             f"{r['num_warps']}/{r['num_stages']} | {r['registers']} | {r['local_bytes']} | "
             f"{r['shared_bytes'] / 1024:.0f} ({r['shared_limit'] // 1024}) | {_tc(r)} | {_async(r)} | "
-            f"{r['ldg_128']}/{r['ldg_64']}/{r['ldg']} | {loop} | {r['bytes'] / 1e6:.1f} | {r['flops'] / 1e9:.1f} | "
+            f"{r['ldg_128']}/{r['ldg_64']}/{r['ldg']} | {loop} | {_loop_traits(r)} | {r['bytes'] / 1e6:.1f} | {r['flops'] / 1e9:.1f} | "
             f"{r['h200_floor_us']} | {status} |"
         )
     if result["refused"]:

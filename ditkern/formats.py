@@ -36,9 +36,14 @@ program reads a ``[BLOCK_N, BLOCK_K]`` tile as ``BLOCK_N`` contiguous byte runs)
 * K is padded with zero codes up to ``K_pad``, a multiple of ``group_size``.
 * FP4 / int4: ``packed[n, j]`` (uint8, ``[N, K_pad / 2]``) holds code ``k = 2j`` in its low nibble and ``k = 2j+1``
   in its high nibble.
-* FP6: four codes in three bytes: for ``j = k // 4``, the little-endian 24-bit word
-  ``packed[n, 3j] | packed[n, 3j+1] << 8 | packed[n, 3j+2] << 16`` holds code ``4j + i`` in bits ``[6i, 6i + 6)``
-  (uint8, ``[N, 3 * K_pad / 4]``).
+* FP6 (uint8, ``[N, 3 * K_pad / 4]``): two bit planes per row, so that a GEMM's K tile of either plane is one
+  contiguous run of bytes (16-byte vector loads) and decodes with the same shifts and masks as FP4. Bytes
+  ``[0, K_pad / 2)`` hold the high four bits of each code (``code >> 2``) packed like FP4 (code ``2j`` in the low
+  nibble of byte ``j``, ``2j+1`` in its high nibble); bytes ``[K_pad / 2, 3 * K_pad / 4)`` hold the low two bits, code
+  ``k`` in bits ``[2 (k % 4), 2 (k % 4) + 2)`` of byte ``K_pad / 2 + k // 4``. This is layout 2 (checkpoint format
+  ``ditkern-quant-2``); layout 1, four codes in three little-endian bytes (code ``4j + i`` in bits ``[6i, 6i + 6)`` of
+  the 24-bit word of bytes ``3j .. 3j+2``), is what ``ditkern-quant-1`` checkpoints hold: ``unpack_layout1`` reads it
+  and the checkpoint loader repacks it.
 * scales: ``[N, K_pad / group_size]``, fp32, bf16, or uint8 holding the biased E8M0 exponent ``e + 127``.
 """
 
@@ -80,8 +85,10 @@ class Format:
 
     @property
     def e4m3_shift(self) -> int:
-        """The E4M3 image used by the GEMM is ``value * 2**-e4m3_shift`` (0 for int4, whose image is the value)."""
-        return 0 if self.is_int else 7 - self.bias
+        """The E4M3 image used by the GEMM is ``value * 2**-e4m3_shift``: the code's magnitude bits under E4M3's
+        exponent and mantissa, so one shift and mask make it (int4: its magnitude as E4M3's subnormal mantissa,
+        ``m * 2**-9``)."""
+        return 9 if self.is_int else 7 - self.bias
 
     def magnitudes(self) -> torch.Tensor:
         """All ``2**(bits-1)`` magnitudes in code order (ascending), float64, exact."""
@@ -191,9 +198,7 @@ def e4m3_image_bits(fmt: Format) -> torch.Tensor:
     codes = torch.arange(1 << fmt.bits)
     sign = (codes >> (fmt.bits - 1)) & 1
     mag = codes & ((1 << (fmt.bits - 1)) - 1)
-    if fmt.is_int:
-        return fmt.values().to(torch.float8_e4m3fn).view(torch.uint8)
-    return ((sign << 7) | (mag << (3 - fmt.man_bits))).to(torch.uint8)
+    return ((sign << 7) | (mag << (0 if fmt.is_int else 3 - fmt.man_bits))).to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -235,10 +240,11 @@ def pack(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
     if fmt.bits == 4:
         c = c.view(N, K // 2, 2)
         return (c[..., 0] | (c[..., 1] << 4)).to(torch.uint8).contiguous()
-    c = c.view(N, K // 4, 4)
-    word = c[..., 0] | (c[..., 1] << 6) | (c[..., 2] << 12) | (c[..., 3] << 18)
-    out = torch.stack([word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF], -1)
-    return out.to(torch.uint8).reshape(N, K // 4 * 3).contiguous()
+    hi = (c >> 2).view(N, K // 2, 2)
+    lo = (c & 3).view(N, K // 4, 4)
+    hi_plane = hi[..., 0] | (hi[..., 1] << 4)
+    lo_plane = lo[..., 0] | (lo[..., 1] << 2) | (lo[..., 2] << 4) | (lo[..., 3] << 6)
+    return torch.cat([hi_plane, lo_plane], 1).to(torch.uint8).contiguous()
 
 
 def unpack(packed: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -247,7 +253,18 @@ def unpack(packed: torch.Tensor, fmt: Format) -> torch.Tensor:
     p = packed.to(torch.int32)
     if fmt.bits == 4:
         return torch.stack([p & 0xF, p >> 4], -1).reshape(N, -1).to(torch.uint8)
-    p = p.view(N, -1, 3)
+    K = p.shape[1] // 3 * 4
+    hi = torch.stack([p[:, : K // 2] & 0xF, p[:, : K // 2] >> 4], -1).reshape(N, K)
+    lo = torch.stack([(p[:, K // 2 :] >> (2 * i)) & 3 for i in range(4)], -1).reshape(N, K)
+    return ((hi << 2) | lo).to(torch.uint8)
+
+
+def unpack_layout1(packed: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Codes ``[N, K_pad]`` of a packed tensor in layout 1 (``ditkern-quant-1`` checkpoints; FP6 only differs)."""
+    if fmt.bits == 4:
+        return unpack(packed, fmt)
+    N = packed.shape[0]
+    p = packed.to(torch.int32).view(N, -1, 3)
     word = p[..., 0] | (p[..., 1] << 8) | (p[..., 2] << 16)
     return torch.stack([(word >> (6 * i)) & 0x3F for i in range(4)], -1).reshape(N, -1).to(torch.uint8)
 

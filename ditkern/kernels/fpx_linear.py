@@ -40,7 +40,7 @@ def _fpx_linear_fwd_kernel(
         if HAS_SMOOTH:
             b_is = tl.load(INV_SMOOTH + o_k, mask=o_k < K, other=0.0)
             b_x = (b_x.to(tl.float32) * b_is[None, :]).to(X.dtype.element_ty)
-        b_c = load_codes(p_w, kb, m_n[:, None], BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
+        b_c = load_codes(p_w, kb, m_n[:, None], K_pad, BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         b_w = decode_f32(b_c, BITS, MAN, BIAS_EXP, IS_INT).to(X.dtype.element_ty)
         if IEEE:
             b_p = tl.dot(b_x, tl.trans(b_w), input_precision="ieee")

@@ -2,8 +2,8 @@
 
 ``scale = absmax(w[n, group]) / max(format)`` (1 for an all-zero group), stored as fp32, bf16 (RNE, by bit
 arithmetic) or E8M0 (the biased exponent of the smallest power of two >= the scale); ``code = RNE_grid(w / stored)``
-with saturation; codes packed in the layout of ``ditkern/quant/formats.py`` (FP4: two a byte, low nibble first; FP6:
-four in three little-endian bytes). Division is IEEE (``div_rn``) and rounding exact, so codes and scales equal the
+with saturation; codes packed in the layout of ``ditkern/formats.py`` (FP4: two a byte, low nibble first; FP6: the
+high 4 bits packed like FP4, then the low 2 bits four to a byte). Division is IEEE (``div_rn``) and rounding exact, so codes and scales equal the
 torch reference bit for bit. Layout: w ``[N, K]`` with unit stride along K.
 """
 
@@ -17,7 +17,7 @@ from ditkern.kernels.fpx_common import encode_code, round_to_grid
 
 @triton.jit
 def _fpx_quantize_fwd_kernel(
-    W, PACKED, SCALES, K, stride_wn, stride_pn, stride_sn,
+    W, PACKED, SCALES, K, K_pad, stride_wn, stride_pn, stride_sn,
     MAXV: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, MAN: tl.constexpr, EMIN: tl.constexpr,
     IS_INT: tl.constexpr, SCALE_KIND: tl.constexpr,
 ):  # fmt: skip
@@ -47,14 +47,15 @@ def _fpx_quantize_fwd_kernel(
         o_b = i_g * (G // 2) + tl.arange(0, G // 2)
         tl.store(p_row + o_b, (lo | (hi << 4)).to(tl.uint8))
     else:
-        r0, r1 = tl.split(tl.reshape(b_c, (G // 4, 2, 2)))  # r0: codes 4j, 4j+2; r1: 4j+1, 4j+3
+        # two planes: high 4 bits packed like FP4 in bytes [0, K_pad/2), low 2 bits four to a byte after them
+        lo, hi = tl.split(tl.reshape(b_c >> 2, (G // 2, 2)))
+        o_b = i_g * (G // 2) + tl.arange(0, G // 2)
+        tl.store(p_row + o_b, (lo | (hi << 4)).to(tl.uint8))
+        r0, r1 = tl.split(tl.reshape(b_c & 3, (G // 4, 2, 2)))  # r0: codes 4j, 4j+2; r1: 4j+1, 4j+3
         c0, c2 = tl.split(r0)
         c1, c3 = tl.split(r1)
-        word = c0 | (c1 << 6) | (c2 << 12) | (c3 << 18)
-        o_b = i_g * (G // 4 * 3) + 3 * tl.arange(0, G // 4)
-        tl.store(p_row + o_b, (word & 0xFF).to(tl.uint8))
-        tl.store(p_row + o_b + 1, ((word >> 8) & 0xFF).to(tl.uint8))
-        tl.store(p_row + o_b + 2, ((word >> 16) & 0xFF).to(tl.uint8))
+        o_l = K_pad // 2 + i_g * (G // 4) + tl.arange(0, G // 4)
+        tl.store(p_row + o_l, (c0 | (c1 << 2) | (c2 << 4) | (c3 << 6)).to(tl.uint8))
 
 
 def fpx_quantize_triton(w, packed, scales, *, fmt, group_size: int) -> None:
@@ -64,7 +65,7 @@ def fpx_quantize_triton(w, packed, scales, *, fmt, group_size: int) -> None:
     s = scales.view(torch.int16) if scales.dtype == torch.bfloat16 else scales
     kind = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2}[scales.dtype]
     _fpx_quantize_fwd_kernel[(N, scales.shape[1])](
-        w, packed, s, K, w.stride(0), packed.stride(0), scales.stride(0),
+        w, packed, s, K, scales.shape[1] * group_size, w.stride(0), packed.stride(0), scales.stride(0),
         MAXV=fmt.max, G=group_size, BITS=fmt.bits, MAN=fmt.man_bits, EMIN=fmt.emin, IS_INT=fmt.is_int,
         SCALE_KIND=kind, num_warps=1 if group_size <= 64 else 2,
     )  # fmt: skip

@@ -15,7 +15,9 @@ import json
 import torch
 from torch import nn
 
-CHECKPOINT_FORMAT = "ditkern-quant-1"
+CHECKPOINT_FORMAT = "ditkern-quant-2"  # packed layout 2 (FP6 as two bit planes: ditkern/formats.py)
+# quant-1 files (FP6 packed four codes in three bytes) still load: their FP6 layers are repacked
+READABLE_FORMATS = ("ditkern-quant-1", CHECKPOINT_FORMAT)
 
 
 def _transformer(obj) -> nn.Module:
@@ -102,12 +104,12 @@ def load_quantized(model_or_class, path: str, **patch_options):
     from ditkern._version import __version__  # noqa: PLC0415
     from ditkern.patch.engine import patch, unpatch  # noqa: PLC0415
     from ditkern.quant.config import QuantConfig  # noqa: PLC0415
-    from ditkern.formats import QuantizedWeight  # noqa: PLC0415
+    from ditkern.formats import QuantizedWeight, get_format, pack, unpack_layout1  # noqa: PLC0415
 
     meta = read_metadata(path)
     fmt = meta.get("checkpoint_format")
-    if fmt != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: checkpoint format {fmt!r} is not {CHECKPOINT_FORMAT!r} (written by ditkern "
+    if fmt not in READABLE_FORMATS:
+        raise ValueError(f"{path}: checkpoint format {fmt!r} is not one of {READABLE_FORMATS} (written by ditkern "
                          f"{meta.get('ditkern_version', '?')}); re-quantize with this version")  # fmt: skip
     ver = meta.get("ditkern_version", "")
     if ver.split(".")[:2] != __version__.split(".")[:2]:
@@ -137,6 +139,9 @@ def load_quantized(model_or_class, path: str, **patch_options):
         if list(m.weight.shape) != info["shape"]:
             raise ValueError(f"{path}: layer {p!r} has shape {info['shape']} in the file, {list(m.weight.shape)} here")
         packed, scales = tensors.pop(f"{p}.qweight_packed"), tensors.pop(f"{p}.qweight_scales")
+        if fmt == "ditkern-quant-1":  # layout 1: repack (only FP6 differs; the codes are the same)
+            f = get_format(info["format"])
+            packed = pack(unpack_layout1(packed, f), f)
         qw = QuantizedWeight(packed.to(device), scales.to(device),
                              info["format"], info["group_size"], tuple(info["shape"]),
                              tensors.pop(f"{p}.qweight_smooth", None))  # fmt: skip

@@ -31,4 +31,5 @@ from ditkern.formats import (  # noqa: F401
     sqnr_db,
     store_scale,
     unpack,
+    unpack_layout1,
 )

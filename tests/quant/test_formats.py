@@ -55,13 +55,17 @@ def test_pack_unpack_inverse_on_random_bytes(name):
     assert torch.equal(F.unpack(packed, fmt), codes)
     raw = torch.randint(0, 256, packed.shape, dtype=torch.uint8)
     assert torch.equal(F.pack(F.unpack(raw, fmt), fmt), raw)
-    # documented layout: FP4 low nibble first; FP6 code 4j+i in bits [6i, 6i+6) of a little-endian 24-bit word
+    # documented layout: FP4 low nibble first; FP6 two planes: the high 4 bits packed like FP4, then the low 2 bits
+    # four to a byte, lowest first
     c = torch.tensor([[1, 2, 3, 4]], dtype=torch.uint8)
     if fmt.bits == 4:
         assert F.pack(c, fmt).tolist() == [[0x21, 0x43]]
     else:
+        assert F.pack(c, fmt).tolist() == [[0x00, 0x10, 1 | 2 << 2 | 3 << 4 | 0 << 6]]
+        # layout 1 (ditkern-quant-1 checkpoints): code 4j+i in bits [6i, 6i+6) of a little-endian 24-bit word
         word = 1 | 2 << 6 | 3 << 12 | 4 << 18
-        assert F.pack(c, fmt).tolist() == [[word & 255, word >> 8 & 255, word >> 16]]
+        old = torch.tensor([[word & 255, word >> 8 & 255, word >> 16]], dtype=torch.uint8)
+        assert torch.equal(F.unpack_layout1(old, fmt), c)
 
 
 @pytest.mark.parametrize("name", ALL)
