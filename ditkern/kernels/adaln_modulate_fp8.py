@@ -44,18 +44,18 @@ def _adaln_modulate_fp8_fwd_kernel(
     m_r = (o_r < N_ROWS)[:, None]
     o_c = tl.arange(0, BLOCK_C)[None, :]
     # the FP8 epilogue quantizes the rows as stored (rounded), so it equals quantize_fp8(out) bit for bit
-    b_amax = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    b_nan = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32)
+    # absmax as the integer max of |v|'s bit patterns: for non-negative floats the integer order is the float order,
+    # and every NaN pattern lies above +inf's, so a row holding NaN gets a NaN absmax as torch's amax gives (a float
+    # max on the GPU ignores NaN operands) - one row reduction instead of a max and a NaN flag
+    b_amax = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32)
     vs = ()
     for c in tl.static_range(N_CHUNKS):
         b_v = outs[c].to(tl.float32)
         if not EVEN_D:
             b_v = tl.where(c * BLOCK_C + o_c < D, b_v, 0.0)
-        b_amax = tl.maximum(b_amax, tl.abs(b_v))
-        b_nan = b_nan | (b_v != b_v).to(tl.int32)
+        b_amax = tl.maximum(b_amax, b_v.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
         vs = vs + (b_v,)
-    # GPU max ignores NaN operands: a row holding NaN gets a NaN absmax explicitly, as torch's amax gives
-    amax = tl.where(tl.max(b_nan, axis=1) != 0, float("nan"), tl.max(b_amax, axis=1))  # [BLOCK_R]
+    amax = tl.max(b_amax, axis=1).to(tl.float32, bitcast=True)  # [BLOCK_R]
     sx = tl.where(amax == 0, 1.0, tl.div_rn(amax, MAXV))
     tl.store(SX + o_r, sx, mask=o_r < N_ROWS)
     b_sx = sx[:, None] + tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)

@@ -168,6 +168,10 @@ def _cast_compact(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------------------------------
+# csrc/adaln_modulate/adaln_modulate.cu holds a row in registers: at most 512 threads x 4 vectors of 16 bytes
+CUDA_MAX_VECTORS = 2048
+
+
 def _cuda_can_run(x, *others) -> str | None:
     reason = cuda_can_run_on(x)
     if reason:
@@ -176,6 +180,11 @@ def _cuda_can_run(x, *others) -> str | None:
     vec = 16 // elt
     if x.shape[-1] % vec:
         return f"D={x.shape[-1]} is not a multiple of {vec} (16-byte vectors of {x.dtype})"
+    if x.shape[-1] > CUDA_MAX_VECTORS * vec:
+        return (
+            f"D={x.shape[-1]} exceeds the CUDA kernel's register-resident row ({CUDA_MAX_VECTORS} 16-byte vectors "
+            f"= {CUDA_MAX_VECTORS * vec} elements of {x.dtype}: 512 threads x 4 vectors)"
+        )
     for t in (x, *others):
         if t is None:
             continue

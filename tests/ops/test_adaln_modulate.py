@@ -204,6 +204,26 @@ def test_forced_backend_that_cannot_run_says_why(monkeypatch):
         adaln_modulate(x, s, s)
 
 
+def test_cuda_refuses_rows_beyond_its_registers(monkeypatch):
+    """The CUDA kernel holds a row as at most 512 threads x 4 16-byte vectors: wider rows are refused with the reason
+    (auto mode then takes Triton), the widest that fits is accepted."""
+    monkeypatch.setattr(adaln_op, "cuda_can_run_on", lambda *t, **k: None)
+    assert adaln_op._cuda_can_run(torch.empty(1, 1, 16384, dtype=torch.float16)) is None
+    assert "register-resident row" in adaln_op._cuda_can_run(torch.empty(1, 1, 16392, dtype=torch.float16))
+    assert "register-resident row" in adaln_op._cuda_can_run(torch.empty(1, 1, 8196, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("D", [3072, 1536, 1152, 5120], ids=["flux", "sd3", "pixart", "wan"])
+def test_triton_tiling_is_exact_at_model_widths(D):
+    """Issue 13: no power-of-two padding of D at the bench widths, one 16-byte vector per thread and chunk (no idle or
+    replicated lanes), and several rows per program so each moves >= 16 KB (x read + out written)."""
+    for elt in (2, 4):
+        rows, width, chunks, warps = adaln_kernels.row_config(D, elt, 4096)
+        assert chunks * width == D, (elt, width, chunks)
+        assert rows * width == 32 * warps * (16 // elt), (elt, rows, width, warps)
+        assert 2 * rows * D * elt >= 16384 and warps <= 16
+
+
 def test_auto_backend_on_cpu_without_interpreter_uses_torch(monkeypatch):
     from ditkern import _backend
 
