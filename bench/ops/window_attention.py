@@ -86,11 +86,31 @@ def _flex_block_mask(grid, window, T, granularity, tile, device):
     return create_block_mask(mask_mod, 1, 1, T + N, T + N, device=device)
 
 
+def flex_unavailable(device) -> str | None:
+    """Why the flex_attention baseline cannot run on ``device`` (None: it can). It is a GPU baseline: compiled
+    flex_attention needs a CUDA device (on CPU inductor takes minutes per shape and times nothing we compare)."""
+    if str(device).split(":")[0] != "cuda":
+        return "flex_attention baseline skipped: GPU-only (compiled flex_attention on CPU is not the comparison)"
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401, PLC0415
+    except ImportError as exc:
+        return f"flex_attention baseline skipped: torch {torch.__version__} has no flex_attention ({exc})"
+    return None
+
+
 @functools.cache
 def _flex():
     from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
 
     return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_run(i, grid, window, T, granularity):
+    reason = flex_unavailable(i["q"].device)
+    if reason:
+        raise RuntimeError(reason)  # bench.run records the message as the row's note
+    mask = _flex_block_mask(grid, window, T, granularity, None, str(i["q"].device))
+    return _flex()(i["q"], i["k"], i["v"], block_mask=mask)
 
 
 def _sdpa_flash(i):
@@ -115,9 +135,8 @@ def register_cases(shapes: dict) -> None:
             impls = {
                 "ditkern": lambda i, kw=kw: window_attention(i["q"], i["k"], i["v"], **kw),
                 "sdpa": _sdpa_flash,
-                "flex": lambda i, kw=kw, g=gran: _flex()(
-                    i["q"], i["k"], i["v"], block_mask=_flex_block_mask(grid, kw["window"], T, g, None, str(i["q"].device))
-                ),
+                # same rule as ours: NATTEN-clamped (or whole-tile) window, text tokens global (first)
+                "flex": functools.partial(_flex_run, grid=grid, window=window, T=T, granularity=gran),
             }
             register(
                 Case(

@@ -264,17 +264,19 @@ def query_rows(block_n: int) -> int:
     return max(128, block_n)
 
 
-# Shared memory of the compiled kernel: per software-pipeline stage one K and one V tile ([BLOCK_N, Dh padded]), plus
-# the Q tile, in bytes per element of the tile, measured with the GPU-less compile check (bench.static, triton 3.9)
-# and rounded up; a launch that still does not fit retries one stage shallower (the OutOfResources path below).
-_SMEM_TILES = {False: {3: 9, 2: 6, 1: 3.5}, True: {3: 13, 2: 9, 1: 3}}
+# Shared memory of the compiled kernel, measured with the GPU-less compile check (bench.static, triton 3.9; flux,
+# sd3, pixart and wan cases at 2-3 stages): per software-pipeline stage one K and one V tile ([BLOCK_N, Dh padded]);
+# from sm_90 on the wgmma path also keeps the Q tile in shared memory (its A operand), before it Q stays in registers
+# (mma.sync). The compiler's figure matched these sums exactly; 1 KB of margin for other Triton versions, and a launch
+# that still does not fit retries one stage shallower (the OutOfResources path below).
+_SMEM_MARGIN = 1024
 
 
 def smem_bytes(block_m: int, block_n: int, dpad: int, elt_size: int, stages: int, hopper: bool) -> int:
-    """Predicted shared memory of one program."""
+    """Predicted shared memory of one program (bytes)."""
     kv = 2 * block_n * dpad * elt_size
-    q = block_m * dpad * elt_size
-    return int(q + stages * kv)
+    q = block_m * dpad * elt_size if hopper else 0
+    return q + stages * kv + _SMEM_MARGIN
 
 
 def launch_config(block_n: int, head_dim: int, elt_size: int, capability, smem_limit) -> tuple[int, int, int] | str:

@@ -134,6 +134,91 @@ def test_matches_dense_masked_sdpa_fp32(backend, grid, window, T, pos, kw, devic
     _check_case(backend, torch.float32, grid, window, T, pos, device, **kw)
 
 
+@pytest.mark.parametrize(
+    "grid,window,T,pos,kw",
+    [
+        ((9, 11), 5, 5, "last", {"D": 72, "B": 1}),  # PixArt's head dim: the 64 + 16 split, 128-row q tiles
+        ((5, 6, 7), (3, 5, 3), 70, "first", {"D": 40, "shape": "circle", "B": 1, "H": 1}),  # 32 + 16, text > a tile
+    ],
+    ids=["d72-text-last", "d40-circle-3d-long-text"],
+)
+def test_split_head_dims_and_odd_layouts_fp16(grid, window, T, pos, kw, device):
+    kw = dict(kw)
+    tm = torch.ones(kw.get("B", 2), T, dtype=torch.bool, device=device)
+    tm[0, T // 2 :] = False  # padded text keys: every text tile becomes a masked list entry
+    _check_case("triton", torch.float16, grid, window, T, pos, device, text_mask=tm, noncontig=True, **kw)
+
+
+def _entry_keys(spec, e, T, pos, bn):
+    """Sequence positions of the valid keys of one list entry (None for positions the kernel must mask)."""
+    GT, GH, GW = spec.grid
+    img = T if pos == "first" else 0
+    if e < 0:
+        return [-e - 1 + r for r in range(bn)]
+    t0, h0, w0 = e // (GH * GW), (e // GW) % GH, e % GW
+    out = []
+    for dt, dh, dw in itertools.product(*(range(n) for n in spec.tile)):
+        t, h, w = t0 + dt, h0 + dh, w0 + dw
+        out.append(img + (t * GH + h) * GW + w if t < GT and h < GH and w < GW else None)
+    return out
+
+
+@pytest.mark.parametrize(
+    "grid,window,T,pos,kw,has_mask",
+    [
+        ((13, 11), 5, 7, "first", {"tile": (4, 4)}, False),
+        ((13, 11), 5, 7, "last", {"tile": (2, 8)}, True),
+        ((3, 9, 10), (3, 5, 7), 0, "first", {"tile": (1, 4, 4)}, False),
+        ((11, 9), 7, 3, "first", {"shape": "circle", "tile": (4, 4)}, False),
+        ((16, 12), (12, 12), 5, "last", {"granularity": "tile", "tile": (4, 4)}, False),  # 128-row tile: 8 STA tiles
+        ((10, 13), (12, 4), 3, "first", {"granularity": "tile", "tile": (4, 4)}, True),
+    ],
+)
+def test_key_tile_lists_cover_each_window_once_and_full_tiles_need_no_mask(grid, window, T, pos, kw, has_mask):
+    """The kernel's per-query-tile lists against the dense mask: every allowed key of every query appears in exactly
+    one entry of its tile, and the unmasked ("full") entries hold only valid keys that every query may see."""
+    from ditkern.kernels.window_ranges import key_tile_lists, query_tile
+
+    spec = make_spec(grid, window, **kw)
+    mask = window_mask(grid, window, text_tokens=T, text_position=pos, **kw)[0, 0]
+    S = mask.shape[0]
+    bn = math.prod(spec.tile)
+    qt = query_tile(spec, 128)
+    assert math.prod(qt) == 128
+    buf, n_q = key_tile_lists(spec, qt, T, pos, has_mask)
+    img, txt = (T, 0) if pos == "first" else (0, spec.n_image)
+    GT, GH, GW = spec.grid
+    tiles = []
+    for t0, h0, w0 in itertools.product(*(range(0, n, q) for n, q in zip(spec.grid, qt))):
+        rows = [img + (t * GH + h) * GW + w for t, h, w in itertools.product(
+            range(t0, min(t0 + qt[0], GT)), range(h0, min(h0 + qt[1], GH)), range(w0, min(w0 + qt[2], GW)))]  # fmt: skip
+        tiles.append((rows, txt + T))  # an image tile's run entries are its text keys
+    for q0 in range(0, T, 128):
+        tiles.append((list(range(txt + q0, txt + min(q0 + 128, T))), S))
+    assert len(tiles) == n_q
+    n_full = n_all = 0
+    for i, (rows, c_hi) in enumerate(tiles):
+        beg, mid, end = buf[3 * i : 3 * i + 3]
+        seen = torch.zeros(len(rows), S, dtype=torch.int64)
+        for j in range(beg, end):
+            keys = _entry_keys(spec, buf[j], T, pos, bn)
+            is_run = buf[j] < 0
+            valid = [k for k in keys if k is not None and (not is_run or k < c_hi)]
+            if j < mid:  # unmasked: every key valid, inside every query's window, no text padding
+                assert len(valid) == bn, (i, j)
+                assert all(k < S for k in valid)
+                assert mask[rows][:, valid].all(), (i, j)
+                assert not (has_mask and any(txt <= k < txt + T for k in valid))
+            for k in valid:
+                seen[:, k] += 1
+        assert (seen <= 1).all()  # no key twice
+        assert (seen[mask[rows]] == 1).all()  # every allowed key once
+        n_full += mid - beg
+        n_all += end - beg
+    assert 0 < n_full < n_all  # both loops are exercised
+    assert buf[-1] == 0 and len(buf) == max(buf[3 * n_q - 1], 3 * n_q) + 1  # padding entry read ahead by the kernel
+
+
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("pos", ["first", "last"])
 def test_fp16_noncontiguous_padded_text_batch(backend, pos, device):
@@ -252,3 +337,13 @@ def test_auto_tile_is_a_64_token_tile_that_does_no_more_work_than_8x8():
         n_fixed = math.prod(-(-n // a) for n, a in zip(fixed.grid, fixed.tile))
         # total key work = query tiles x keys visited per query tile
         assert n_auto * visited_key_fraction(auto) <= n_fixed * visited_key_fraction(fixed) + 1e-9
+
+
+def test_flex_baseline_says_why_it_is_skipped_on_cpu():
+    from bench.ops.window_attention import _flex_run, flex_unavailable
+
+    reason = flex_unavailable("cpu")
+    assert reason and "GPU-only" in reason
+    q = torch.randn(1, 1, 4 + 16, 16)
+    with pytest.raises(RuntimeError, match="flex_attention baseline skipped"):
+        _flex_run({"q": q, "k": q, "v": q}, grid=(4, 4), window=3, T=4, granularity="token")
