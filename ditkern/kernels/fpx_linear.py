@@ -25,6 +25,7 @@ def _fpx_linear_fwd_kernel(
     BITS: tl.constexpr, MAN: tl.constexpr, BIAS_EXP: tl.constexpr, IS_INT: tl.constexpr,
     SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ASM_LO: tl.constexpr, ASM_HI: tl.constexpr, USE_ASM: tl.constexpr,
 ):  # fmt: skip
     i_m, i_n = tl.program_id(0), tl.program_id(1)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -40,8 +41,15 @@ def _fpx_linear_fwd_kernel(
         if HAS_SMOOTH:
             b_is = tl.load(INV_SMOOTH + o_k, mask=o_k < K, other=0.0)
             b_x = (b_x.to(tl.float32) * b_is[None, :]).to(X.dtype.element_ty)
-        b_c = load_codes(p_w, kb, m_n[:, None], K_pad, BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
-        b_w = decode_f32(b_c, BITS, MAN, BIAS_EXP, IS_INT).to(X.dtype.element_ty)
+        if USE_ASM:  # FP4 E2M1 -> bf16 / fp16 pairs by shifts, masks and one exact power-of-two multiply
+            o_b = kb // 2 + tl.arange(0, BLOCK_K // 2)
+            b_b = tl.load(p_w + o_b[None, :], mask=m_n[:, None], other=0)  # [BLOCK_N, BLOCK_K // 2] uint8
+            b_lo = tl.inline_asm_elementwise(ASM_LO, "=r,=r,r", [b_b], dtype=X.dtype.element_ty, is_pure=True, pack=4)
+            b_hi = tl.inline_asm_elementwise(ASM_HI, "=r,=r,r", [b_b], dtype=X.dtype.element_ty, is_pure=True, pack=4)
+            b_w = tl.interleave(b_lo, b_hi)
+        else:
+            b_c = load_codes(p_w, kb, m_n[:, None], K_pad, BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
+            b_w = decode_f32(b_c, BITS, MAN, BIAS_EXP, IS_INT).to(X.dtype.element_ty)
         if IEEE:
             b_p = tl.dot(b_x, tl.trans(b_w), input_precision="ieee")
         else:
@@ -55,12 +63,31 @@ def _fpx_linear_fwd_kernel(
 
 
 def _blocks(M: int, group_size: int, interpreted: bool) -> tuple[int, int, int]:
-    # BLOCK_K divides the group so one scale covers a K tile. Under the interpreter cost is per program and loop
-    # step, so tiles are as large as the shapes allow.
+    # BLOCK_K divides the group so one scale covers a K tile. On a GPU 64 x 128 tiles, 4 warps, 4 stages: the group
+    # scales are then pipelined with the tiles (no plain load in the main loop) and ~210 registers leave room for two
+    # programs per SM (bench/results/static/90a.md). Under the interpreter cost is per program and loop step, so
+    # tiles are as large as the shapes allow.
     bk = min(group_size, 128 if interpreted else 64)
     bm = max(16, min(64 if not interpreted else 128, triton.next_power_of_2(M)))
-    bn = 64 if not interpreted else 128
-    return bm, bn, bk
+    return bm, 128, bk
+
+
+def fp4_half_asm(half: bool) -> tuple[str, str]:
+    """PTX turning four packed bytes into the bf16 (``half=False``) or fp16 values of their low (first string) or
+    high (second) nibbles' E2M1 codes, two per 32-bit register: the sign to bit 15, the three magnitude bits under the
+    16-bit format's exponent and mantissa (giving ``value * 2**-c``, subnormal for 0.5), then one exact multiply by
+    ``2**c`` (c = 126 for bf16, 14 for fp16; bf16x2 / f16x2 FMA keep subnormal inputs)."""
+    sh, mul, ty = (9, "0x74007400", "f16x2") if half else (6, "0x7E807E80", "bf16x2")
+    mask = f"0x{(7 << sh) * 0x10001:08X}"
+
+    def body(sign_shift: int, mag_shift: int) -> str:
+        def one(out: str, sel: str) -> str:
+            mag = f"shl.b32 m, t, {mag_shift};" if mag_shift >= 0 else f"shr.b32 m, t, {-mag_shift};"
+            return (f"prmt.b32 t, $2, 0, {sel}; shl.b32 s, t, {sign_shift}; and.b32 s, s, 0x80008000; {mag} "
+                    f"and.b32 m, m, {mask}; or.b32 m, m, s; fma.rn.{ty} {out}, m, c, z;")  # fmt: skip
+        return (f"{{ .reg .b32 t, s, m, c, z; mov.b32 c, {mul}; mov.b32 z, 0x80008000; " + one("$0", "0x4140") + " " + one("$1", "0x4342") + " }")
+
+    return body(12, sh), body(8, sh - 4)
 
 
 def fpx_linear_triton(x2, packed, scales, bias, inv_smooth, out, *, fmt, group_size: int, K: int) -> None:
@@ -70,10 +97,13 @@ def fpx_linear_triton(x2, packed, scales, bias, inv_smooth, out, *, fmt, group_s
 
     M = x2.shape[0]
     N = packed.shape[0]
-    bm, bn, bk = _blocks(M, group_size, triton_interpreted())
+    interpreted = triton_interpreted()
+    bm, bn, bk = _blocks(M, group_size, interpreted)
     kind = scale_kind(scales)
     s = scales.view(torch_int16()) if kind == 1 else scales
     c = format_constexprs(fmt)
+    use_asm = not interpreted and fmt.name == "fp4_e2m1" and x2.dtype in (torch_bf16(), torch_f16())
+    lo, hi = fp4_half_asm(x2.dtype == torch_f16())
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _fpx_linear_fwd_kernel[grid](
         x2, packed, s, bias if bias is not None else out, inv_smooth if inv_smooth is not None else out, out,
@@ -82,7 +112,8 @@ def fpx_linear_triton(x2, packed, scales, bias, inv_smooth, out, *, fmt, group_s
         G=group_size, BITS=c["BITS"], MAN=c["MAN"], BIAS_EXP=c["BIAS"], IS_INT=c["IS_INT"],
         SCALE_KIND=kind, HAS_BIAS=bias is not None, HAS_SMOOTH=inv_smooth is not None,
         IEEE=x2.dtype == torch_float32(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1 if interpreted else 4,
+        ASM_LO=lo, ASM_HI=hi, USE_ASM=use_asm,
     )  # fmt: skip
 
 
@@ -96,3 +127,15 @@ def torch_float32():
     import torch  # noqa: PLC0415
 
     return torch.float32
+
+
+def torch_bf16():
+    import torch  # noqa: PLC0415
+
+    return torch.bfloat16
+
+
+def torch_f16():
+    import torch  # noqa: PLC0415
+
+    return torch.float16
