@@ -233,8 +233,8 @@ def _attention_cases() -> list[CompileCase]:
 # ---- MoE ----------------------------------------------------------------------------------------------------------
 def _moe_cases() -> list[CompileCase]:
     from ditkern.ops.moe import (  # noqa: PLC0415
-        DEFAULT_BLOCK_M,
         align_sizes,
+        auto_block_m,
         moe_align,
         moe_combine,
         moe_grouped_swiglu,
@@ -244,14 +244,17 @@ def _moe_cases() -> list[CompileCase]:
     cases = []
     for shape, d in MOE_SHAPES.items():
         T, D, E, K = d["T"], d["D"], d["E"], d["K"]
-        F = d["hidden"] if shape == "hidream_full" else 1024  # bench/ops/moe.py: moe64_top8's expert F=1024
-        rows, blocks = align_sizes(T * K, E, DEFAULT_BLOCK_M)
+        # the experts' real hidden size: HiDreamImageFeedForwardSwiGLU rounds int(2 hidden / 3) up to a multiple of
+        # 256 (hidream_full: 10240 -> 6912; moe64_top8: 1536 -> 1024)
+        F = 256 * -(-int(2 * d["hidden"] / 3) // 256)
+        block_m = auto_block_m(T * K, E)  # what SparseMoE picks at this shape
+        rows, blocks = align_sizes(T * K, E, block_m)
 
         def route(T=T, E=E, K=K):
             return moe_route(_e(T, E), K, backend="triton")
 
-        def align(T=T, E=E, K=K):
-            return moe_align(_z(T, K, dtype=torch.int32), E, backend="triton")
+        def align(T=T, E=E, K=K, block_m=block_m):
+            return moe_align(_z(T, K, dtype=torch.int32), E, block_m, backend="triton")
 
         def grouped(T=T, D=D, E=E, K=K, F=F, rows=rows, blocks=blocks):
             return moe_grouped_swiglu(_e(T, D), _z(rows, dtype=torch.int32), _z(blocks, dtype=torch.int32),
@@ -269,6 +272,28 @@ def _moe_cases() -> list[CompileCase]:
                         6 * T * K * D * F),  # fmt: skip
             CompileCase("moe_combine", shape, combine, True, T * K * D * 2 + 2 * T * D * 2),
         ]
+    # Nucleus-Image (diffusers' NucleusMoEImageTransformer2DModel defaults): D 2048, 128 experts of F 1344,
+    # capacity factor 8, 1024^2 image = 4096 tokens -> each expert takes ceil(8 * 4096 / 128) = 256 rows.
+    # ExpertChoiceMoE.from_nucleus reads the packed gate_up_proj [E, D, 2F] / down_proj [E, F, D] in place (strided).
+    D, E, Fh, S = 2048, 128, 1344, 4096
+    C = -(-8 * S // E)
+
+    def nucleus(D=D, E=E, Fh=Fh, S=S):
+        from diffusers.models.transformers.transformer_nucleusmoe_image import NucleusMoELayer  # noqa: PLC0415
+
+        from ditkern.nn import ExpertChoiceMoE  # noqa: PLC0415
+
+        with torch.device("meta"):
+            layer = NucleusMoELayer(D, Fh, E, 8.0, use_sigmoid=False, route_scale=2.5)
+        layer = layer.to_empty(device="cpu").to(BF16)  # uninitialised: only the routing reads values
+        moe = ExpertChoiceMoE.from_nucleus(layer, backend="triton")
+        moe.shared = None  # the shared expert is two cuBLAS GEMMs, not ours
+        x = _z(1, S, D)
+        return moe(x, x, _z(1, D))
+
+    rows = E * C
+    cases.append(CompileCase("moe_expert_choice", "nucleus_1024", nucleus, False,
+                             3 * E * Fh * D * 2 + 2 * S * D * 2 + rows * D * 2, 6 * rows * D * Fh))  # fmt: skip
     return cases
 
 

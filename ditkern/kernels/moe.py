@@ -27,6 +27,8 @@ sorted (padded) order; Y [T, K, D]. Any strides (the GEMMs read through strides)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import triton
 import triton.language as tl
 
@@ -198,6 +200,32 @@ def _grouped_tile(M_BLOCKS, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _load_kn(p, m_k, m_n, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """A [BLOCK_K, BLOCK_N] weight tile; the masks only where the shape is not a multiple of the tile (unmasked
+    loads let the pipeline issue plain 16-byte async copies)."""
+    if EVEN_K and EVEN_N:
+        b = tl.load(p)
+    elif EVEN_K:
+        b = tl.load(p, mask=m_n[None, :], other=0.0)
+    elif EVEN_N:
+        b = tl.load(p, mask=m_k[:, None], other=0.0)
+    else:
+        b = tl.load(p, mask=m_k[:, None] & m_n[None, :], other=0.0)
+    return b
+
+
+@triton.jit
+def _load_mk(p, m_k, EVEN_K: tl.constexpr):
+    """A [BLOCK_M, BLOCK_K] activation tile. Rows need no mask: padding rows read a valid row (token 0 / their own
+    scratch row of H) and are never stored (each output row depends on its own input row only)."""
+    if EVEN_K:
+        b = tl.load(p)
+    else:
+        b = tl.load(p, mask=m_k[None, :], other=0.0)
+    return b
+
+
+@triton.jit
 def _moe_gate_up_fwd_kernel(
     X,
     W1,
@@ -224,13 +252,16 @@ def _moe_gate_up_fwd_kernel(
     ACT: tl.constexpr,  # 0 swiglu: silu(w1 x) * (w3 x); 1 gelu (erf); 2 gelu tanh
     HAS_B1: tl.constexpr,
     IEEE: tl.constexpr,
+    SUB_M: tl.constexpr,  # row tiles per moe_align block (its block_m = SUB_M * BLOCK_M)
+    EVEN_K: tl.constexpr,  # D % BLOCK_K == 0
+    EVEN_N: tl.constexpr,  # F % BLOCK_N == 0
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     i_m, i_n = _grouped_tile(M_BLOCKS, F, BLOCK_N, GROUP_M)
-    e = tl.load(BLOCK_EXPERT + i_m)
+    e = tl.load(BLOCK_EXPERT + i_m // SUB_M)
     if e >= 0:  # blocks past the padded total hold no rows (the grid is the static upper bound)
         i_e = e.to(tl.int64)
         o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -238,7 +269,7 @@ def _moe_gate_up_fwd_kernel(
         o_k = tl.arange(0, BLOCK_K)
         b_row = tl.load(SORTED + o_m)
         m_m = b_row < N_ROWS
-        b_tok = (b_row // TOP_K).to(tl.int64)  # gather: token of each sorted row
+        b_tok = tl.where(m_m, b_row // TOP_K, 0).to(tl.int64)  # gather: token of each sorted row (padding: token 0)
         m_n = o_n < F
         p_x = X + b_tok[:, None] * stride_xt + o_k[None, :] * stride_xd  # [BLOCK_M, BLOCK_K]
         # [BLOCK_K, BLOCK_N] tiles of w1[e]^T and w3[e]^T, read through strides (no transposed copy)
@@ -248,14 +279,14 @@ def _moe_gate_up_fwd_kernel(
         b_a3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, tl.cdiv(D, BLOCK_K)):
             m_k = o_k < D - k * BLOCK_K
-            b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)
-            b_w1 = tl.load(p_w1, mask=m_k[:, None] & m_n[None, :], other=0.0)
+            b_x = _load_mk(p_x, m_k, EVEN_K)
+            b_w1 = _load_kn(p_w1, m_k, m_n, EVEN_K, EVEN_N)
             if IEEE:
                 b_a1 += tl.dot(b_x, b_w1, input_precision="ieee")
             else:
                 b_a1 += tl.dot(b_x, b_w1)
             if ACT == 0:
-                b_w3 = tl.load(p_w3, mask=m_k[:, None] & m_n[None, :], other=0.0)
+                b_w3 = _load_kn(p_w3, m_k, m_n, EVEN_K, EVEN_N)
                 if IEEE:
                     b_a3 += tl.dot(b_x, b_w3, input_precision="ieee")
                 else:
@@ -271,8 +302,9 @@ def _moe_gate_up_fwd_kernel(
             b_h = 0.5 * b_a1 * (1.0 + tl.math.erf(b_a1 * 0.7071067811865476))
         else:
             b_h = _gelu_tanh(b_a1)
+        # padding rows too (token 0's activations): the down GEMM reads whole row tiles of H, never uninitialised rows
         p_h = H + o_m[:, None].to(tl.int64) * stride_hr + o_n[None, :]
-        tl.store(p_h, b_h.to(H.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+        tl.store(p_h, b_h.to(H.dtype.element_ty), mask=m_n[None, :])
 
 
 @triton.jit
@@ -297,13 +329,16 @@ def _moe_down_fwd_kernel(
     HAS_B2: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     IEEE: tl.constexpr,
+    SUB_M: tl.constexpr,
+    EVEN_K: tl.constexpr,  # F % BLOCK_K == 0
+    EVEN_N: tl.constexpr,  # D % BLOCK_N == 0
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     i_m, i_n = _grouped_tile(M_BLOCKS, D, BLOCK_N, GROUP_M)
-    e = tl.load(BLOCK_EXPERT + i_m)
+    e = tl.load(BLOCK_EXPERT + i_m // SUB_M)
     if e >= 0:
         i_e = e.to(tl.int64)
         o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -312,13 +347,14 @@ def _moe_down_fwd_kernel(
         b_row = tl.load(SORTED + o_m)
         m_m = b_row < N_ROWS
         m_n = o_n < D
+        # H has a row for every sorted position (padding rows: finite, from the gate_up GEMM; read and never stored)
         p_h = H + o_m[:, None].to(tl.int64) * stride_hr + o_k[None, :]  # [BLOCK_M, BLOCK_K]
         p_w2 = W2 + i_e * stride_w2e + o_n[None, :].to(tl.int64) * stride_w2d + o_k[:, None] * stride_w2f
         b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, tl.cdiv(F, BLOCK_K)):
             m_k = o_k < F - k * BLOCK_K
-            b_h = tl.load(p_h, mask=m_m[:, None] & m_k[None, :], other=0.0)
-            b_w2 = tl.load(p_w2, mask=m_k[:, None] & m_n[None, :], other=0.0)
+            b_h = _load_mk(p_h, m_k, EVEN_K)
+            b_w2 = _load_kn(p_w2, m_k, m_n, EVEN_K, EVEN_N)
             if IEEE:
                 b_acc += tl.dot(b_h, b_w2, input_precision="ieee")
             else:
@@ -335,36 +371,118 @@ def _moe_down_fwd_kernel(
 
 
 GROUP_M = 8  # row blocks swept together across the column tiles (L2 reuse)
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) for the two GEMMs; BLOCK_M comes from moe_align's block_m.
-GEMM_CONFIG = {"gate_up": (64, 64, 4, 3), "down": (64, 64, 4, 3)}
-INTERPRET_CONFIG = {"gate_up": (128, 64, 1, 1), "down": (64, 128, 1, 1)}  # fewer, larger programs: faster on CPU
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile of one grouped GEMM: ``BLOCK_M x BLOCK_N`` outputs (gate_up: of each of w1 and w3), ``BLOCK_K`` deep."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def smem(self, elt_size: int, b_operands: int) -> int:
+        """Shared memory of the software pipeline: ``num_stages`` buffers of the A tile and each B tile (what
+        Triton allocates; checked against the compiled kernels with bench.static)."""
+        return self.num_stages * (self.block_m + b_operands * self.block_n) * self.block_k * elt_size
+
+
+# Candidates per (GEMM, tile height), best first; the first whose pipeline fits the device's shared memory is used.
+# Tile height = moe_align's block_m (capped at 128; a taller block runs as block_m // 128 row tiles). Arithmetic
+# intensity of one K step (bf16 operands, FLOP per byte loaded into shared memory): gate_up 2 BM BN / (BM + 2 BN)
+# (two B tiles share the gathered x tile), down BM BN / (BM + BN):
+#   gate_up 128 x 128: 85 FLOP/B (64 x 64: 43); down 128 x 256: 85 (128 x 128: 64; 64 x 64: 32).
+# 128-row tiles: 8 warps = 2 warpgroups of 64 rows each (Hopper wgmma m64); the two fp32 accumulators of gate_up
+# (2 x 128 x 128 / 256 threads = 128 registers) or down's one 128 x 256 fit below 255 registers without spills
+# (bench.static). sm_90a / sm_100a (227 KB): gate_up 4 stages of 48 KB, down 3 stages of 48 KB; sm_80 (163 KB) one
+# stage less; sm_89 (99 KB) halves BLOCK_K. Fewer rows per expert (auto block_m 64 / 32 / 16, see
+# ops.moe.auto_block_m): 4 warps, 64 x 128 tiles.
+_TABLE = {
+    ("gate_up", 128): [(128, 64, 8, 4), (128, 64, 8, 3), (128, 32, 8, 4), (128, 32, 8, 3), (64, 32, 4, 3),
+                       (32, 32, 4, 2)],
+    ("down", 128): [(256, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3),
+                    (32, 32, 4, 2)],
+    ("gate_up", 64): [(128, 64, 4, 4), (128, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 3), (32, 32, 4, 2)],
+    ("down", 64): [(128, 64, 4, 4), (128, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 3), (32, 32, 4, 2)],
+    ("gate_up", 32): [(128, 64, 4, 4), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
+    ("down", 32): [(128, 64, 4, 4), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
+    ("gate_up", 16): [(128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
+    ("down", 16): [(128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
+}  # fmt: skip
+# the interpreter costs per program and per loop step: fewer, larger programs (and no pipeline)
+_INTERPRET = {"gate_up": (128, 64, 1, 1), "down": (64, 128, 1, 1)}
+_EPILOGUE_SMEM = 1024  # margin for the barriers Triton adds to a pipelined loop
+
+
+def _fit(n: int, block: int) -> int:
+    """A tile no wider than the problem needs (tiny D / F), at least 16 (tl.dot's minimum)."""
+    return max(16, min(block, triton.next_power_of_2(n)))
+
+
+def gemm_configs(block_m: int, D: int, F: int, elt_size: int, swiglu: bool, smem_limit: int | None,
+                 interpret: bool = False) -> tuple[GemmConfig, GemmConfig] | str:  # fmt: skip
+    """``(gate_up, down)`` configs for moe_align blocks of ``block_m`` rows, ``x [T, D]``, experts of hidden size
+    ``F``, operands of ``elt_size`` bytes, on a device with ``smem_limit`` bytes of shared memory per block (None: no
+    limit), or the reason nothing fits (the backend then refuses: a kernel must never fail at launch)."""
+    bm = min(block_m, 128)
+    out = []
+    for kind, n, k, b_ops in (("gate_up", F, D, 2 if swiglu else 1), ("down", D, F, 1)):
+        if interpret:
+            bn, bk, nw, ns = _INTERPRET[kind]
+            out.append(GemmConfig(bm, _fit(n, bn), _fit(k, bk), nw, ns))
+            continue
+        for bn, bk, nw, ns in _TABLE[(kind, bm)]:
+            cfg = GemmConfig(bm, _fit(n, bn), _fit(k, bk), nw, ns)
+            if smem_limit is None or cfg.smem(elt_size, b_ops) + _EPILOGUE_SMEM <= smem_limit:
+                out.append(cfg)
+                break
+        else:
+            cfg = GemmConfig(bm, *_TABLE[(kind, bm)][-1])
+            need = cfg.smem(elt_size, b_ops) + _EPILOGUE_SMEM
+            return (f"the {kind} GEMM's smallest {bm}-row tile needs {need // 1024} KB of shared memory, the device "
+                    f"allows {smem_limit // 1024} KB")  # fmt: skip
+    return out[0], out[1]
 
 
 def moe_grouped_mlp_triton(
     x, sorted_ids, block_expert, w1, w3, b1, w2, weights, h, y, *, top_k: int, act: int, block_m: int, interpret: bool,
-    b2=None,
+    b2=None, smem_limit: int | None = None, configs: tuple[GemmConfig, GemmConfig] | None = None,
 ) -> None:
-    """Launch the two grouped GEMMs. ``h`` [R_pad, F] scratch, ``y`` [T*K, D] output (row = token * K + slot)."""
+    """Launch the two grouped GEMMs. ``h`` [R_pad, F] scratch, ``y`` [T*K, D] output (row = token * K + slot).
+    ``configs`` (tests) overrides the table's choice for this device."""
     T, D = x.shape
     F = w1.shape[1]
     n_rows = T * top_k
-    max_blocks = block_expert.numel()
     ieee = x.dtype.itemsize == 4  # fp32 models: exact fp32 products, not TF32 (torch's default for fp32 matmul)
-    cfg = INTERPRET_CONFIG if interpret else GEMM_CONFIG
-    bn, bk, nw, ns = cfg["gate_up"]
+    if configs is None:
+        configs = gemm_configs(block_m, D, F, x.element_size(), act == 0, smem_limit, interpret)
+        if isinstance(configs, str):  # the op's can_run refuses this case first; reaching here is a caller's bug
+            raise RuntimeError(f"moe_grouped_mlp_triton: {configs}")
     w3_ = w3 if w3 is not None else w1
-    _moe_gate_up_fwd_kernel[(max_blocks * triton.cdiv(F, bn),)](
-        x, w1, w3_, b1 if b1 is not None else w1, h, sorted_ids, block_expert, max_blocks, n_rows, D, F,
+    for cfg, kind in zip(configs, ("gate_up", "down")):
+        if block_m % cfg.block_m:
+            raise ValueError(f"{kind} tile height {cfg.block_m} does not divide moe_align's block_m={block_m}")
+    cfg = configs[0]
+    sub = block_m // cfg.block_m
+    m_tiles = block_expert.numel() * sub
+    _moe_gate_up_fwd_kernel[(m_tiles * triton.cdiv(F, cfg.block_n),)](
+        x, w1, w3_, b1 if b1 is not None else w1, h, sorted_ids, block_expert, m_tiles, n_rows, D, F,
         x.stride(0), x.stride(1), *w1.stride(), *w3_.stride(), b1.stride(0) if b1 is not None else 0, h.stride(0),
-        TOP_K=top_k, ACT=act, HAS_B1=b1 is not None, IEEE=ieee,
-        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=nw, num_stages=ns,
+        TOP_K=top_k, ACT=act, HAS_B1=b1 is not None, IEEE=ieee, SUB_M=sub, EVEN_K=D % cfg.block_k == 0,
+        EVEN_N=F % cfg.block_n == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    bn, bk, nw, ns = cfg["down"]
-    _moe_down_fwd_kernel[(max_blocks * triton.cdiv(D, bn),)](
+    cfg = configs[1]
+    sub = block_m // cfg.block_m
+    m_tiles = block_expert.numel() * sub
+    _moe_down_fwd_kernel[(m_tiles * triton.cdiv(D, cfg.block_n),)](
         h, w2, b2 if b2 is not None else h, weights if weights is not None else h, y, sorted_ids, block_expert,
-        max_blocks, n_rows, F, D, h.stride(0), *w2.stride(), b2.stride(0) if b2 is not None else 0, y.stride(0),
-        HAS_B2=b2 is not None, HAS_WEIGHTS=weights is not None, IEEE=ieee,
-        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=nw, num_stages=ns,
+        m_tiles, n_rows, F, D, h.stride(0), *w2.stride(), b2.stride(0) if b2 is not None else 0, y.stride(0),
+        HAS_B2=b2 is not None, HAS_WEIGHTS=weights is not None, IEEE=ieee, SUB_M=sub, EVEN_K=F % cfg.block_k == 0,
+        EVEN_N=D % cfg.block_n == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 

@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditkern.nn.sparse_moe import SparseMoE
-from ditkern.ops.moe import DEFAULT_BLOCK_M
 
 
 @dataclass
@@ -125,7 +124,7 @@ def densify_to_moe(
     kmeans_iters: int = 10,
     max_tokens: int = 4096,
     seed: int = 0,
-    block_m: int = DEFAULT_BLOCK_M,
+    block_m: int | None = None,
     backend: str | None = None,
 ) -> SparseMoE:
     """Convert a dense FFN into a :class:`SparseMoE` with ``num_experts`` experts, ``top_k`` active per token.

@@ -30,11 +30,17 @@ def _layer_rule(decl: MoELayer, block_m: int):
                          backend=cfg.backend)  # fmt: skip
         mib = sparse.stacked_bytes() / 2**20
         original = type(m).forward
+        tie = getattr(sparse, "tie_sources", None)  # SparseMoE: the layer's experts become views of the stack
+        untie = getattr(sparse, "untie_sources", None)
 
         def apply(module):
             module.__dict__[ATTR] = sparse
+            if tie is not None:
+                tie()
 
         def undo(module):
+            if untie is not None:
+                untie()  # independent storage again, same values: unpatched outputs are bit-identical
             module.__dict__.pop(ATTR, None)
 
         def forward(module, x, *args, **kwargs):  # extra inputs (e.g. Nucleus' router input, temb) pass through
@@ -51,7 +57,8 @@ def _layer_rule(decl: MoELayer, block_m: int):
         if hasattr(sparse, "report_detail"):  # e.g. ExpertChoiceMoE: no top_k
             detail = sparse.report_detail()
         else:
-            detail = f"{sparse.num_experts} experts top-{sparse.top_k}, stacked copy {mib:.2f} MiB"
+            held = "experts stacked in place (the layer's weights are views)" if tie is not None else "stacked copy"
+            detail = f"{sparse.num_experts} experts top-{sparse.top_k}, {held}: {mib:.2f} MiB"
         return Plan("moe", WHAT, forward, apply, undo, detail=detail, backend=backend)
 
     return rule

@@ -17,8 +17,14 @@ Gradients flow to x, the router, the stacked experts, the biases and the shared 
 computes the routed experts (route, dispatch, expert MLPs) under ``torch.no_grad()``, leaving only the shared expert
 and the output bias differentiable: that is what diffusers' HiDream layer does in inference mode (``moe_infer`` is
 decorated with ``@torch.no_grad()``), and :meth:`SparseMoE.from_hidream` sets it so that gradients through a patched
-HiDream model are those of the unpatched one (its stacked experts are copies: a gradient on them would reach none of
-the model's parameters anyway).
+HiDream model are those of the unpatched one.
+
+Memory: :meth:`SparseMoE.from_hidream` stacks the experts once; :meth:`SparseMoE.tie_sources` (what ``ditkern.patch``
+does) then re-points the layer's own ``nn.Linear`` weights at slices of the stack and frees their old storage, so the
+model holds one copy of its experts (HiDream-I1-Full: 405 MiB per layer that are not doubled), and
+:meth:`SparseMoE.untie_sources` (``ditkern.unpatch``) gives them independent storage again, bit-identical.
+:meth:`ExpertChoiceMoE.from_nucleus` copies nothing: the grouped GEMMs read Nucleus' packed experts through strides.
+``block_m=None`` (the default) picks moe_align's block per call from the shapes (``ops.moe.auto_block_m``).
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ from torch import nn
 
 from ditkern.ops.moe import (
     ACTIVATIONS,
-    DEFAULT_BLOCK_M,
     SCORES,
+    auto_block_m,
     expert_choice_align,
     moe_align,
     moe_combine,
@@ -60,7 +66,7 @@ class SparseMoE(nn.Module):
         renormalize: bool = False,
         weighting: str = "score",
         router_bias: bool = False,
-        block_m: int = DEFAULT_BLOCK_M,
+        block_m: int | None = None,
         backend: str | None = None,
         routed_grad: bool = True,
         device=None,
@@ -108,7 +114,8 @@ class SparseMoE(nn.Module):
     def _routed(self, xf: torch.Tensor) -> torch.Tensor:
         """The routed experts' weighted outputs y [T, top_k, D]."""
         ids, weights = self.route(xf)
-        sorted_ids, block_expert, _ = moe_align(ids, self.num_experts, self.block_m, backend=self.backend)
+        block_m = self.block_m or auto_block_m(ids.numel(), self.num_experts)
+        sorted_ids, block_expert, _ = moe_align(ids, self.num_experts, block_m, backend=self.backend)
         return moe_grouped_mlp(
             xf, sorted_ids, block_expert, self.w1, self.w2, None if self.weighting == "ones" else weights,
             w3=self.w3, b1=self.b1, b2=self.b2, top_k=self.top_k, activation=self.activation, backend=self.backend,
@@ -134,8 +141,33 @@ class SparseMoE(nn.Module):
         return n
 
     def stacked_bytes(self) -> int:
-        """Bytes held by the stacked expert weights (the copy made when converting a model's experts)."""
+        """Bytes held by the stacked expert weights (a copy of a model's experts unless :meth:`tie_sources` ran)."""
         return sum(w.numel() * w.element_size() for w in (self.w1, self.w3, self.w2, self.b1, self.b2) if w is not None)
+
+    def tie_sources(self) -> int:
+        """Re-point the source model's expert weights (recorded by :meth:`from_hidream`) at their slices of the
+        stacked tensors, freeing their own storage: the model then holds one copy of its experts, and in-place
+        changes to either side (``load_state_dict``, an optimizer step) are seen by both. The Parameter objects stay
+        the same (only ``.data`` changes), so hooks and references to them are unaffected. Returns the bytes freed
+        (what the stack would otherwise duplicate)."""
+        freed = 0
+        for param, name, e in self.__dict__.get("_sources", ()):
+            view = getattr(self, name)[e]
+            if param.data.data_ptr() != view.data_ptr():
+                if param.shape != view.shape or param.dtype != view.dtype or param.device != view.device:
+                    continue  # moved / cast since the stack was taken: leave it (the forward raises on the mismatch)
+                freed += param.numel() * param.element_size()
+                param.data = view
+        self.__dict__["_tied"] = True
+        return freed
+
+    def untie_sources(self) -> None:
+        """Give the source model's expert weights independent storage again (same values: bit-identical)."""
+        if not self.__dict__.pop("_tied", False):
+            return
+        for param, name, e in self.__dict__.get("_sources", ()):
+            if param.data.data_ptr() == getattr(self, name)[e].data_ptr():
+                param.data = param.data.clone()
 
     def extra_repr(self) -> str:
         return (
@@ -146,14 +178,15 @@ class SparseMoE(nn.Module):
     # ------------------------------------------------------------------------------------------------------------------
     @classmethod
     def from_hidream(
-        cls, moe_layer: nn.Module, *, share: bool = False, block_m: int = DEFAULT_BLOCK_M, backend: str | None = None
+        cls, moe_layer: nn.Module, *, share: bool = False, block_m: int | None = None, backend: str | None = None
     ) -> SparseMoE:
         """A SparseMoE computing diffusers' ``MOEFeedForwardSwiGLU`` (HiDream-I1) in inference mode, gradients
         included: ``routed_grad=False``, as ``moe_infer`` runs under ``torch.no_grad()`` (set ``moe.routed_grad = True``
         and ``requires_grad_`` on the stacked experts to train the copy instead).
 
-        The routed experts are stacked into ``[E, ...]`` copies. ``share=True`` makes the router weight and the
-        shared expert the layer's own objects (what ``ditkern.patch`` does: only the stacked experts cost memory);
+        The routed experts are stacked into ``[E, ...]`` tensors (one copy, made without any other temporary).
+        ``share=True`` makes the router weight and the shared expert the layer's own objects and records the layer's
+        expert weights for :meth:`tie_sources` (what ``ditkern.patch`` does, so the experts are not held twice);
         otherwise they are copied too, and the result is independent of the layer.
         """
         import copy  # noqa: PLC0415
@@ -162,28 +195,24 @@ class SparseMoE(nn.Module):
         if getattr(gate, "scoring_func", "softmax") != "softmax":
             raise ValueError(f"moe_layer.gate.scoring_func={gate.scoring_func!r}: only HiDream's 'softmax' is known")
         E, D = gate.weight.shape
-        w1 = torch.stack([e.w1.weight.detach() for e in experts])
-        w3 = torch.stack([e.w3.weight.detach() for e in experts])
-        w2 = torch.stack([e.w2.weight.detach() for e in experts])
         if len(experts) != E:
             raise ValueError(f"moe_layer has {len(experts)} experts but its gate routes to {E}")
         renorm = bool(getattr(gate, "norm_topk_prob", False)) and gate.top_k > 1
         p = gate.weight
+        # built on the meta device (nothing allocated or initialised), then given the real tensors
         moe = cls(
-            D, w1.shape[1], E, int(gate.top_k), activation="swiglu", renormalize=renorm, block_m=block_m,
-            backend=backend, routed_grad=False, device=p.device, dtype=p.dtype,
+            D, experts[0].w1.weight.shape[0], E, int(gate.top_k), activation="swiglu", renormalize=renorm,
+            block_m=block_m, backend=backend, routed_grad=False, device="meta", dtype=p.dtype,
             shared_expert=moe_layer.shared_experts if share else copy.deepcopy(moe_layer.shared_experts),
         )  # fmt: skip
         with torch.no_grad():
-            moe.w1.copy_(w1)
-            moe.w3.copy_(w3)
-            moe.w2.copy_(w2)
-            if share:
-                moe.router.weight = gate.weight
-            else:
-                moe.router.weight.copy_(gate.weight)
-        for w in (moe.w1, moe.w3, moe.w2):  # not the shared router / shared expert: they belong to the model
-            w.requires_grad_(False)
+            for name in ("w1", "w3", "w2"):  # not trainable: the model's own parameters are (see the module docstring)
+                stacked = torch.stack([getattr(e, name).weight.detach() for e in experts])
+                setattr(moe, name, nn.Parameter(stacked, requires_grad=False))
+            moe.router.weight = gate.weight if share else nn.Parameter(gate.weight.detach().clone())
+        if share:
+            moe.__dict__["_sources"] = [(getattr(ex, name).weight, name, e) for e, ex in enumerate(experts)
+                                        for name in ("w1", "w3", "w2")]  # fmt: skip
         return moe
 
 
@@ -209,8 +238,9 @@ class ExpertChoiceMoE(nn.Module):
     row order (deterministic); on CUDA it uses fp32 atomics, whose order is not fixed (run-to-run differences are fp32
     rounding, ~1e-7 relative; ``torch.use_deterministic_algorithms(True)`` makes it deterministic).
 
-    Weights: ``w1, w3`` [E, F, D] and ``w2`` [E, D, F] are stacked copies in the grouped GEMM's layout (taken at build
-    time). ``source`` (diffusers' ``SwiGLUExperts``, optional) is read instead when grad mode is on and its weights
+    Weights: ``w1, w3`` [E, F, D] and ``w2`` [E, D, F] in the grouped GEMM's layout; :meth:`from_nucleus` makes them
+    strided views of the layer's packed ``gate_up_proj`` / ``down_proj`` (no copy: the GEMMs read through strides).
+    ``source`` (diffusers' ``SwiGLUExperts``, optional) is read instead when grad mode is on and its weights
     require grad, so that gradients reach the model's own expert parameters (as in the unpatched layer).
     """
 
@@ -225,7 +255,7 @@ class ExpertChoiceMoE(nn.Module):
         score: str = "softmax",
         route_scale: float = 1.0,
         shared_expert: nn.Module | None = None,
-        block_m: int = DEFAULT_BLOCK_M,
+        block_m: int | None = None,
         backend: str | None = None,
         device=None,
         dtype=None,
@@ -286,7 +316,8 @@ class ExpertChoiceMoE(nn.Module):
         tokens, gates = self.route(x_router, timestep)
         xf = x.reshape(B * S, D)
         rows = tokens.numel() // self.num_experts
-        sorted_ids, block_expert = expert_choice_align(self.num_experts, rows, self.block_m, device=x.device)
+        block_m = self.block_m or auto_block_m(tokens.numel(), self.num_experts)
+        sorted_ids, block_expert = expert_choice_align(self.num_experts, rows, block_m, device=x.device)
         w1, w3, w2 = self._weights()
         y = moe_grouped_mlp(
             xf[tokens], sorted_ids, block_expert, w1, w2, gates.reshape(-1, 1), w3=w3, top_k=1,
@@ -297,11 +328,17 @@ class ExpertChoiceMoE(nn.Module):
         return out.to(x.dtype).reshape(B, S, D)
 
     def stacked_bytes(self) -> int:
-        return sum(w.numel() * w.element_size() for w in (self.w1, self.w3, self.w2))
+        """Bytes of expert weights this module holds of its own (0 when they are views of the source's)."""
+        src = self.source
+        own = {p.untyped_storage().data_ptr() for p in (src.gate_up_proj, src.down_proj)} if src is not None else set()
+        return sum(w.numel() * w.element_size() for w in (self.w1, self.w3, self.w2)
+                   if w.untyped_storage().data_ptr() not in own)  # fmt: skip
 
     def report_detail(self) -> str:
+        held = self.stacked_bytes()
+        where = f"stacked copy {held / 2**20:.2f} MiB" if held else "experts read in place (no copy)"
         return (f"{self.num_experts} experts, expert-choice capacity ceil({self.capacity_factor:g} * S / "
-                f"{self.num_experts}), stacked copy {self.stacked_bytes() / 2**20:.2f} MiB")  # fmt: skip
+                f"{self.num_experts}), {where}")  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
@@ -311,11 +348,12 @@ class ExpertChoiceMoE(nn.Module):
 
     @classmethod
     def from_nucleus(
-        cls, layer: nn.Module, *, block_m: int = DEFAULT_BLOCK_M, backend: str | None = None
+        cls, layer: nn.Module, *, block_m: int | None = None, backend: str | None = None
     ) -> ExpertChoiceMoE:
         """The module computing diffusers' ``NucleusMoELayer`` (forward and gradients): the router and the shared
         expert are the layer's own objects; the experts' packed ``gate_up_proj`` [E, D, 2F] / ``down_proj`` [E, F, D]
-        are stacked into the grouped GEMM's layout (a copy; the grad path reads the originals)."""
+        are read in place as strided ``[E, F, D]`` / ``[E, D, F]`` views (no copy; the grad path reads the
+        Parameters themselves)."""
         ex = layer.experts
         E, D, F2 = ex.gate_up_proj.shape
         Fh = F2 // 2
@@ -323,14 +361,12 @@ class ExpertChoiceMoE(nn.Module):
         moe = cls(
             D, Fh, E, layer.capacity_factor, router_dim=layer.gate.weight.shape[1],
             score="sigmoid" if layer.use_sigmoid else "softmax", route_scale=layer.route_scale,
-            shared_expert=layer.shared_expert, block_m=block_m, backend=backend, device=p.device, dtype=p.dtype,
+            shared_expert=layer.shared_expert, block_m=block_m, backend=backend, device="meta", dtype=p.dtype,
         )  # fmt: skip
-        with torch.no_grad():
-            moe.w1.copy_(p[..., :Fh].transpose(1, 2))
-            moe.w3.copy_(p[..., Fh:].transpose(1, 2))
-            moe.w2.copy_(ex.down_proj.transpose(1, 2))
+        gu, down = p.detach(), ex.down_proj.detach()
+        moe.w1 = nn.Parameter(gu[..., :Fh].transpose(1, 2), requires_grad=False)  # [E, F, D], strides (D 2F, 1, 2F)
+        moe.w3 = nn.Parameter(gu[..., Fh:].transpose(1, 2), requires_grad=False)
+        moe.w2 = nn.Parameter(down.transpose(1, 2), requires_grad=False)  # [E, D, F], strides (F D, 1, D)
         moe.router.weight = layer.gate.weight
-        for w in (moe.w1, moe.w3, moe.w2):
-            w.requires_grad_(False)
         moe.__dict__["source"] = ex  # not registered: the model owns it
         return moe

@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ditkern._backend import choose
+from ditkern._backend import BackendUnavailable, choose
 from ditkern.formats import QuantizedWeight, inv_smooth, quantize
 from ditkern.patch.engine import Feature, Plan, device_dtype, family_of, register_feature
 from ditkern.patch.family import Family, QuantLayout, Stack
@@ -204,6 +204,11 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
     what = "quantized linear (fpx_fp8_linear)" if use_act else "quantized linear (fpx_linear)"
     fmt, G = qw.format, qw.group_size
     gemm_backend = _gemm_backend(w, qw, use_act, backend)
+    # per call, by rows: with FP8 activations a call of at most CUDA_MAX_M rows (the modulation linears: M = batch)
+    # runs the weight-only CUDA GEMV where it can run (a GPU, no forced backend)
+    small_m_gemv = use_act is not None and _small_m_backend(w, qw, backend) == "cuda"
+    if small_m_gemv:
+        detail += f"; calls of <= {_small_m()} rows: weight-only (fpx_linear cuda GEMV)"
 
     scale_dtype = qw.scales.dtype
 
@@ -221,7 +226,9 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
             out = _fpx_fp8_matmul()(comp[0], comp[1], module.qweight_packed, scales, module.bias, format=fmt,
                                     group_size=G, in_features=K, out_dtype=input.dtype, backend=backend)  # fmt: skip
             return out.view(*input.shape[:-1], N)
-        if use_act is None:
+        if use_act is None or (small_m_gemv and input.numel() // K <= _small_m()):
+            # weight-only; and with FP8 activations too for a few rows on a GPU: memory-bound, where the small-M GEMV
+            # reads the same packed weights without the activation quantization (and without its error)
             return _fpx_linear()(input, module.qweight_packed, scales, module.bias, format=fmt,
                                  group_size=G, in_features=K, inv_smooth=inv, backend=backend)  # fmt: skip
         return _fpx_fp8_linear()(input, module.qweight_packed, scales, module.bias, format=fmt,
@@ -281,6 +288,23 @@ def _gemm_backend(w: torch.Tensor, qw: QuantizedWeight, act: str | None, backend
 
     xq = torch.empty(1, K, device=w.device, dtype=torch.float8_e4m3fn).expand(PLAN_ROWS, K)
     return choose("fpx_fp8_matmul", BACKENDS, xq, packed, backend=backend)
+
+
+def _small_m() -> int:
+    from ditkern.ops.fpx_linear import CUDA_MAX_M  # noqa: PLC0415
+
+    return CUDA_MAX_M
+
+
+def _small_m_backend(w: torch.Tensor, qw: QuantizedWeight, backend: str | None) -> str | None:
+    """The backend ``fpx_linear`` would take for a few rows on the layer's device (None where none can)."""
+    from ditkern.ops.fpx_linear import BACKENDS  # noqa: PLC0415
+
+    x = torch.empty(1, qw.shape[1], device=w.device, dtype=w.dtype)
+    try:
+        return choose("fpx_linear", BACKENDS, x, qw.packed.to(w.device), backend=backend)
+    except BackendUnavailable:  # a forced backend that cannot serve few rows: the FP8 path serves them
+        return None
 
 
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.uint8: torch.uint8}

@@ -27,18 +27,39 @@ def _hooks_left(model):
             "_ditkern_sparse_moe" in m.__dict__]  # fmt: skip
 
 
+def _storage_bytes(model):
+    """Bytes of the distinct storages behind the model's parameters and the patched layers' stacked experts."""
+    tensors = list(model.parameters())
+    for m in model.modules():
+        sparse = m.__dict__.get("_ditkern_sparse_moe")
+        tensors += list(sparse.parameters()) if sparse is not None else []
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
 def test_hidream_patched_matches_unpatched_and_unpatch_is_exact():
+    """Also: the experts are held once (the layer's nn.Linear weights become views of the stacks, the same Parameter
+    objects), and unpatch gives them independent storage again."""
     model, inputs = hidream()
     model.eval()
     ref64 = _run(copy.deepcopy(model).double(), _to(inputs, torch.float64))
     before = _run(model, inputs)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    experts = [p for n, p in params.items() if ".experts." in n]
+    total = _storage_bytes(model)
 
     report = ditkern.patch(model, backend="triton")
+    # without the tie the stacks would add every expert's bytes again
+    assert _storage_bytes(model) == total, (_storage_bytes(model), total)
+    layer = model.single_stream_blocks[0].block.ff_i
+    sparse = layer.__dict__["_ditkern_sparse_moe"]
+    assert layer.experts[1].w3.weight.data_ptr() == sparse.w3[1].data_ptr()  # a view into the stack
+    assert dict(model.named_parameters()) == params
     classes = sorted(r.cls for r in report.patched)
     blocks = ["HiDreamImageTransformerBlock", "HiDreamImageSingleTransformerBlock"]
     assert classes == sorted(["MOEFeedForwardSwiGLU"] * 2 + blocks), str(report)
-    assert not report.skipped and "stacked copy" in str(report)
+    assert not report.skipped and "experts stacked in place" in str(report)
     assert model.state_dict().keys() == state.keys()  # the stacked experts are not registered in the model
     patched = _run(model, inputs)
     err_unpatched = (before.double() - ref64).abs().max().item()
@@ -50,6 +71,9 @@ def test_hidream_patched_matches_unpatched_and_unpatch_is_exact():
     assert _hooks_left(model) == []
     assert torch.equal(_run(model, inputs), before)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    stacks = {t.data_ptr() for t in (sparse.w1, sparse.w3, sparse.w2)}
+    for p in experts:  # independent again: a storage of its own, not inside a stack
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size() and p.data_ptr() not in stacks
 
 
 def test_hidream_fp16_within_rule():

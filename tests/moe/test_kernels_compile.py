@@ -45,18 +45,26 @@ KERNELS = {
               dict(BLOCK_M=64, BLOCK_E=64, BLOCK_N=256), 4, 1),
     "gate_up": (K._moe_gate_up_fwd_kernel, {"X": BF, "W1": BF, "W3": BF, "B1": BF, "H": BF, "SORTED": "*i32",
                                               "BLOCK_EXPERT": "*i32"},
-                dict(TOP_K=2, ACT=0, HAS_B1=False, IEEE=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 3),
+                dict(TOP_K=2, ACT=0, HAS_B1=False, IEEE=False, SUB_M=1, EVEN_K=True, EVEN_N=True), None, None),
     "down": (K._moe_down_fwd_kernel, {"H": BF, "W2": BF, "B2": BF, "WEIGHTS": "*fp32", "Y": BF, "SORTED": "*i32",
                                        "BLOCK_EXPERT": "*i32"},
-             dict(HAS_B2=True, HAS_WEIGHTS=True, IEEE=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 3),
+             dict(HAS_B2=True, HAS_WEIGHTS=True, IEEE=False, SUB_M=1, EVEN_K=True, EVEN_N=False), None, None),
     "combine": (K._moe_combine_fwd_kernel, {"Y": BF, "SHARED": BF, "BIAS": BF, "OUT": BF},
                 dict(TOP_K=8, HAS_SHARED=True, HAS_BIAS=True, BLOCK_D=2048), 8, 1),
 }  # fmt: skip
 
 
+SMEM = {80: 163 * 1024, 90: 227 * 1024}
+
+
 def compile_one(name: str, arch: int) -> str:
-    """Compile one kernel for sm_<arch>; returns a short description (runs without TRITON_INTERPRET)."""
+    """Compile one kernel for sm_<arch>; returns a short description (runs without TRITON_INTERPRET). The GEMMs get
+    the table's config for HiDream-I1 (128-row blocks, D 2560, F 6912) within that architecture's shared memory."""
     fn, pointers, constexprs, warps, stages = KERNELS[name]
+    if name in ("gate_up", "down"):
+        cfg = K.gemm_configs(128, 2560, 6912, 2, True, SMEM[arch])[name == "down"]
+        constexprs = dict(constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8)
+        warps, stages = cfg.num_warps, cfg.num_stages
     src = ASTSource(fn=fn, signature=_sig(fn, pointers, constexprs), constexprs=constexprs)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
     assert len(k.asm["cubin"]) > 1000

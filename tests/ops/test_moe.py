@@ -197,7 +197,7 @@ def test_grouped_swiglu_matches_reference(dtype, case, device):
     ids = _routing(T, E, K, kind, device)
     w = torch.rand(T, K, device=device)
     w1, w3, w2, _ = _experts(E, D, Fh, dtype, device)
-    s, b, _ = moe_align(ids, E, block_m)
+    s, b, _ = moe_align_ref(ids, E, block_m)  # layout tested above; the GEMM is under test
     y = moe_grouped_swiglu(x, s, b, w1, w3, w2, w, backend="triton")
     ref = moe_grouped_mlp_ref(x.float(), s, b, w1.float(), w3.float(), w2.float(), w, top_k=K)
     eager = _loop_same_dtype(x, ids, w, w1, w3, w2, None, "swiglu")
@@ -211,7 +211,7 @@ def test_grouped_gelu_mlp_with_bias_and_unit_weights(activation, device):
     x = torch.randn(T, D, device=device)
     ids = _routing(T, E, K, "random", device)
     w1, _, w2, b1 = _experts(E, D, Fh, torch.float32, device, activation, bias=True)
-    s, b, _ = moe_align(ids, E, 16)
+    s, b, _ = moe_align_ref(ids, E, 16)
     b2 = torch.randn(E, D, device=device) * 0.1
     w = torch.rand(T, K, device=device)
     y = moe_grouped_mlp(x, s, b, w1, w2, None, b1=b1, top_k=K, activation=activation, backend="triton")
@@ -232,10 +232,73 @@ def test_grouped_gathers_noncontiguous_x():
     ids = _routing(T, E, K, "random", "cpu")
     w = torch.rand(T, K)
     w1, w3, w2, _ = _experts(E, D, Fh, torch.float32, "cpu")
-    s, b, _ = moe_align(ids, E, 16)
+    s, b, _ = moe_align_ref(ids, E, 16)
     y = moe_grouped_swiglu(x, s, b, w1, w3, w2, w, backend="triton")
     ref = moe_grouped_mlp_ref(x.contiguous(), s, b, w1, w3, w2, w, top_k=K)
     assert _err(y, ref) <= 1e-5
+
+
+def _table_configs():
+    """Every (gate_up, down) tile pair the GPU table can pick: each tile height, each architecture's shared memory
+    (sm_89 99 KB, sm_80 163 KB, sm_90a / sm_100a 227 KB), keyed by tile shape (warps and stages mean nothing to the
+    interpreter), at D = 136, F = 72, where no tile is clipped (tiles shrink only below the next power of two)."""
+    from ditkern.kernels.moe import gemm_configs
+
+    got = {}
+    for block_m in (16, 32, 64, 128):
+        for kb in (99, 163, 227):
+            gu, dn = gemm_configs(block_m, 136, 72, 2, True, kb * 1024)
+            got.setdefault((gu.block_m, gu.block_n, gu.block_k, dn.block_n, dn.block_k), (block_m, kb, gu, dn))
+    return sorted(got.values(), key=lambda v: (v[0], v[1]))
+
+
+def test_gpu_tile_configs_in_the_interpreter():
+    """The GPU configs' tiles (128 x 128 gate_up, 128 x 256 down, ...), run by the interpreter at odd sizes
+    (masked K / N tails) and, for the 128-row sm_90a pair, at exact multiples (the unmasked EVEN_K / EVEN_N path), with
+    a 256-row moe_align block split into two 128-row tiles; against a float64 reference. fp32 operands: the
+    interpreter's fp16 dot is elementwise numpy (~50x slower at these tiles), and the tiles, masks and row mapping
+    under test do not depend on the dtype."""
+    from ditkern.kernels.moe import gemm_configs, moe_grouped_mlp_triton
+
+    def run(T, E, K, D, Fh, block_m, configs):
+        x = torch.randn(T, D)
+        ids = _routing(T, E, K, "random", "cpu")
+        w = torch.rand(T, K)
+        w1, w3, w2, _ = _experts(E, D, Fh, torch.float32, "cpu")
+        s, b, _ = moe_align_ref(ids, E, block_m)  # the layout (tested above), without the interpreter's cost
+        h = torch.full((s.numel(), Fh), float("nan"))
+        y = torch.full((T * K, D), float("nan"))
+        moe_grouped_mlp_triton(x, s, b, w1, w3, None, w2, w, h, y, top_k=K, act=0, block_m=block_m, interpret=True,
+                               configs=configs)  # fmt: skip
+        ref = _loop_same_dtype(x.double(), ids, w.double(), w1.double(), w3.double(), w2.double(), None, "swiglu")
+        assert _err(y.view(T, K, D), ref) <= 1e-5, (configs, _err(y.view(T, K, D), ref))
+
+    seen = _table_configs()
+    assert any(gu.block_m == 128 and gu.block_n >= 128 and dn.block_n >= 128 for _, _, gu, dn in seen)
+    for block_m, kb, gu, dn in seen:
+        run(29, 2, 2, 136, 72, block_m, (gu, dn))
+    gu, dn = gemm_configs(128, 256, 128, 2, True, 227 * 1024)
+    assert (gu.block_m, gu.block_n, gu.num_warps, dn.block_n, dn.num_warps) == (128, 128, 8, 256, 8)
+    run(150, 2, 1, 256, 128, 256, (gu, dn))
+
+
+def test_tile_table_fits_each_architecture_or_refuses():
+    from ditkern.kernels.moe import gemm_configs
+    from ditkern.ops.moe import _triton_grouped_can_run, auto_block_m
+
+    for kb in (99, 163, 227):
+        for block_m in (16, 32, 64, 128, 256):
+            for elt in (2, 4):
+                cfgs = gemm_configs(block_m, 2560, 6912, elt, True, kb * 1024)
+                assert not isinstance(cfgs, str), (kb, block_m, elt, cfgs)
+                gu, dn = cfgs
+                assert gu.smem(elt, 2) <= kb * 1024 and dn.smem(elt, 1) <= kb * 1024
+                assert block_m % gu.block_m == 0 and gu.block_m == min(block_m, 128)
+    reason = gemm_configs(128, 2560, 6912, 2, True, 8 * 1024)
+    assert isinstance(reason, str) and "shared memory" in reason and "8 KB" in reason
+    assert [auto_block_m(n, 4) for n in (8960, 1024, 300, 100, 20)] == [128, 128, 32, 16, 16]
+    assert auto_block_m(4096 * 8, 64) == 128 and auto_block_m(64 * 8, 64) == 16
+    assert _triton_grouped_can_run(torch.empty(4, 32), torch.empty(2, 48, 32), 64, True) is None  # interpreter
 
 
 # ----------------------------------------------------------------------------------------------------------------------
