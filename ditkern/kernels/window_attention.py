@@ -68,17 +68,18 @@ def _attend(acc, acc2, m_i, l_i, b_q, b_q2, p_k, p_v, o_row, m_key, m_qk, o_d, o
     if HAS_D2:  # head dim 72 = 64 + a 16-wide part (8 of it zero): two dots instead of one padded to 128
         b_k2 = _load_rows(p_k, o_row, stride_ks, o_d2, stride_kd, m_key, ALIGN, HEAD_DIM, MASKED, True)
         b_s += _dot(b_q2, tl.trans(b_k2), IEEE)
-    b_s = b_s * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+    # [BLOCK_M, BLOCK_N] raw scores; the statistics are in the scaled log2 domain. The scale (> 0) is applied to the
+    # row max once per row and fused into the exp2 argument (one FFMA per score), not multiplied into every score
     if MASKED:
         b_s = tl.where(m_qk, b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
         # a row that has seen only masked keys so far keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
         m_safe = m_new
     alpha = tl.exp2(m_i - m_safe)
-    b_p = tl.exp2(b_s - m_safe[:, None])
+    b_p = tl.exp2(b_s * qk_scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(b_p, 1)
     b_v = _load_rows(p_v, o_row, stride_vs, o_d, stride_vd, m_key, ALIGN, HEAD_DIM, MASKED, MASK_D)
     b_p16 = b_p.to(b_v.dtype)
@@ -122,7 +123,7 @@ def _window_attention_fwd_kernel(
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DIV_T: tl.constexpr, DIV_H: tl.constexpr, DIV_W: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_D2: tl.constexpr, D2: tl.constexpr, ALIGN: tl.constexpr,
-    ROW64: tl.constexpr, HAS_KPM: tl.constexpr, CIRCLE: tl.constexpr, IEEE: tl.constexpr,
+    ROW64: tl.constexpr, HAS_T: tl.constexpr, HAS_KPM: tl.constexpr, CIRCLE: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = QT * QH * QW
     BLOCK_N: tl.constexpr = KT * KH * KW
@@ -169,11 +170,11 @@ def _window_attention_fwd_kernel(
         b_q2 = _load_rows(p_q, q_row, stride_qs, o_d2, stride_qd, m_q, ALIGN, HEAD_DIM, True, True)
     else:
         b_q2 = b_q
-    # per-query first window unit along each axis (rect: token or whole tile, see window_ranges._axis_units)
-    s_t = tl.minimum(tl.maximum(q_t // DIV_T - WT // 2, 0), NUT - WT)
-    s_h = tl.minimum(tl.maximum(q_h // DIV_H - WH // 2, 0), NUH - WH)
-    s_w = tl.minimum(tl.maximum(q_w // DIV_W - WW // 2, 0), NUW - WW)
-
+    # per-query window along each axis as a token range [lo, lo + WT * DIV_T) (rect: token or whole-tile units, see
+    # window_ranges._axis_units: unit u sees units [s, s + W), i.e. tokens [s * DIV, (s + W) * DIV))
+    lo_t = tl.minimum(tl.maximum(q_t // DIV_T - WT // 2, 0), NUT - WT) * DIV_T
+    lo_h = tl.minimum(tl.maximum(q_h // DIV_H - WH // 2, 0), NUH - WH) * DIV_H
+    lo_w = tl.minimum(tl.maximum(q_w // DIV_W - WW // 2, 0), NUW - WW) * DIV_W
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -202,27 +203,34 @@ def _window_attention_fwd_kernel(
             in_txt = (o_tok >= TXT_OFF) & (o_tok < TXT_OFF + T)
             m_run &= tl.load(KPM + i_b * stride_mb + (o_tok - TXT_OFF), mask=m_run & in_txt, other=1) != 0
         e_img = tl.maximum(e, 0)
-        k_t = e_img // (GH * GW) + r_t
-        k_h = (e_img // GW) % GH + r_h
-        k_w = e_img % GW + r_w
-        m_img = (k_t < GT) & (k_h < GH) & (k_w < GW)
+        k_t0 = e_img // (GH * GW)
+        k_h0 = (e_img // GW) % GH
+        k_w0 = e_img % GW
+        m_img = (k_t0 + r_t < GT) & (k_h0 + r_h < GH) & (k_w0 + r_w < GW)
+        m_key = tl.where(is_run, m_run, m_img)  # [BLOCK_N]: which keys exist
         if CIRCLE:
-            d_t = q_t[:, None] - k_t[None, :]
-            d_h = q_h[:, None] - k_h[None, :]
-            d_w = q_w[:, None] - k_w[None, :]
+            d_t = q_t[:, None] - (k_t0 + r_t)[None, :]
+            d_h = q_h[:, None] - (k_h0 + r_h)[None, :]
+            d_w = q_w[:, None] - (k_w0 + r_w)[None, :]
             dist = (d_t * d_t).to(tl.int64) * CT + (d_h * d_h).to(tl.int64) * CH + (d_w * d_w).to(tl.int64) * CW
-            m_win = dist <= RR
+            m_qk = m_key[None, :] & ((dist <= RR) | is_run)
         else:
-            u_t = k_t // DIV_T
-            u_h = k_h // DIV_H
-            u_w = k_w // DIV_W
-            m_win = (
-                (u_t[None, :] >= s_t[:, None]) & (u_t[None, :] < s_t[:, None] + WT)
-                & (u_h[None, :] >= s_h[:, None]) & (u_h[None, :] < s_h[:, None] + WH)
-                & (u_w[None, :] >= s_w[:, None]) & (u_w[None, :] < s_w[:, None] + WW)
+            # key offset r inside the tile is in the window iff 0 <= r - (lo - k0) < len: one subtraction and one
+            # unsigned compare per axis and score; a run entry (text keys) passes every window test
+            BIG: tl.constexpr = 1 << 30
+            n_t = tl.where(is_run, BIG, WT * DIV_T).to(tl.uint32)
+            n_h = tl.where(is_run, BIG, WH * DIV_H).to(tl.uint32)
+            n_w = tl.where(is_run, BIG, WW * DIV_W).to(tl.uint32)
+            b_h = tl.where(is_run, 0, lo_h - k_h0)
+            b_w = tl.where(is_run, 0, lo_w - k_w0)
+            m_qk = (
+                m_key[None, :]
+                & ((r_h[None, :] - b_h[:, None]).to(tl.uint32, bitcast=True) < n_h)
+                & ((r_w[None, :] - b_w[:, None]).to(tl.uint32, bitcast=True) < n_w)
             )  # fmt: skip
-        m_key = tl.where(is_run, m_run, m_img)
-        m_qk = tl.where(is_run, m_run[None, :], m_img[None, :] & m_win)
+            if HAS_T:  # 3-D grids only: on a 2-D grid every token has t = 0
+                b_t = tl.where(is_run, 0, lo_t - k_t0)
+                m_qk &= (r_t[None, :] - b_t[:, None]).to(tl.uint32, bitcast=True) < n_t
         acc, acc2, m_i, l_i = _attend(acc, acc2, m_i, l_i, b_q, b_q2, p_k, p_v, o_row, m_key, m_qk, o_d, o_d2,
                                       stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, True,
                                       HEAD_DIM, BLOCK_D, HAS_D2, ALIGN, IEEE)  # fmt: skip
@@ -353,7 +361,7 @@ def window_attention_triton(q, k, v, spec, text_tokens: int, text_position: str,
     constexprs = dict(
         QT=qtile[0], QH=qtile[1], QW=qtile[2], KT=TT, KH=TH, KW=TW,
         DIV_T=units[0][0], DIV_H=units[1][0], DIV_W=units[2][0],
-        HEAD_DIM=Dh, BLOCK_D=block_d, HAS_D2=block_d2 > 0, D2=max(block_d2, 16), ALIGN=align, ROW64=row64,
+        HEAD_DIM=Dh, BLOCK_D=block_d, HAS_D2=block_d2 > 0, D2=max(block_d2, 16), ALIGN=align, ROW64=row64, HAS_T=GT > 1,
         HAS_KPM=kpm is not None, CIRCLE=spec.shape == "circle", IEEE=q.dtype == torch.float32,
     )  # fmt: skip
     while True:
