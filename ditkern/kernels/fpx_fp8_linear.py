@@ -26,20 +26,25 @@ def _fpx_fp8_linear_fwd_kernel(
     G: tl.constexpr, BITS: tl.constexpr,
     SH: tl.constexpr, SL: tl.constexpr, ASM_LO: tl.constexpr, ASM_HI: tl.constexpr, ASM_F0: tl.constexpr,
     ASM_F1: tl.constexpr, ASM_F2: tl.constexpr, ASM_F3: tl.constexpr, USE_ASM: tl.constexpr,
-    SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     i_m, i_n = tl.program_id(0), tl.program_id(1)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m, m_n = o_m < M, o_n < N
+    if EVEN_N:  # N a multiple of BLOCK_N: the weight and scale loads need no predicate
+        m_n = tl.full((BLOCK_N,), 1, tl.int1)
     p_x = XQ + o_m[:, None].to(tl.int64) * stride_xm
     p_w = PACKED + o_n[:, None].to(tl.int64) * stride_pn
     p_s = SCALES + o_n.to(tl.int64) * stride_sn
     b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K_pad, BLOCK_K):
         o_k = kb + tl.arange(0, BLOCK_K)
-        b_x = tl.load(p_x + o_k[None, :], mask=m_m[:, None] & (o_k[None, :] < K), other=0.0)  # [BLOCK_M, BLOCK_K] e4m3
+        if EVEN_K:  # K == K_pad
+            b_x = tl.load(p_x + o_k[None, :], mask=m_m[:, None], other=0.0)  # [BLOCK_M, BLOCK_K] e4m3
+        else:
+            b_x = tl.load(p_x + o_k[None, :], mask=m_m[:, None] & (o_k[None, :] < K), other=0.0)
         b_w = load_e4m3(p_w, kb, m_n[:, None], K_pad, BITS, BLOCK_K, SH, SL, ASM_LO, ASM_HI, ASM_F0, ASM_F1, ASM_F2,
                         ASM_F3, USE_ASM)  # [BLOCK_N, BLOCK_K] fmt: skip
         b_p = tl.dot(b_x, tl.trans(b_w))  # [BLOCK_M, BLOCK_N] fp32, exact products
@@ -61,7 +66,7 @@ def _config(M: int, group_size: int, interpreted: bool) -> dict:
         return dict(BLOCK_M=max(16, min(128, triton.next_power_of_2(M))), BLOCK_N=128, BLOCK_K=min(group_size, 128),
                     num_warps=4, num_stages=1)  # fmt: skip
     bm = 64 if M > 32 else max(16, triton.next_power_of_2(M))
-    return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=min(group_size, 64), num_warps=4, num_stages=4)
+    return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=min(group_size, 128), num_warps=4, num_stages=4)
 
 
 def fpx_fp8_linear_triton(xq, sx, packed, scales, bias, out, *, fmt, group_size: int, K: int) -> None:
@@ -82,5 +87,6 @@ def fpx_fp8_linear_triton(xq, sx, packed, scales, bias, out, *, fmt, group_size:
         xq.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
         float(2.0 ** fmt.e4m3_shift),
         G=group_size, BITS=fmt.bits, **e4m3_constexprs(fmt, use_asm=not interp),
-        SCALE_KIND=kind, HAS_BIAS=bias is not None, **cfg,
+        SCALE_KIND=kind, HAS_BIAS=bias is not None, EVEN_K=padded_k(K, group_size) == K,
+        EVEN_N=N % cfg["BLOCK_N"] == 0, **cfg,
     )  # fmt: skip
