@@ -115,6 +115,15 @@ def test_fpx_fp8_linear_triton_matches_reference(fmt, act):
     assert F.sqnr_db(wo, got) > (28.0 if act == "e4m3" else 20.0)
 
 
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp6_e3m2"])
+def test_fpx_fp8_linear_unpredicated_tiles(fmt):
+    """N a multiple of the tile and K == K_pad: the kernel's unmasked weight / activation loads (EVEN_N, EVEN_K)."""
+    w, q = _q(128, 64, fmt)
+    x = torch.randn(5, 64)
+    got = fpx_fp8_linear(x, q.packed, q.scales, backend="triton", **_kw(q))
+    torch.testing.assert_close(got, fpx_fp8_linear_ref(x, q.packed, q.scales, **_kw(q)), rtol=1e-5, atol=1e-5)
+
+
 def test_fpx_fp8_linear_fp16_and_smoothing():
     w, q = _q(40, 64, "fp6_e2m3", G=64, scale_dtype="bf16", smooth=True)
     x = torch.randn(9, 64).half()
@@ -235,6 +244,26 @@ def test_gpu_cuda_gemv_matches_reference(fmt, scale_dtype):
             err_torch = (same.double() - ref64).abs().max().item()
             got = fpx_linear(x, q.packed, q.scales, bias, backend="cuda", **kw)
             assert (got.double() - ref64).abs().max().item() <= 2 * err_torch + 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ALL)
+def test_gpu_cuda_gemv_every_m_bucket_and_8_byte_rows(fmt):
+    """K_pad % 64 == 32 (G=32, K=200 -> K_pad=224: FP6 rows of 168 bytes, the GEMV's 8-byte load path), a K tail, the
+    M buckets 1 / 2 / 4 / 8 / 16 of the kernel (scale per chunk for M <= 4, folded into the weights above), a row
+    count that leaves a warp's 4-row tile partly empty, bf16 scales."""
+    torch.manual_seed(3)
+    w = torch.randn(203, 200, device="cuda")
+    q = F.quantize(w, fmt, 32, "bf16")
+    bias = torch.randn(203, device="cuda")
+    kw = _kw(q)
+    for M in (1, 2, 3, 5, 8, 13, 16):
+        x = torch.randn(M, 200, device="cuda").bfloat16()
+        ref64 = x.double() @ q.dequantize().double().T + bias.double()
+        same = torch.nn.functional.linear(x, q.dequantize(torch.bfloat16), bias.bfloat16())
+        err_torch = (same.double() - ref64).abs().max().item()
+        got = fpx_linear(x, q.packed, q.scales, bias, backend="cuda", **kw)
+        assert (got.double() - ref64).abs().max().item() <= 2 * err_torch + 1e-4, M
 
 
 # ---------------------------------------------------------------------------------------------- quantize + pack
