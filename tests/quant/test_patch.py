@@ -235,6 +235,22 @@ def test_save_load_bit_exact(tmp_path, family):
     built = ditkern.load_quantized(type(model), path, backend="torch")  # from the saved config
     built.eval()
     assert torch.equal(_run(built, inputs), out)
+    if family == "flux":  # a ditkern-quant-1 file (FP6 four codes in three bytes) is repacked on load
+        from safetensors.torch import load_file, save_file
+
+        from ditkern.quant.checkpoint import read_metadata
+
+        tensors = load_file(path)
+        for k in [k for k in tensors if k.endswith(".qweight_packed")]:
+            codes = F.unpack(tensors[k], F.FORMATS["fp6_e3m2"])
+            c = codes.to(torch.int32).view(codes.shape[0], -1, 4)
+            word = c[..., 0] | c[..., 1] << 6 | c[..., 2] << 12 | c[..., 3] << 18
+            old = torch.stack([word & 255, word >> 8 & 255, word >> 16 & 255], -1).reshape(codes.shape[0], -1)
+            assert not torch.equal(old.to(torch.uint8), tensors[k])  # the layouts differ
+            tensors[k] = old.to(torch.uint8).contiguous()
+        v1 = str(tmp_path / "q1.safetensors")
+        save_file(tensors, v1, metadata=read_metadata(path) | {"checkpoint_format": "ditkern-quant-1"})
+        assert torch.equal(_run(ditkern.load_quantized(type(model), v1, backend="torch").eval(), inputs), out)
 
 
 def test_load_rejects_mismatches(tmp_path):
