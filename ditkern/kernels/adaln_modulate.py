@@ -10,8 +10,9 @@ so the strided chunks of a ``[B, 6*D]`` modulation tensor are read in place.
 
 Tiling (exact D, several rows per program): a program normalises BLOCK_R rows. Each row is held in registers as
 N_CHUNKS chunks of BLOCK_C elements, BLOCK_C a power of two chosen so that N_CHUNKS * BLOCK_C covers D exactly where
-D allows (FLUX 3072 = 3 x 1024, SD3 1536 = 3 x 512, PixArt 1152 = 9 x 128, Wan 5120 = 5 x 1024) instead of padding
-D to the next power of two (which left 25-44% of the lanes without data). The [BLOCK_R, BLOCK_C] chunk tile is
+D allows (FLUX 3072 = 3 x 1024, SD3 1536 = 3 x 512, Wan 5120 = 5 x 1024; PixArt 1152 = 9 x 128 in fp32 and 5 x 256,
+90% busy, in 16-bit types, whose 9 chunks would exceed the 5 that bound a thread's registers and the compile time)
+instead of padding D to the next power of two (which left 25-44% of the lanes without data). The [BLOCK_R, BLOCK_C] chunk tile is
 sized so each thread holds one 16-byte vector of it: every load and store is 16 bytes wide, and a thread holds
 N_CHUNKS vectors per tensor. x is read once and each output written once (the memory-bound ideal); BLOCK_R is chosen
 so a program moves >= 16 KB. Statistics are the exact two-pass ones over the register-resident row: the chunk sums
@@ -28,7 +29,7 @@ import triton.language as tl
 
 MAX_BLOCK_D = 16384  # a row beyond this no longer fits in registers; the op falls back to torch
 _MAX_THREADS = 512  # 16 warps per program at most
-_ELEMENTS_PER_THREAD = 72  # register budget per tensor and thread: 9 chunks x 8 (PixArt's 1152 = 9 x 128 in bf16)
+_ELEMENTS_PER_THREAD = 40  # per tensor and thread: 5 chunks of 16-bit vectors (Wan's 5120 = 5 x 1024), 10 of fp32
 _TARGET_BYTES = 16384  # x read + out written per program
 
 
@@ -72,25 +73,35 @@ def _adaln_rows(
     """The BLOCK_R rows of this program: stores h (with HAS_RESIDUAL) and out, returns the tuple of the N_CHUNKS
     stored ``[BLOCK_R, BLOCK_C]`` out chunks (in OUT's dtype) for an epilogue (the FP8 kernel)."""
     o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
-    m_r = (o_r < N_ROWS)[:, None]  # [BLOCK_R, 1]
     # 64-bit row offsets: B*S*D exceeds 2^31 at video sizes (wan_720p: 75.6k tokens x 5120)
-    i_b = (o_r // S).to(tl.int64)[:, None]
+    i_b = (o_r // S).to(tl.int64)[:, None]  # [BLOCK_R, 1]
     i_s = (o_r % S).to(tl.int64)[:, None]
-    o_c = tl.arange(0, BLOCK_C)[None, :]  # [1, BLOCK_C]
-    p_x = X + i_b * stride_xb + i_s * stride_xs  # [BLOCK_R, 1]
+    o_c = tl.arange(0, BLOCK_C)[None, :] + tl.zeros([BLOCK_R, 1], dtype=tl.int32)  # [BLOCK_R, BLOCK_C]
+    m_rc = (o_r < N_ROWS)[:, None] & (o_c < BLOCK_C)  # [BLOCK_R, BLOCK_C]
+    # pointers and masks of chunk 0, built once; chunk c is `p + c * BLOCK_C` (few ops per chunk keep the compile fast)
+    p_x = X + i_b * stride_xb + i_s * stride_xs + o_c
+    p_y = Y + i_b * stride_yb + i_s * stride_ys + o_c
+    p_g = GATE + i_b * stride_gb + i_s * stride_gs + o_c
+    p_h = H_OUT + i_b * stride_hb + i_s * stride_hs + o_c
+    p_sh = SHIFT + i_b * stride_shb + i_s * stride_shs + o_c
+    p_sc = SCALE + i_b * stride_scb + i_s * stride_scs + o_c
+    p_o = OUT + i_b * stride_ob + i_s * stride_os + o_c
+    # weight/bias as [BLOCK_R, BLOCK_C] loads (rows after the first hit L1): the tile's own layout, where a
+    # [1, BLOCK_C] load would be converted through shared memory and lose its 16-byte width
+    p_w = W + o_c
+    p_b = BIAS + o_c
 
     b_acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     xs = ()
     for c in tl.static_range(N_CHUNKS):
-        o_d = c * BLOCK_C + o_c
-        m = m_r if EVEN_D else m_r & (o_d < D)
-        b_x = tl.load(p_x + o_d, mask=m, other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+        m = m_rc if EVEN_D else m_rc & (o_c < D - c * BLOCK_C)
+        b_x = tl.load(p_x + c * BLOCK_C, mask=m, other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
         if HAS_RESIDUAL:
-            b_y = tl.load(Y + i_b * stride_yb + i_s * stride_ys + o_d, mask=m, other=0.0).to(tl.float32)
+            b_y = tl.load(p_y + c * BLOCK_C, mask=m, other=0.0).to(tl.float32)
             if HAS_GATE:
-                b_y = b_y * tl.load(GATE + i_b * stride_gb + i_s * stride_gs + o_d, mask=m, other=0.0).to(tl.float32)
+                b_y = b_y * tl.load(p_g + c * BLOCK_C, mask=m, other=0.0).to(tl.float32)
             b_h = (b_x + b_y).to(H_OUT.dtype.element_ty)
-            tl.store(H_OUT + i_b * stride_hb + i_s * stride_hs + o_d, b_h, mask=m)
+            tl.store(p_h + c * BLOCK_C, b_h, mask=m)
             # normalise the stored (rounded) residual stream, as the unfused model does
             b_x = b_h.to(tl.float32)
         xs = xs + (b_x,)
@@ -107,33 +118,28 @@ def _adaln_rows(
         for c in tl.static_range(N_CHUNKS):
             b_c = xs[c] - b_mean
             if not EVEN_D:
-                b_c = tl.where(c * BLOCK_C + o_c < D, b_c, 0.0)
+                b_c = tl.where(o_c < D - c * BLOCK_C, b_c, 0.0)
             b_acc += b_c * b_c
         b_rstd = tl.math.rsqrt(tl.sum(b_acc, axis=1) / D + eps)[:, None]
 
-    z_r = tl.zeros([BLOCK_R, 1], dtype=tl.int32)
     outs = ()
     for c in tl.static_range(N_CHUNKS):
-        o_d = c * BLOCK_C + o_c
-        m_d = (o_d + z_r) < D
-        m = m_r if EVEN_D else m_r & m_d
+        m_d = o_c < D - c * BLOCK_C
+        m = m_rc if EVEN_D else m_rc & m_d
         if IS_RMS:
             b_n = xs[c] * b_rstd
         else:
             b_n = (xs[c] - b_mean) * b_rstd
-        # weight/bias as [BLOCK_R, BLOCK_C] loads (rows after the first hit L1): the tile's own layout, where a
-        # [1, BLOCK_C] load would be converted through shared memory and lose its 16-byte width
         if HAS_WEIGHT:
-            b_n = b_n * tl.load(W + o_d + z_r, mask=m_d, other=0.0).to(tl.float32)
+            b_n = b_n * tl.load(p_w + c * BLOCK_C, mask=m_d, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            b_n = b_n + tl.load(BIAS + o_d + z_r, mask=m_d, other=0.0).to(tl.float32)
+            b_n = b_n + tl.load(p_b + c * BLOCK_C, mask=m_d, other=0.0).to(tl.float32)
         if HAS_SCALE:
-            b_sc = tl.load(SCALE + i_b * stride_scb + i_s * stride_scs + o_d, mask=m, other=0.0).to(tl.float32)
-            b_n = b_n * (1.0 + b_sc)
+            b_n = b_n * (1.0 + tl.load(p_sc + c * BLOCK_C, mask=m, other=0.0).to(tl.float32))
         if HAS_SHIFT:
-            b_n = b_n + tl.load(SHIFT + i_b * stride_shb + i_s * stride_shs + o_d, mask=m, other=0.0).to(tl.float32)
+            b_n = b_n + tl.load(p_sh + c * BLOCK_C, mask=m, other=0.0).to(tl.float32)
         b_o = b_n.to(OUT.dtype.element_ty)
-        tl.store(OUT + i_b * stride_ob + i_s * stride_os + o_d, b_o, mask=m)
+        tl.store(p_o + c * BLOCK_C, b_o, mask=m)
         outs = outs + (b_o,)
     return outs
 
