@@ -3,7 +3,9 @@
 Baselines: the unfused eager sequence that diffusers runs in the model's dtype (layer_norm, then ``* (1 + scale) +
 shift``; for the residual variant ``x + gate * y`` first), and ``torch.compile`` of that same function. Minimum bytes:
 adaln_modulate reads x and writes out (2 x B*S*D elements); gated_residual_adaln reads x and y and writes h and out (4x).
-The [B, 6*D] modulation vectors are negligible and not counted.
+The [B, 6*D] modulation vectors are negligible and not counted. ``ditkern`` is the automatic choice (CUDA where the
+extension serves the shape, else Triton); ``ditkern-triton`` / ``ditkern-cuda`` force one (a backend that cannot run
+is a row with its reason), so one run compares both kernels against the copy-bandwidth target (TARGETS.md).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def register_cases(shapes: dict) -> None:
                 impls={
                     "ditkern": lambda i: adaln_modulate(i["x"], i["shift"], i["scale"]),
                     "ditkern-triton": lambda i: adaln_modulate(i["x"], i["shift"], i["scale"], backend="triton"),
+                    "ditkern-cuda": lambda i: adaln_modulate(i["x"], i["shift"], i["scale"], backend="cuda"),
                     "eager": lambda i: eager_adaln(i["x"], i["shift"], i["scale"]),
                     "compile": lambda i: _compiled(eager_adaln)(i["x"], i["shift"], i["scale"]),
                 },
@@ -71,6 +74,9 @@ def register_cases(shapes: dict) -> None:
                     "ditkern": lambda i: gated_residual_adaln(i["x"], i["y"], i["gate"], i["shift"], i["scale"]),
                     "ditkern-triton": lambda i: gated_residual_adaln(
                         i["x"], i["y"], i["gate"], i["shift"], i["scale"], backend="triton"
+                    ),
+                    "ditkern-cuda": lambda i: gated_residual_adaln(
+                        i["x"], i["y"], i["gate"], i["shift"], i["scale"], backend="cuda"
                     ),
                     "eager": lambda i: eager_gated(i["x"], i["y"], i["gate"], i["shift"], i["scale"]),
                     "compile": lambda i: _compiled(eager_gated)(i["x"], i["y"], i["gate"], i["shift"], i["scale"]),
