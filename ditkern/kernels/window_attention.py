@@ -5,11 +5,18 @@ neighbourhood on the token grid (NATTEN-style clamped rectangle, CLEAR circle, o
 tiles; see ``ditkern.ops.window_attention``) plus every valid text key, and for a text query every valid key.
 
 Flash-attention forward (Dao et al., arXiv 2205.14135): online softmax in exp2 with fp32 statistics and accumulator.
-A program owns one query tile of ``TT x TH x TW`` grid tokens (a 2D/3D patch, not a 1D run of tokens, so the union of
-its queries' windows is a small box) and walks only the key tiles covering that box - tiles outside it are never
-loaded. Key tiles have the query tile's shape; a key tile that lies inside every query's window is not masked at all
-(in tile granularity that is every key tile but those cut by the grid edge). Text queries are 1-D blocks that attend
-to every key. Layout: q/k/v ``[B, H, S, Dh]`` with any strides, out ``[B, H, S, Dh]`` contiguous.
+A program owns one query tile of ``QT x QH x QW`` grid tokens (a 2D/3D patch, not a 1D run of tokens, so the union of
+its queries' windows is a small box; 128 queries, so with 8 warps each warpgroup owns 64 whole rows and the row max /
+sum never cross warpgroups). The key tiles it visits (``spec.tile``-shaped patches, 64 tokens by default, and 1-D runs
+of text keys) come from a list built once per layout on the host (``window_ranges.key_tile_lists``,
+FlexAttention-BlockMask style): per query tile the tiles inside every query's window ("full") first, then the ones a
+window, the grid edge, the end of the text or the text padding mask cuts. Two loops walk the list, ``for i in
+range(...)``, reading the next entry one iteration ahead, so Triton's software pipeliner turns the K/V loads into
+cp.async copies ``num_stages - 1`` tiles ahead; the full loop has no predicate at all. Head dims that are not a power
+of two are computed as a power-of-two part plus a >= 16 part (72 = 64 + 16: two dots, 80 columns instead of 128), and
+row strides are passed in 16-byte units so the loads vectorise whatever the head dim. Text queries are 1-D blocks
+that attend to every key (their list: every key run). Layout: q/k/v ``[B, H, S, Dh]`` with any strides, out
+``[B, H, S, Dh]`` contiguous.
 """
 
 from __future__ import annotations
@@ -63,7 +70,8 @@ def _attend(acc, acc2, m_i, l_i, b_q, b_q2, p_k, p_v, o_row, m_key, m_qk, o_d, o
     """One key tile: scores, online-softmax update, accumulate p @ v. ``MASKED=False``: every key of the tile is
     valid and inside every query's window, so neither the loads nor the scores are predicated."""
     MASK_D: tl.constexpr = HEAD_DIM < BLOCK_D
-    b_k = _load_rows(p_k, o_row, stride_ks, o_d, stride_kd, m_key, ALIGN, HEAD_DIM, MASKED, MASK_D)  # [BLOCK_N, BLOCK_D]
+    # [BLOCK_N, BLOCK_D]
+    b_k = _load_rows(p_k, o_row, stride_ks, o_d, stride_kd, m_key, ALIGN, HEAD_DIM, MASKED, MASK_D)
     b_s = _dot(b_q, tl.trans(b_k), IEEE)
     if HAS_D2:  # head dim 72 = 64 + a 16-wide part (8 of it zero): two dots instead of one padded to 128
         b_k2 = _load_rows(p_k, o_row, stride_ks, o_d2, stride_kd, m_key, ALIGN, HEAD_DIM, MASKED, True)
@@ -117,7 +125,7 @@ def _window_attention_fwd_kernel(
     GT, GH, GW,
     WT, WH, WW, NUT, NUH, NUW,
     CT, CH, CW, RR,
-    N_IMG_TILES,
+    N_IMG_TILES, N_Q_TILES, N_BH,
     qk_scale,
     QT: tl.constexpr, QH: tl.constexpr, QW: tl.constexpr,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -127,8 +135,17 @@ def _window_attention_fwd_kernel(
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = QT * QH * QW
     BLOCK_N: tl.constexpr = KT * KH * KW
-    i_tile = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    # 1-D grid: the text-query tiles of every (batch, head) first - each walks every key, ~10x an image tile's list
+    # at FLUX 4096, so they must not start in the last wave - then each head's image tiles in raster order (neighbours
+    # in flight together share their key boxes in L2)
+    pid = tl.program_id(0)
+    n_txt = (N_Q_TILES - N_IMG_TILES) * N_BH
+    if pid < n_txt:
+        i_bh = pid % N_BH
+        i_tile = N_IMG_TILES + pid // N_BH
+    else:
+        i_bh = (pid - n_txt) // N_IMG_TILES
+        i_tile = (pid - n_txt) % N_IMG_TILES
     i_b = (i_bh // NH).to(tl.int64)
     i_h = (i_bh % NH).to(tl.int64)
     p_q = Q + (i_b * stride_qb + i_h * stride_qh) * ALIGN
@@ -345,7 +362,7 @@ def window_attention_triton(q, k, v, spec, text_tokens: int, text_position: str,
         align = 1
     qs, ks, vs, os_ = (strides[i : i + 3] for i in range(0, 12, 3))
     row64 = (S - 1) * max(q.stride(2), k.stride(2), v.stride(2), out.stride(2)) >= 2**31
-    grid = (n_q, B * NH)
+    grid = (n_q * B * NH,)
     args = (
         q, k, v, out, kpm if kpm is not None else out, lists,
         *(s // align for s in qs), q.stride(3), *(s // align for s in ks), k.stride(3),
@@ -355,7 +372,7 @@ def window_attention_triton(q, k, v, spec, text_tokens: int, text_position: str,
         GT, GH, GW,
         *(u[1] for u in units), *(u[2] for u in units),
         ct, ch, cw, rr,
-        n_img_tiles,
+        n_img_tiles, n_q, B * NH,
         scale * LOG2E,
     )  # fmt: skip
     constexprs = dict(
@@ -379,7 +396,8 @@ def window_attention_triton(q, k, v, spec, text_tokens: int, text_position: str,
 def visited_key_fraction(spec, text_tokens: int = 0) -> float:
     """Key tokens the kernel loads per image query, relative to the window's own size (1.0 = ideal tile cover).
 
-    Host-side replay of the kernel's loop bounds (for the bench table: how close the 2D/3D tiling is to ideal).
+    Host-side replay of the key boxes with query tiles of the key tile's own shape (the ``auto_tile`` criterion and the
+    bench table: how close the 2D/3D tiling is to ideal); the kernel's 128-query tiles visit ``query_tile``'s boxes.
     """
     tiles = 0
     ideal = 1

@@ -1,7 +1,8 @@
 """Which keys a box of window-attention queries sees along one grid axis: the loop bounds of the window kernel.
 
 Pure Python (no Triton), so that the op's host-side code (the auto tile choice, the chunked torch path) and the
-kernel's host-side replay (``visited_key_fraction``) share one definition without the kernel module importing the op.
+kernel's host side (its per-query-tile key-tile lists, ``visited_key_fraction``) share one definition without the
+kernel module importing the op.
 ``spec`` is a ``ditkern.ops.window_attention.WindowSpec`` (read by attribute: grid, window, shape, granularity, tile).
 """
 

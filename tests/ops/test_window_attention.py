@@ -190,8 +190,8 @@ def test_key_tile_lists_cover_each_window_once_and_full_tiles_need_no_mask(grid,
     GT, GH, GW = spec.grid
     tiles = []
     for t0, h0, w0 in itertools.product(*(range(0, n, q) for n, q in zip(spec.grid, qt))):
-        rows = [img + (t * GH + h) * GW + w for t, h, w in itertools.product(
-            range(t0, min(t0 + qt[0], GT)), range(h0, min(h0 + qt[1], GH)), range(w0, min(w0 + qt[2], GW)))]  # fmt: skip
+        box = [range(c, min(c + q, n)) for c, q, n in zip((t0, h0, w0), qt, spec.grid)]
+        rows = [img + (t * GH + h) * GW + w for t, h, w in itertools.product(*box)]
         tiles.append((rows, txt + T))  # an image tile's run entries are its text keys
     for q0 in range(0, T, 128):
         tiles.append((list(range(txt + q0, txt + min(q0 + 128, T))), S))
