@@ -272,6 +272,19 @@ def _moe_cases() -> list[CompileCase]:
                         6 * T * K * D * F),  # fmt: skip
             CompileCase("moe_combine", shape, combine, True, T * K * D * 2 + 2 * T * D * 2),
         ]
+    # few rows per expert (64 experts top-8, shorter sequences): the 64- and 16-row tiles (4 warps)
+    d = MOE_SHAPES["moe64_top8"]
+    for T in (1024, 256):
+        D, E, K, F = d["D"], d["E"], d["K"], 1024
+        rows, blocks = align_sizes(T * K, E, auto_block_m(T * K, E))
+
+        def grouped_small(T=T, D=D, E=E, K=K, F=F, rows=rows, blocks=blocks):
+            return moe_grouped_swiglu(_e(T, D), _z(rows, dtype=torch.int32), _z(blocks, dtype=torch.int32),
+                                      _e(E, F, D), _e(E, F, D), _e(E, D, F), _e(T, K, dtype=torch.float32),
+                                      backend="triton")  # fmt: skip
+
+        cases.append(CompileCase("moe_grouped_swiglu", f"moe64_top8_T{T}", grouped_small, False,
+                                 3 * E * F * D * 2 + 2 * T * D * 2 + T * K * D * 2, 6 * T * K * D * F))  # fmt: skip
     # Nucleus-Image (diffusers' NucleusMoEImageTransformer2DModel defaults): D 2048, 128 experts of F 1344,
     # capacity factor 8, 1024^2 image = 4096 tokens -> each expert takes ceil(8 * 4096 / 128) = 256 rows.
     # ExpertChoiceMoE.from_nucleus reads the packed gate_up_proj [E, D, 2F] / down_proj [E, F, D] in place (strided).

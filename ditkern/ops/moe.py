@@ -17,8 +17,10 @@ rows ``[b * block_m, (b + 1) * block_m)``, -1 past the padded total ``num_rows``
 ``R = max_blocks * block_m`` with ``max_blocks = (N + min(E, N) * (block_m - 1)) // block_m`` (N = T * K rows), so no
 size depends on the routing: nothing synchronises with the host and ``torch.compile(fullgraph=True)`` traces it.
 
-Weights are stacked per expert: w1, w3 ``[E, F, D]``, w2 ``[E, D, F]`` (each nn.Linear's ``[out, in]``), b1 ``[E, F]``,
-b2 ``[E, D]``.
+Weights are indexed per expert: w1, w3 ``[E, F, D]``, w2 ``[E, D, F]`` (each nn.Linear's ``[out, in]``), b1 ``[E, F]``,
+b2 ``[E, D]``; any strides (the GEMMs read through them). The GEMM tiles follow ``block_m`` (the tile height) and D / F,
+from a table fitted to the device's shared memory (``ditkern.kernels.moe.gemm_configs``; the Triton backend refuses
+where nothing fits); :func:`auto_block_m` picks ``block_m`` from the rows per expert.
 Arithmetic is fp32 (the grouped GEMM keeps its hidden activation in x's dtype between its two GEMMs, as the model
 does); outputs have x's dtype. Ids and weights are validated on CPU; on CUDA their values are not read (that would be
 a host synchronisation): ids outside ``[0, E)`` then select no expert and leave their rows of y unwritten.
