@@ -149,15 +149,19 @@ def test_patched_tiny_nucleus_model():
         report = ditkern.patch(model, backend="torch")
         rows = [r for r in report.patched if r.cls == "NucleusMoELayer"]
         assert [r.module for r in rows] == ["transformer_blocks.1.img_mlp", "transformer_blocks.2.img_mlp"]
-        assert all("MoE dispatch fused" in r.what and "expert-choice capacity" in r.detail for r in rows), str(report)
+        assert all("MoE dispatch fused" in r.what and "expert-choice capacity" in r.detail and
+                   "experts read in place" in r.detail for r in rows), str(report)  # fmt: skip
         assert "NucleusMoELayer" in str(report)
         patched = model(**inputs, return_dict=False)[0]
         moe = model.transformer_blocks[1].img_mlp.__dict__["_ditkern_sparse_moe"]
         assert isinstance(moe, ExpertChoiceMoE)
-        w2 = moe.w2.clone()
-        moe.w2.zero_()  # the stacked experts are what runs (the torch path can be bit-identical to diffusers)
-        assert not torch.equal(model(**inputs, return_dict=False)[0], patched)
-        moe.w2.copy_(w2)
+        ex = model.transformer_blocks[1].img_mlp.experts
+        assert moe.w2.data_ptr() == ex.down_proj.data_ptr() and moe.w1.data_ptr() == ex.gate_up_proj.data_ptr()
+        assert moe.stacked_bytes() == 0  # views of the packed experts, no copy
+        w2 = moe.w2
+        moe.w2 = torch.nn.Parameter(torch.zeros_like(w2), requires_grad=False)  # only the fused path reads moe.w2
+        assert not torch.equal(model(**inputs, return_dict=False)[0], patched)  # (torch path: may equal diffusers)
+        moe.w2 = w2
         ditkern.unpatch(model)
         after = model(**inputs, return_dict=False)[0]
     assert _err(patched, ref64) <= 2 * _err(before, ref64) + 1e-5, (_err(patched, ref64), _err(before, ref64))
