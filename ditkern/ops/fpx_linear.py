@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ditkern._backend import choose, requested_backend, triton_can_run_on
+from ditkern._backend import choose, max_shared_memory, requested_backend, triton_can_run_on
 from ditkern._ext import cuda_can_run_on, dtype_code, ext, stream_of
-from ditkern.formats import FORMATS, check_group_size, get_format, padded_k
+from ditkern.formats import FORMATS, GROUP_SIZES, check_group_size, get_format, padded_k
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -93,9 +93,22 @@ def _cuda_can_run(x, packed=None, *others) -> str | None:
         return (
             f"M={M} rows > {CUDA_MAX_M}: the CUDA kernel is the small-M GEMV (Triton's tensor-core GEMM runs larger M)"
         )
-    if packed is not None and (packed.data_ptr() % 4 or packed.stride(0) % 4):
-        return "packed rows are not 4-byte aligned"
+    if packed is not None and (packed.data_ptr() % 16 or packed.stride(0) % 8):
+        return "packed is not 16-byte aligned with rows a multiple of 8 bytes (the GEMV's vector loads)"
+    smem = cuda_shared_bytes(M, x.shape[-1])
+    limit = max_shared_memory(x.device)
+    if limit is not None and smem > limit:
+        return (
+            f"x needs {smem} bytes of shared memory in the CUDA GEMV (M={M}, K={x.shape[-1]}), the device allows "
+            f"{limit} (Triton runs it)"
+        )
     return None
+
+
+def cuda_shared_bytes(M: int, K: int) -> int:
+    """Upper bound of the CUDA GEMV's shared memory (csrc/fpx/fpx_gemv.cu: x staged as fp32, 36 floats per 32 codes
+    of K_pad; K_pad <= K rounded up to the largest group size)."""
+    return M * padded_k(K, max(GROUP_SIZES)) // 32 * 36 * 4
 
 
 def _triton_can_run(x, *others) -> str | None:
