@@ -323,6 +323,14 @@ def test_gpu_3d_wan_like():
     _check_case("triton", torch.bfloat16, (5, 9, 16), (3, 5, 7), 0, "first", "cuda", B=1, H=2, D=128)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [72, 64])
+def test_gpu_pixart_and_sd3_head_dims_with_padded_text(D):
+    tm = torch.ones(2, 40, dtype=torch.bool, device="cuda")
+    tm[1, 7:] = False
+    _check_case("triton", torch.bfloat16, (32, 32), 9, 40, "last", "cuda", B=2, H=3, D=D, text_mask=tm, noncontig=True)
+
+
 def test_auto_tile_is_a_64_token_tile_that_does_no_more_work_than_8x8():
     from ditkern.kernels.window_attention import visited_key_fraction
     from ditkern.ops.window_attention import auto_tile
