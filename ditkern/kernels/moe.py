@@ -27,6 +27,7 @@ sorted (padded) order; Y [T, K, D]. Any strides (the GEMMs read through strides)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import triton
@@ -421,6 +422,7 @@ def _fit(n: int, block: int) -> int:
     return max(16, min(block, triton.next_power_of_2(n)))
 
 
+@functools.lru_cache(maxsize=256)  # called by can_run and the launcher on every call: plain ints in, frozen configs out
 def gemm_configs(block_m: int, D: int, F: int, elt_size: int, swiglu: bool, smem_limit: int | None,
                  interpret: bool = False) -> tuple[GemmConfig, GemmConfig] | str:  # fmt: skip
     """``(gate_up, down)`` configs for moe_align blocks of ``block_m`` rows, ``x [T, D]``, experts of hidden size
