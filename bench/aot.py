@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import re
 import shutil
@@ -58,6 +59,32 @@ def capability(arch: str) -> tuple[int, int]:
 def shared_limit(arch: str) -> int:
     with _backend.compile_target(capability(arch)):
         return _backend.max_shared_memory("cpu")
+
+
+# per-SM limits and the SM count of each architecture's reference GPU (A100, L40S, H100/H200 SXM, B200): CUDA
+# programming guide, compute capability tables; datasheets for the SM counts
+_SM = {
+    "80": dict(smem=164 * 1024, threads=2048, blocks=32, sms=108),
+    "89": dict(smem=100 * 1024, threads=1536, blocks=24, sms=142),
+    "90a": dict(smem=228 * 1024, threads=2048, blocks=32, sms=132),
+    "100a": dict(smem=228 * 1024, threads=2048, blocks=32, sms=148),
+}
+
+
+def occupancy(row: dict) -> tuple[int | None, float | None]:
+    """Programs resident per SM (registers: 256-register units per warp out of 64K; shared memory: the block's plus
+    1 KB reserved per block; threads; blocks) and the grid's waves over the reference GPU's SMs."""
+    sm = _SM.get(str(row["arch"]))
+    if sm is None or row.get("registers") is None:
+        return None, None
+    warps = row["num_warps"]
+    per_warp = -(-row["registers"] * 32 // 256) * 256
+    limits = [65536 // (per_warp * warps), sm["threads"] // (32 * warps), sm["blocks"]]
+    if row["shared_bytes"]:
+        limits.append(sm["smem"] // (row["shared_bytes"] + 1024))
+    blocks = max(0, min(limits))
+    programs = math.prod(row["grid"])
+    return blocks, (round(programs / (blocks * sm["sms"]), 2) if blocks else None)
 
 
 class _StandInDriver(CudaDriver):

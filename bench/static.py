@@ -7,7 +7,8 @@ extension's ptxas figures, one row per kernel, bench shape and architecture.
 
 Each architecture compiles in its own process (``bench/aot.py``: a stand-in driver, no interpreter), through the ops'
 own launchers (``bench/compile_cases.py``). Columns: registers, spilled bytes, shared memory (and the architecture's
-limit), warps/stages, the tensor-core instructions in SASS (HGMMA = bf16/fp16 wgmma, QGMMA = fp8 wgmma, HMMA =
+limit), warps/stages, programs resident per SM and the grid's waves over the reference GPU's SMs (A100 108, L40S 142,
+H200 132, B200 148), the tensor-core instructions in SASS (HGMMA = bf16/fp16 wgmma, QGMMA = fp8 wgmma, HMMA =
 mma.sync, QMMA = fp8 mma.sync on Ada, UTC*MMA = Blackwell tcgen05), async copies (LDGSTS = cp.async, TMA),
 128/64-bit global loads, the SASS instructions of the main loop per iteration (the innermost loop holding the most
 tensor-core instructions, else the longest loop) and what it waits on and loads (its smallest wgmma wait depth, 0 =
@@ -89,6 +90,7 @@ def compile_arch(arch: str, ops: set[str] | None = None, progress: bool = False)
             row["grid_ok"] = all(g <= lim for g, lim in zip(row["grid"], aot.GRID_LIMITS))
             row.update(op=case.op, shape=case.shape, memory_bound=case.memory_bound, bytes=case.bytes,
                        flops=case.flops, tensor_math=case.tensor_math, h200_floor_us=round(case.floor_us(), 2))  # fmt: skip
+            row["blocks_per_sm"], row["waves"] = aot.occupancy(row)
             row["violations"] = aot.violations(row, case.memory_bound)
             rows.append(row)
         timings.append((case.name, round(time.time() - t_case, 2)))
@@ -111,6 +113,12 @@ def _async(r: dict) -> str:
     return ", ".join(parts) or "-"
 
 
+def _occ(r: dict) -> str:
+    if r.get("blocks_per_sm") is None:
+        return "-"
+    return f"{r['blocks_per_sm']} ({r['waves']})" if r["waves"] is not None else str(r["blocks_per_sm"])
+
+
 def _loop_traits(r: dict) -> str:
     """The main loop's wgmma wait depth (0: waits on the MMA it just issued; - : none, e.g. mma.sync), its plain
     global loads and its async copies (of them 128-bit)."""
@@ -131,17 +139,17 @@ def render(result: dict, cuda_rows: list[dict] | None, sha: str) -> str:
         f"{result['distinct_binaries']} distinct binaries, {result['seconds']} s. Floors are H200 rooflines "
         "(4.8 TB/s, 989 TFLOP/s bf16, 1979 fp8) for the bytes and FLOPs one call needs.",
         "",
-        "| op | shape | kernel | grid | warps/stages | regs | spill B | smem KB (limit) | tensor cores (SASS) | async "
+        "| op | shape | kernel | grid | warps/stages | blocks/SM (waves) | regs | spill B | smem KB (limit) | tensor cores (SASS) | async "
         "copies | LDG 128/64/all | main loop instr (MMA) | main loop wgmma wait / LDG / LDGSTS (128-bit) | MB | "
         "GFLOP | H200 floor us | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         loop = "-" if r["main_loop_instructions"] is None else f"{r['main_loop_instructions']} ({r['main_loop_mma']})"
         status = "; ".join(r["violations"]) or "ok"
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['kernel']} | {'x'.join(map(str, r['grid']))} | "
-            f"{r['num_warps']}/{r['num_stages']} | {r['registers']} | {r['local_bytes']} | "
+            f"{r['num_warps']}/{r['num_stages']} | {_occ(r)} | {r['registers']} | {r['local_bytes']} | "
             f"{r['shared_bytes'] / 1024:.0f} ({r['shared_limit'] // 1024}) | {_tc(r)} | {_async(r)} | "
             f"{r['ldg_128']}/{r['ldg_64']}/{r['ldg']} | {loop} | {_loop_traits(r)} | {r['bytes'] / 1e6:.1f} | {r['flops'] / 1e9:.1f} | "
             f"{r['h200_floor_us']} | {status} |"
