@@ -7,9 +7,9 @@
 // Python side only selects this backend when D and every row stride are multiples of VEC and pointers are aligned.
 //
 // Each thread holds NV vectors of the row (vector k*blockDim.x + threadIdx.x, coalesced); NV (1, 2 or 4) is a template
-// argument and blockDim.x the smallest multiple of 32 with blockDim.x * NV * VEC >= D, the launcher picking NV so
-// that few lanes are idle (adaln_vectors_per_thread: FLUX 3072 bf16 = 96 threads x 4 vectors, SD3 1536 = 96 x 2,
-// PixArt 1152 = 144 of 160 threads x 1, Wan 5120 = 160 x 4).
+// argument and blockDim.x the smallest multiple of 32 with blockDim.x * NV * VEC >= D, the launcher picking NV for
+// the most bytes in flight per SM (adaln_vectors_per_thread: FLUX 3072 bf16 = 96 threads x 4 vectors, SD3 1536 =
+// 96 x 2, PixArt 1152 = 96 x 2 with 72 busy, Wan 5120 = 160 x 4).
 // Every global load of the row (x, y, gate, and the modulation/affine operands) is issued before the reduction, so a
 // block has all its bytes in flight at once and nothing is re-read.
 // Statistics: each thread's mean and centred sum of squares over its own elements (exact, in registers), merged
@@ -57,8 +57,9 @@ __device__ __forceinline__ void chan_merge(float& n, float& m, float& m2, float 
   n = nn;
 }
 
+// (kMaxThreads, 1): without the minimum of one block per SM, ptxas for sm_80 held NV = 2 to 64 registers and spilled
 template <typename T, typename M, int NV>
-__global__ void __launch_bounds__(kMaxThreads) adaln_modulate_kernel(AdalnArgs a) {
+__global__ void __launch_bounds__(kMaxThreads, 1) adaln_modulate_kernel(AdalnArgs a) {
   constexpr int VEC = 16 / sizeof(T);
   __shared__ float red[3][32];  // per-warp (n, mean, M2), or the per-warp sum of squares for RMS
 
@@ -202,18 +203,22 @@ void launch_nv(const AdalnArgs& a, int threads) {
 
 // NV for a row of D elements of `elt` bytes, and the block size in *threads_out; 0 when D needs more than
 // kMaxThreads x 4 vectors. NV is one of 1, 2, 4 (each NV is one kernel per dtype pair: 15 kernels, which keeps the
-// extension's build time near what it was): the fewest idle lanes, then the most vectors per thread (more bytes in
-// flight per thread, fewer warps to reduce over). FLUX 3072 / Wan 5120 (16-bit): 4 vectors x 96 / 160 threads,
-// SD3 1536: 2 x 96, PixArt 1152: 1 x 160 (144 busy); all exact but PixArt's 90%.
+// extension's build time near what it was). The choice maximises the predicted HBM bytes in flight per SM, which is
+// what a memory-bound row kernel's bandwidth follows: resident threads are register-bound (65536 / registers), each
+// holding NV vectors of which the busy fraction carries data, so the score is NV * busy / registers(NV), registers
+// ~ 32 + 20 * NV (ptxas: ~55 / 64-76 / 102-120 at NV = 1 / 2 / 4). FLUX 3072 / Wan 5120 (16-bit): 4 vectors x 96 /
+// 160 threads, all busy; SD3 1536: 2 x 96, all busy; PixArt 1152: 2 x 96 with 75% busy (1 x 160 would be 90% busy
+// but hold 0.8x the bytes).
 int adaln_vectors_per_thread(int64_t D, int elt, int* threads_out) {
   const int64_t n_vec = D / (16 / elt);
   int best_nv = 0, best_threads = 0;
-  int64_t best_waste = -1;
+  double best_score = -1.0;
   for (int nv : {1, 2, 4}) {
     const int64_t threads = ((n_vec + nv - 1) / nv + 31) / 32 * 32;
     if (threads > kMaxThreads) continue;
-    const int64_t waste = threads * nv - n_vec;
-    if (best_waste < 0 || waste <= best_waste) best_nv = nv, best_threads = static_cast<int>(threads), best_waste = waste;
+    const double busy = static_cast<double>(n_vec) / static_cast<double>(threads * nv);
+    const double score = nv * busy / (32.0 + 20.0 * nv);
+    if (score > best_score) best_nv = nv, best_threads = static_cast<int>(threads), best_score = score;
   }
   if (threads_out) *threads_out = best_threads;
   return best_nv;
