@@ -134,13 +134,17 @@ def test_the_check_catches_what_the_interpreter_misses(tmp_path):
 
 
 def test_parse_sass_loops(tmp_path):
-    """The main-loop count: a backward branch's body, the loop with the most MMA instructions."""
+    """The main-loop count: a backward branch's body, the loop with the most MMA instructions; what it waits on and
+    loads."""
     proc = _compile_snippet(
         """
         sass = '''
                 /*0000*/                   MOV R1, c[0x0][0x28] ;
         .L_x_0:
                 /*0010*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4], R24 ;
+                /*0018*/                   LDGSTS.E.BYPASS.128 [R9], desc[UR16][R4.64], P5 ;
+                /*001a*/                   LDG.E.64 R14, desc[UR16][R190.64+0x140] ;
+                /*001c*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
                 /*0020*/                   IADD3 R0, R0, 0x1, RZ ;
                 /*0030*/                   ISETP.GE.AND P0, PT, R0, R2, PT ;
                 /*0040*/              @!P0 BRA `(.L_x_0) ;
@@ -149,8 +153,10 @@ def test_parse_sass_loops(tmp_path):
         '''
         r = aot.parse_sass(sass)
         print("LOOP", r["sass_loops"], r["main_loop_instructions"], r["main_loop_mma"], r["hgmma"])
+        print("TRAITS", r["main_loop_wgmma_wait"], r["main_loop_ldg"], r["main_loop_ldgsts"], r["main_loop_ldgsts_128"])
         """,
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "LOOP 1 4 1 1" in proc.stdout, proc.stdout
+    assert "LOOP 1 7 1 1" in proc.stdout, proc.stdout
+    assert "TRAITS 1 1 1 1" in proc.stdout, proc.stdout  # waits for all but one wgmma group; one LDG, one cp.async
