@@ -298,28 +298,31 @@ _SMEM_MARGIN = 1024
 
 
 def smem_bytes(block_m: int, block_n: int, dpad: int, elt_size: int, stages: int, hopper: bool) -> int:
-    """Predicted shared memory of one program (bytes)."""
+    """Predicted shared memory of one program (bytes). fp32 inputs take the FMA path (no tensor cores), which keeps Q
+    in shared memory on every architecture (sm_89: 128.5 KB at 128 x 64 x 128, one stage)."""
     kv = 2 * block_n * dpad * elt_size
-    q = block_m * dpad * elt_size if hopper else 0
+    q = block_m * dpad * elt_size if hopper or elt_size == 4 else 0
     return q + stages * kv + _SMEM_MARGIN
 
 
 def launch_config(block_n: int, head_dim: int, elt_size: int, capability, smem_limit) -> tuple[int, int, int] | str:
     """``(block_m, num_warps, num_stages)`` for key tiles of ``block_n`` tokens and this head dim on a device of this
     capability with ``smem_limit`` bytes of shared memory per block (None: no limit, the interpreter), or the reason no
-    configuration fits (then the backend refuses: a kernel must never fail at launch)."""
+    configuration fits (then the backend refuses: a kernel must never fail at launch). 128 query rows where they fit
+    at any depth; fp32 (the FMA path, where shared memory, not the MMA shape, is the limit) falls back to 64."""
     block_m = query_rows(block_n)
-    warps = _num_warps(block_m)
     if smem_limit is None:
-        return block_m, warps, 2
+        return block_m, _num_warps(block_m), 2
     hopper = capability is not None and tuple(capability) >= (9, 0)
     dpad = sum(head_split(head_dim))
-    for stages in (3, 2, 1):
-        if smem_bytes(block_m, block_n, dpad, elt_size, stages, hopper) <= smem_limit:
-            return block_m, warps, stages
-    need = smem_bytes(block_m, block_n, dpad, elt_size, 1, hopper)
+    rows = [block_m] + ([64] if elt_size == 4 and block_n <= 64 and block_m > 64 else [])
+    for bm in rows:
+        for stages in (3, 2, 1):
+            if smem_bytes(bm, block_n, dpad, elt_size, stages, hopper) <= smem_limit:
+                return bm, _num_warps(bm), stages
+    need = smem_bytes(rows[-1], block_n, dpad, elt_size, 1, hopper)
     return (
-        f"a {block_m}-query / {block_n}-key tile with head dim {head_dim} needs ~{need // 1024} KB of shared memory,"
+        f"a {rows[-1]}-query / {block_n}-key tile with head dim {head_dim} needs ~{need // 1024} KB of shared memory,"
         f" the device allows {smem_limit // 1024} KB: use a smaller tile"
     )
 
