@@ -12,12 +12,12 @@ Tiling (exact D, several rows per program): a program normalises BLOCK_R rows. E
 N_CHUNKS chunks of BLOCK_C elements, BLOCK_C a power of two chosen so that N_CHUNKS * BLOCK_C covers D exactly where
 D allows (FLUX 3072 = 3 x 1024, SD3 1536 = 3 x 512, Wan 5120 = 5 x 1024; PixArt 1152 = 9 x 128 in fp32 and 5 x 256,
 90% busy, in 16-bit types, whose 9 chunks would exceed the 5 that bound a thread's registers and the compile time)
-instead of padding D to the next power of two (which left 25-44% of the lanes without data). The [BLOCK_R, BLOCK_C] chunk tile is
-sized so each thread holds one 16-byte vector of it: every load and store is 16 bytes wide, and a thread holds
-N_CHUNKS vectors per tensor. x is read once and each output written once (the memory-bound ideal); BLOCK_R is chosen
-so a program moves >= 16 KB. Statistics are the exact two-pass ones over the register-resident row: the chunk sums
-are added elementwise (in-thread), one row reduction gives the mean, a second the centred sum of squares (no
-E[x^2] - mean^2 cancellation); RMS norm needs only the one sum of squares.
+instead of padding D to the next power of two (which left 25-44% of the lanes without data). The [BLOCK_R, BLOCK_C]
+chunk tile is sized so each thread holds one 16-byte vector of it: every load and store is 16 bytes wide, and a
+thread holds N_CHUNKS vectors per tensor. x is read once and each output written once (the memory-bound ideal);
+BLOCK_R is chosen so a program moves >= 16 KB. Statistics are the exact two-pass ones over the register-resident
+row: the chunk sums are added elementwise (in-thread), one row reduction gives the mean, a second the centred sum of
+squares (no E[x^2] - mean^2 cancellation); RMS norm needs only the one sum of squares.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _ELEMENTS_PER_THREAD = 40  # per tensor and thread: 5 chunks of 16-bit vectors (
 _TARGET_BYTES = 16384  # x read + out written per program
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=4096)
 def row_config(D: int, elt: int, rows: int) -> tuple[int, int, int, int]:
     """``(BLOCK_R, BLOCK_C, N_CHUNKS, num_warps)`` for rows of D elements of ``elt`` bytes (x's dtype).
 

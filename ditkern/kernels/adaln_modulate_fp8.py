@@ -8,8 +8,9 @@ exactly what ``quantize_fp8(adaln_modulate(x, ...))`` computes, without reading 
 registers (D <= MAX_BLOCK_D). The norm + modulate part is ``ditkern.kernels.adaln_modulate._adaln_rows`` with its
 tiling (several rows per program, each row as exact-D chunks of 16-byte vectors per thread); the epilogue takes the
 per-row absmax of the stored chunks and quantizes them in registers. The FP8 pair feeds the W4A8/W6A8 GEMM of
-every quantized linear layer that consumes this norm's output (FLUX: q/k/v and the single-stream MLP). Layout: x/out ``[B, S, D]`` with unit stride along D,
-shift/scale as ``[B, S, D]`` views (zero strides broadcast a ``[B, D]`` vector); xq ``[B*S, D]``, sx ``[B*S]``.
+every quantized linear layer that consumes this norm's output (FLUX: q/k/v and the single-stream MLP). Layout: x/out
+``[B, S, D]`` with unit stride along D, shift/scale as ``[B, S, D]`` views (zero strides broadcast a ``[B, D]``
+vector); xq ``[B*S, D]``, sx ``[B*S]``.
 DiT adaLN-Zero (arXiv 2212.09748); FP8 per-token scaling as in FP4DiT (arXiv 2503.15465).
 """
 
