@@ -196,7 +196,7 @@ def parse_sass(sass: str) -> dict:
         if m and m.group(1) in labels and labels[m.group(1)] < i:  # a lone self-branch is the end-of-kernel trap
             body = instrs[labels[m.group(1)] : i + 1]
             mma = sum(1 for b in body if _MMA.search(b))
-            loops.append({"instructions": len(body), "mma": mma, "body": body})
+            loops.append({"instructions": len(body), "mma": mma, "body": body, "span": (labels[m.group(1)], i)})
     # In a nest the outer body contains the inner one: among the loops with the most MMAs take the shortest (the
     # innermost loop that holds them); without MMAs the longest loop. Both sides of a branch in a body are counted.
     most = max((lp["mma"] for lp in loops), default=0)
@@ -205,7 +205,13 @@ def parse_sass(sass: str) -> dict:
     else:
         main = max(loops, key=lambda lp: lp["instructions"]) if loops else None
     text = "\n".join(instrs)
+    # every innermost loop holding MMAs (a kernel with several pipelined loops, e.g. unmasked then masked tiles)
+    mma_loops = [lp for lp in loops if lp["mma"]]
+    inner = [lp for lp in mma_loops
+             if not any(o is not lp and lp["span"][0] <= o["span"][0] and o["span"][1] <= lp["span"][1]
+                        for o in mma_loops)]  # fmt: skip
     return {
+        "mma_loops": sorted(lp["instructions"] for lp in inner),
         "sass_instructions": len(instrs),
         "sass_loops": len(loops),
         "main_loop_instructions": main["instructions"] if main else None,

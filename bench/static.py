@@ -11,9 +11,10 @@ limit), warps/stages, programs resident per SM and the grid's waves over the ref
 H200 132, B200 148), the tensor-core instructions in SASS (HGMMA = bf16/fp16 wgmma, QGMMA = fp8 wgmma, HMMA =
 mma.sync, QMMA = fp8 mma.sync on Ada, UTC*MMA = Blackwell tcgen05), async copies (LDGSTS = cp.async, TMA),
 128/64-bit global loads, the SASS instructions of the main loop per iteration (the innermost loop holding the most
-tensor-core instructions, else the longest loop) and what it waits on and loads (its smallest wgmma wait depth, 0 =
-each iteration waits for the MMA it just issued; plain LDG; cp.async, of them 128-bit), and the bytes and FLOPs one
-call needs with its roofline floor on an H200 (4.8 TB/s, 989 TFLOP/s bf16, 1979 fp8).
+tensor-core instructions, else the longest loop; "+ loops": the other innermost loops holding MMAs) and what it waits
+on and loads (its smallest wgmma wait depth, 0 = each iteration waits for the MMA it just issued; plain LDG; cp.async,
+of them 128-bit), and the bytes and FLOPs one call needs with its roofline floor on an H200 (4.8 TB/s, 989 TFLOP/s
+bf16, 1979 fp8).
 Violations (the compile test fails on them): a compile error, a grid over the hardware limits, shared memory over the
 architecture's, register spills in a memory-bound kernel. A backend that refuses an architecture through its
 ``can_run`` is listed as refused, with the reason, and is not compiled.
@@ -146,6 +147,11 @@ def render(result: dict, cuda_rows: list[dict] | None, sha: str) -> str:
     ]
     for r in result["rows"]:
         loop = "-" if r["main_loop_instructions"] is None else f"{r['main_loop_instructions']} ({r['main_loop_mma']})"
+        others = list(r.get("mma_loops") or [])
+        if r["main_loop_instructions"] in others:
+            others.remove(r["main_loop_instructions"])
+        if others:  # the other innermost MMA loops, e.g. a masked loop beside the unmasked one
+            loop += " + loops " + ", ".join(map(str, others))
         status = "; ".join(r["violations"]) or "ok"
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['kernel']} | {'x'.join(map(str, r['grid']))} | "

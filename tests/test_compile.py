@@ -63,11 +63,17 @@ def test_compile_report_has_the_tuning_columns(request):
     w4a8 = [r for r in rows if r["op"] == "fpx_fp8_linear" and r["kernel"] == "_fpx_fp8_linear_fwd_kernel"]
     big = [r for r in w4a8 if int(r["shape"].split("_M")[1].split("/")[0]) >= 256]
     assert big and all(r["qgmma"] > 0 for r in big), "W4A8 at DiT token counts must use fp8 wgmma (QGMMA) on sm_90a"
+    # issue 13: the weights arrive by 16-byte async copies and the group scales are not plain loads in the main loop
+    assert all(r["main_loop_ldgsts_128"] >= 2 and r["main_loop_ldg"] <= 1 for r in big), [
+        (r["shape"], r["main_loop_ldgsts_128"], r["main_loop_ldg"]) for r in big]
     assert all(r["qgmma"] + r["hmma"] > 0 for r in w4a8), "every W4A8 tile must run on tensor cores"
     ada = [r for r in results["89"]["rows"] if r["kernel"] == "_fpx_fp8_linear_fwd_kernel"]
     assert ada and all(r["qmma"] > 0 for r in ada), "W4A8 on sm_89 must use fp8 mma.sync (QMMA)"
     attn = [r for r in rows if r["op"] == "window_attention"]
     assert attn and all(r["hgmma"] > 0 and r["main_loop_instructions"] for r in attn)
+    # the image-window key loop is pipelined: async copies in it, and the list entry its only plain load
+    assert all(r["main_loop_ldgsts"] > 0 and r["main_loop_ldg"] <= 1 for r in attn), [
+        (r["shape"], r["main_loop_ldgsts"], r["main_loop_ldg"]) for r in attn]
     assert all(r["h200_floor_us"] > 0 for r in rows)
     # sm_89 has 99 KB: the window kernel pipelines less deeply there instead of failing to launch
     sm89 = [r for r in results["89"]["rows"] if r["op"].startswith("window_attention")]
