@@ -250,7 +250,7 @@ def test_gpu_cuda_gemv_matches_reference(fmt, scale_dtype):
 @pytest.mark.parametrize("fmt", ALL)
 def test_gpu_cuda_gemv_every_m_bucket_and_8_byte_rows(fmt):
     """K_pad % 64 == 32 (G=32, K=200 -> K_pad=224: FP6 rows of 168 bytes, the GEMV's 8-byte load path), a K tail, the
-    M buckets 1 / 2 / 4 / 8 / 16 of the kernel (scale per chunk for M <= 4, folded into the weights above), a row
+    M buckets 1 / 2 / 4 / 16 of the kernel (scale per chunk for M <= 4, folded into the weights above), a row
     count that leaves a warp's 4-row tile partly empty, bf16 scales."""
     torch.manual_seed(3)
     w = torch.randn(203, 200, device="cuda")
