@@ -71,17 +71,30 @@ DITKERN_HD uint32_t fp6_pair(uint32_t w, uint32_t lo_s, int j, const Decoder& d)
   return ((b >> d.rs) & d.mag_mask) | (b & 0x80008000u) | ((lo_s >> (2 * j)) & d.lo_mask);
 }
 
-// byte_perm for the host check (__byte_perm semantics without the sign-replicate mode, which is not used here).
-DITKERN_HD uint32_t byte_perm_host(uint32_t x, uint32_t y, uint32_t s) {
+// PRMT: __byte_perm on the device, the same byte selection on the host (the sign-replicate mode is not used here).
+DITKERN_HD uint32_t byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(x, y, s);
+#else
   const uint64_t v = uint64_t(x) | (uint64_t(y) << 32);
   uint32_t r = 0;
   for (int i = 0; i < 4; ++i) r |= uint32_t((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
   return r;
+#endif
 }
 
 // Selector that spreads the 16-bit half `half` of a low-plane word (8 codes x 2 bits) so that codes 0-3 sit in
 // byte 0 and codes 4-7 in byte 2 (bytes 1 and 3 taken from the zero operand).
 DITKERN_HD uint32_t lo_spread_selector(int half) { return half ? 0x4342u : 0x4140u; }
+
+// The fp16 pairs of codes 8q .. 8q + 7 of a 32-code chunk (what the GEMV decodes per step): `hi` is the chunk's
+// 32-bit word q of FP4 codes / FP6 high nibbles (bytes 4q .. 4q + 3 of its 16 bytes), `lo` its FP6 low-plane word
+// q / 2 (bytes 4(q/2) .. of its 8 bytes; ignored for 4-bit codes). h[j]: low half code 8q + j, high half 8q + j + 4.
+template <int BITS> DITKERN_HD void chunk_pairs(uint32_t hi, uint32_t lo, int q, const Decoder& d, uint32_t* h) {
+  uint32_t lo_s = 0;
+  if constexpr (BITS == 6) lo_s = byte_perm(lo, 0u, lo_spread_selector(q & 1)) << d.lo_shift;
+  for (int j = 0; j < 4; ++j) h[j] = BITS == 4 ? fp4_pair(hi, j, d) : fp6_pair(hi, lo_s, j, d);
+}
 
 // Exact fp32 value of fp16 bits (host side of the check; the device converts with cvt.f32.f16).
 inline float half_bits_to_float(uint32_t h) {

@@ -98,15 +98,13 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int q) {
 // The 8 codes 8q .. 8q + 7 of row r of a chunk as fp32 value * 2**-pow, in code order.
 template <int BITS>
 __device__ __forceinline__ void decode8(const Chunk<BITS>& c, int r, int q, const Decoder& d, float* w) {
-  const uint32_t hi = word(c.hi[r], q);
-  uint32_t lo_s = 0;
-  if constexpr (BITS == 6) {
-    lo_s = __byte_perm(q < 2 ? c.lo[r].x : c.lo[r].y, 0u, lo_spread_selector(q & 1)) << d.lo_shift;
-  }
+  uint32_t lo = 0;
+  if constexpr (BITS == 6) lo = q < 2 ? c.lo[r].x : c.lo[r].y;
+  uint32_t h[4];
+  chunk_pairs<BITS>(word(c.hi[r], q), lo, q, d, h);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const uint32_t h = BITS == 4 ? fp4_pair(hi, j, d) : fp6_pair(hi, lo_s, j, d);
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h[j]));
     w[j] = f.x;
     w[j + 4] = f.y;
   }
@@ -291,7 +289,7 @@ bool decode_matches(int fmt, const float* lut) {
           hi |= (d.bits == 4 ? c : c >> 2) << (4 * i);
           lo16 |= (c & 3) << (2 * i);
         }
-        const uint32_t lo_s = byte_perm_host(lo16 << (16 * half), 0u, lo_spread_selector(half)) << d.lo_shift;
+        const uint32_t lo_s = byte_perm(lo16 << (16 * half), 0u, lo_spread_selector(half)) << d.lo_shift;
         const int j = pos & 3;
         const uint32_t h = d.bits == 4 ? fp4_pair(hi, j, d) : fp6_pair(hi, lo_s, j, d);
         const float got = half_bits_to_float(pos < 4 ? h & 0xFFFFu : h >> 16) * out;
