@@ -204,7 +204,7 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
     what = "quantized linear (fpx_fp8_linear)" if use_act else "quantized linear (fpx_linear)"
     fmt, G = qw.format, qw.group_size
     gemm_backend = _gemm_backend(w, qw, use_act, backend)
-    # per call, by rows: with FP8 activations a call of at most CUDA_MAX_M rows (the modulation linears: M = batch)
+    # per call, by rows: with FP8 activations a call of at most SMALL_M_ROWS rows (the modulation linears: M = batch)
     # runs the weight-only CUDA GEMV where it can run (a GPU, no forced backend)
     small_m_gemv = use_act is not None and _small_m_backend(w, qw, backend) == "cuda"
     if small_m_gemv:
@@ -290,10 +290,15 @@ def _gemm_backend(w: torch.Tensor, qw: QuantizedWeight, act: str | None, backend
     return choose("fpx_fp8_matmul", BACKENDS, xq, packed, backend=backend)
 
 
-def _small_m() -> int:
-    from ditkern.ops.fpx_linear import CUDA_MAX_M  # noqa: PLC0415
+# With FP8 activations, calls of at most this many rows run the weight-only CUDA GEMV instead (the modulation linears:
+# M = batch size). A prediction from the static figures, to be replaced by the measured crossover: the GEMV issues ~5
+# instructions per code at M=1 (~1.6x the H200 floor at FLUX's MLP) but its CUDA-core FMAs grow with M (~6.6x the
+# floor at M=16), while the FP8 GEMM's cost at a few rows is its weight traffic plus the activation quantization.
+SMALL_M_ROWS = 4
 
-    return CUDA_MAX_M
+
+def _small_m() -> int:
+    return SMALL_M_ROWS
 
 
 def _small_m_backend(w: torch.Tensor, qw: QuantizedWeight, backend: str | None) -> str | None:

@@ -1,4 +1,4 @@
-"""With FP8 activations, a call of at most CUDA_MAX_M rows runs the weight-only path where the small-M CUDA GEMV can
+"""With FP8 activations, a call of at most SMALL_M_ROWS rows runs the weight-only path where the small-M CUDA GEMV can
 serve it (memory-bound: FP8 tensor cores cannot help and the GEMV skips the activation quantization); larger calls
 run the W4A8 GEMM. The GEMV cannot run here, so the rule is checked with the backend probe answering "cuda"; the
 outputs are the two paths' references (independent: dequantize + matmul with and without FP8 activations)."""
@@ -10,9 +10,10 @@ from torch import nn
 
 from ditkern.formats import quantize
 from ditkern.ops.fpx_fp8_linear import fpx_fp8_linear_ref
-from ditkern.ops.fpx_linear import CUDA_MAX_M, fpx_linear_ref
+from ditkern.ops.fpx_linear import fpx_linear_ref
 from ditkern.quant import feature
 from ditkern.quant.config import QuantConfig
+from ditkern.quant.feature import SMALL_M_ROWS
 
 
 def _plan(monkeypatch, gemv: bool):
@@ -35,9 +36,9 @@ def _refs(x, lin, qw):
 
 def test_few_rows_take_the_weight_only_gemv_and_many_rows_the_w4a8_gemm(monkeypatch):
     lin, qw, plan = _plan(monkeypatch, gemv=True)
-    assert f"calls of <= {CUDA_MAX_M} rows: weight-only" in plan.detail
+    assert f"calls of <= {SMALL_M_ROWS} rows: weight-only" in plan.detail
     with torch.no_grad():
-        for rows, path in ((CUDA_MAX_M, 0), (CUDA_MAX_M + 1, 1)):
+        for rows, path in ((SMALL_M_ROWS, 0), (SMALL_M_ROWS + 1, 1)):
             x = torch.randn(rows, 64)
             out = plan.new_forward(lin, x)
             ref = _refs(x, lin, qw)
