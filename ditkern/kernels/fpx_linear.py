@@ -25,7 +25,8 @@ def _fpx_linear_fwd_kernel(
     BITS: tl.constexpr, MAN: tl.constexpr, BIAS_EXP: tl.constexpr, IS_INT: tl.constexpr,
     SCALE_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ASM_LO: tl.constexpr, ASM_HI: tl.constexpr, USE_ASM: tl.constexpr,
+    ASM_LO: tl.constexpr, ASM_HI: tl.constexpr, ASM_F0: tl.constexpr, ASM_F1: tl.constexpr, ASM_F2: tl.constexpr,
+    ASM_F3: tl.constexpr, ASM_FIN: tl.constexpr, USE_ASM: tl.constexpr,
 ):  # fmt: skip
     i_m, i_n = tl.program_id(0), tl.program_id(1)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -41,12 +42,27 @@ def _fpx_linear_fwd_kernel(
         if HAS_SMOOTH:
             b_is = tl.load(INV_SMOOTH + o_k, mask=o_k < K, other=0.0)
             b_x = (b_x.to(tl.float32) * b_is[None, :]).to(X.dtype.element_ty)
-        if USE_ASM:  # FP4 E2M1 -> bf16 / fp16 pairs by shifts, masks and one exact power-of-two multiply
+        if USE_ASM:  # codes -> bf16 / fp16 pairs by shifts and masks (weight16_asm), on a GPU only
             o_b = kb // 2 + tl.arange(0, BLOCK_K // 2)
             b_b = tl.load(p_w + o_b[None, :], mask=m_n[:, None], other=0)  # [BLOCK_N, BLOCK_K // 2] uint8
-            b_lo = tl.inline_asm_elementwise(ASM_LO, "=r,=r,r", [b_b], dtype=X.dtype.element_ty, is_pure=True, pack=4)
-            b_hi = tl.inline_asm_elementwise(ASM_HI, "=r,=r,r", [b_b], dtype=X.dtype.element_ty, is_pure=True, pack=4)
-            b_w = tl.interleave(b_lo, b_hi)
+            if BITS == 4:
+                b_lo = tl.inline_asm_elementwise(ASM_LO, "=r,=r,r", [b_b], dtype=X.dtype.element_ty, is_pure=True,
+                                                 pack=4)  # fmt: skip
+                b_hi = tl.inline_asm_elementwise(ASM_HI, "=r,=r,r", [b_b], dtype=X.dtype.element_ty, is_pure=True,
+                                                 pack=4)  # fmt: skip
+                b_w = tl.interleave(b_lo, b_hi)
+            else:  # FP6: 16-bit images of the high plane's and the low plane's bits, ORed, then one FMA
+                b_lo = tl.inline_asm_elementwise(ASM_LO, "=r,=r,r", [b_b], dtype=tl.int16, is_pure=True, pack=4)
+                b_hi = tl.inline_asm_elementwise(ASM_HI, "=r,=r,r", [b_b], dtype=tl.int16, is_pure=True, pack=4)
+                o_l = K_pad // 2 + kb // 4 + tl.arange(0, BLOCK_K // 4)
+                b_l = tl.load(p_w + o_l[None, :], mask=m_n[:, None], other=0)  # [BLOCK_N, BLOCK_K // 4] uint8
+                f0 = tl.inline_asm_elementwise(ASM_F0, "=r,=r,r", [b_l], dtype=tl.int16, is_pure=True, pack=4)
+                f1 = tl.inline_asm_elementwise(ASM_F1, "=r,=r,r", [b_l], dtype=tl.int16, is_pure=True, pack=4)
+                f2 = tl.inline_asm_elementwise(ASM_F2, "=r,=r,r", [b_l], dtype=tl.int16, is_pure=True, pack=4)
+                f3 = tl.inline_asm_elementwise(ASM_F3, "=r,=r,r", [b_l], dtype=tl.int16, is_pure=True, pack=4)
+                img = tl.interleave(b_lo, b_hi) | tl.interleave(tl.interleave(f0, f2), tl.interleave(f1, f3))
+                b_w = tl.inline_asm_elementwise(ASM_FIN, "=r,r", [img], dtype=X.dtype.element_ty, is_pure=True,
+                                                pack=2)  # fmt: skip
         else:
             b_c = load_codes(p_w, kb, m_n[:, None], K_pad, BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
             b_w = decode_f32(b_c, BITS, MAN, BIAS_EXP, IS_INT).to(X.dtype.element_ty)
@@ -72,22 +88,83 @@ def _blocks(M: int, group_size: int, interpreted: bool) -> tuple[int, int, int]:
     return bm, 128, bk
 
 
-def fp4_half_asm(half: bool) -> tuple[str, str]:
-    """PTX turning four packed bytes into the bf16 (``half=False``) or fp16 values of their low (first string) or
-    high (second) nibbles' E2M1 codes, two per 32-bit register: the sign to bit 15, the three magnitude bits under the
-    16-bit format's exponent and mantissa (giving ``value * 2**-c``, subnormal for 0.5), then one exact multiply by
-    ``2**c`` (c = 126 for bf16, 14 for fp16; bf16x2 / f16x2 FMA keep subnormal inputs)."""
-    sh, mul, ty = (9, "0x74007400", "f16x2") if half else (6, "0x7E807E80", "bf16x2")
-    mask = f"0x{(7 << sh) * 0x10001:08X}"
+def _bits16(v: float, half: bool) -> int:
+    import torch  # noqa: PLC0415
 
-    def body(sign_shift: int, mag_shift: int) -> str:
-        def one(out: str, sel: str) -> str:
-            mag = f"shl.b32 m, t, {mag_shift};" if mag_shift >= 0 else f"shr.b32 m, t, {-mag_shift};"
-            return (f"prmt.b32 t, $2, 0, {sel}; shl.b32 s, t, {sign_shift}; and.b32 s, s, 0x80008000; {mag} "
-                    f"and.b32 m, m, {mask}; or.b32 m, m, s; fma.rn.{ty} {out}, m, c, z;")  # fmt: skip
-        return (f"{{ .reg .b32 t, s, m, c, z; mov.b32 c, {mul}; mov.b32 z, 0x80008000; " + one("$0", "0x4140") + " " + one("$1", "0x4342") + " }")
+    return int(torch.tensor(v, dtype=torch.float16 if half else torch.bfloat16).view(torch.int16).item()) & 0xFFFF
 
-    return body(12, sh), body(8, sh - 4)
+
+def weight16_asm(fmt, half: bool) -> dict[str, str]:
+    """PTX making 16-bit (bf16, or fp16 if ``half``) weight values from packed bytes, two per 32-bit register.
+
+    Each string spreads bytes into 16-bit lanes (``prmt``) and moves bits with shifts and masks:
+
+    * FP4 E2M1 (``LO`` / ``HI``: the low / high nibbles of four bytes): the sign to bit 15, the three magnitude bits
+      under the 16-bit format's exponent and mantissa, giving ``value * 2**-c`` (subnormal for 0.5), then one exact
+      FMA by ``2**c`` (c = 127 - bias for bf16, 15 - bias for fp16; bf16x2 / f16x2 FMA keep subnormal inputs).
+    * int4: the magnitude under a magic exponent (``128 + m`` in bf16, ``1024 + m`` in fp16), one exact FMA
+      subtracting it, then the sign.
+    * FP6: ``LO`` / ``HI`` give the sign and top three magnitude bits from the high plane, ``F0`` .. ``F3`` the low two
+      bits (byte bits ``2f, 2f+1``) from the low plane, as 16-bit images; the kernel ORs them and ``FIN`` applies the
+      FMA by ``2**c``.
+    """
+    ty = "f16x2" if half else "bf16x2"
+    sh = (10 if half else 7) - fmt.man_bits  # bit of the magnitude's lowest bit in the 16-bit image
+    lanes = (("$0", "0x4140"), ("$1", "0x4342"))  # bytes 0, 1 -> $0's lanes; bytes 2, 3 -> $1's
+    src = "$2"
+
+    def shift(reg: str, src_: str, n: int) -> str:
+        return f"shl.b32 {reg}, {src_}, {n};" if n >= 0 else f"shr.b32 {reg}, {src_}, {-n};"
+
+    def const(name: str, v16: int) -> str:
+        return f"mov.b32 {name}, 0x{v16 * 0x10001:08X};"
+
+    head = "{ .reg .b32 t, s, m, c, z; "
+    if fmt.is_int:
+        magic = 1024.0 if half else 128.0
+        pre = head + const("c", _bits16(1.0, half)) + " " + const("z", _bits16(-magic, half)) + " "
+
+        def nib(top: int) -> str:  # top = 0: low nibble, 4: high nibble
+            out = pre
+            for reg, sel in lanes:
+                out += (f"prmt.b32 t, {src}, 0, {sel}; {shift('s', 't', 12 - top)} and.b32 s, s, 0x80008000; "
+                        f"{shift('m', 't', -top)} and.b32 m, m, 0x00070007; or.b32 m, m, "
+                        f"0x{_bits16(magic, half) * 0x10001:08X}; fma.rn.{ty} m, m, c, z; or.b32 {reg}, m, s; ")
+            return out + "}"
+
+        return {"LO": nib(0), "HI": nib(4)}
+    c2 = _bits16(2.0 ** ((15 if half else 127) - fmt.bias), half)
+    if fmt.bits == 4:
+        pre = head + const("c", c2) + " " + const("z", 0x8000) + " "
+        mask = f"0x{(7 << sh) * 0x10001:08X}"
+
+        def nib(top: int) -> str:
+            out = pre
+            for reg, sel in lanes:
+                out += (f"prmt.b32 t, {src}, 0, {sel}; {shift('s', 't', 12 - top)} and.b32 s, s, 0x80008000; "
+                        f"{shift('m', 't', sh - top)} and.b32 m, m, {mask}; or.b32 m, m, s; "
+                        f"fma.rn.{ty} {reg}, m, c, z; ")
+            return out + "}"
+
+        return {"LO": nib(0), "HI": nib(4)}
+    mask = f"0x{(7 << (sh + 2)) * 0x10001:08X}"
+
+    def hi_part(top: int) -> str:
+        out = head
+        for reg, sel in lanes:
+            out += (f"prmt.b32 t, {src}, 0, {sel}; {shift('s', 't', 12 - top)} and.b32 s, s, 0x80008000; "
+                    f"{shift('m', 't', sh + 2 - top)} and.b32 m, m, {mask}; or.b32 {reg}, m, s; ")
+        return out + "}"
+
+    def field(f: int) -> str:
+        out = head
+        for reg, sel in lanes:
+            out += f"prmt.b32 t, {src}, 0, {sel}; {shift('m', 't', sh - 2 * f)} and.b32 {reg}, m, 0x{(3 << sh) * 0x10001:08X}; "
+        return out + "}"
+
+    fin = head + const("c", c2) + " " + const("z", 0x8000) + f" fma.rn.{ty} $0, $1, c, z; }}"
+    return {"LO": hi_part(0), "HI": hi_part(4), "F0": field(0), "F1": field(1), "F2": field(2), "F3": field(3),
+            "FIN": fin}  # fmt: skip
 
 
 def fpx_linear_triton(x2, packed, scales, bias, inv_smooth, out, *, fmt, group_size: int, K: int) -> None:
@@ -102,8 +179,10 @@ def fpx_linear_triton(x2, packed, scales, bias, inv_smooth, out, *, fmt, group_s
     kind = scale_kind(scales)
     s = scales.view(torch_int16()) if kind == 1 else scales
     c = format_constexprs(fmt)
-    use_asm = not interpreted and fmt.name == "fp4_e2m1" and x2.dtype in (torch_bf16(), torch_f16())
-    lo, hi = fp4_half_asm(x2.dtype == torch_f16())
+    use_asm = not interpreted and x2.dtype in (torch_bf16(), torch_f16())
+    asm = dict.fromkeys(("LO", "HI", "F0", "F1", "F2", "F3", "FIN"), "")
+    if use_asm:
+        asm.update(weight16_asm(fmt, x2.dtype == torch_f16()))
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _fpx_linear_fwd_kernel[grid](
         x2, packed, s, bias if bias is not None else out, inv_smooth if inv_smooth is not None else out, out,
@@ -113,7 +192,7 @@ def fpx_linear_triton(x2, packed, scales, bias, inv_smooth, out, *, fmt, group_s
         SCALE_KIND=kind, HAS_BIAS=bias is not None, HAS_SMOOTH=inv_smooth is not None,
         IEEE=x2.dtype == torch_float32(),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1 if interpreted else 4,
-        ASM_LO=lo, ASM_HI=hi, USE_ASM=use_asm,
+        **{f"ASM_{k}": v for k, v in asm.items()}, USE_ASM=use_asm,
     )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import torch
 
 from ditkern import formats as F
 from ditkern.kernels.fpx_common import e4m3_constexprs
-from ditkern.kernels.fpx_linear import fp4_half_asm
+from ditkern.kernels.fpx_linear import weight16_asm
 
 M32 = 0xFFFFFFFF
 
@@ -99,16 +99,31 @@ def test_e4m3_ptx_equals_reference_images(name):
                 assert fields == [int(image[(b >> 2 * f) & 3]) for f in range(4)], (name, b)
 
 
+def _lanes(outs: list[int], i: int) -> int:
+    """The 16-bit lane of byte ``i`` of the input word (bytes 0, 1 -> the first register, 2, 3 -> the second)."""
+    return (outs[i // 2] >> (16 * (i % 2))) & 0xFFFF
+
+
 @pytest.mark.parametrize("half", [False, True], ids=["bf16", "fp16"])
-def test_fp4_16bit_ptx_equals_reference_values(half):
-    fmt = F.FORMATS["fp4_e2m1"]
+@pytest.mark.parametrize("name", list(F.FORMATS))
+def test_weight_only_16bit_ptx_equals_reference_values(name, half):
+    """Every code of every format through the weight-only decode strings equals its value exactly (sign of zero
+    included). FP6: every high-plane nibble combined with every low-plane field."""
+    fmt = F.FORMATS[name]
     values = fmt.values()
     kind = "f16x2" if half else "bf16x2"
-    lo_asm, hi_asm = fp4_half_asm(half)
+    asm = weight16_asm(fmt, half)
     for w in _words():
-        outs = run_ptx(lo_asm, [w], 2), run_ptx(hi_asm, [w], 2)
+        hi_lo, hi_hi = run_ptx(asm["LO"], [w], 2), run_ptx(asm["HI"], [w], 2)
+        fields = [run_ptx(asm[f"F{f}"], [w], 2) for f in range(4)] if fmt.bits == 6 else None
         for i, b in enumerate(w.to_bytes(4, "little")):
-            for nib, out in zip((b & 15, b >> 4), outs):
-                bits = (out[i // 2] >> (16 * (i % 2))) & 0xFFFF
-                got = _half_to_float(bits, kind)
-                assert got == float(values[nib]) and (bits >> 15) == (nib >> 3), (half, b, nib, got)
+            for nib, out in zip((b & 15, b >> 4), (hi_lo, hi_hi)):
+                if fmt.bits == 4:
+                    codes = [(nib, _lanes(out, i))]
+                else:  # the high nibble with each possible low 2 bits (from byte b's fields)
+                    codes = [((nib << 2) | ((b >> 2 * f) & 3), _lanes(out, i) | _lanes(fields[f], i)) for f in range(4)]
+                for code, bits in codes:
+                    if fmt.bits == 6:
+                        bits = run_ptx(asm["FIN"], [bits], 1)[0] & 0xFFFF
+                    got = _half_to_float(bits, kind)
+                    assert got == float(values[code]) and (bits >> 15) == (code >> (fmt.bits - 1)), (name, b, code)
