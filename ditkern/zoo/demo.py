@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import NAMES
+from . import FAST_NAMES
 from .fidelity import FidelityTable, compare
 
 
@@ -63,7 +63,7 @@ def run_demo(
     patch_options: dict | None = None,
     seeds: Sequence[int] | None = None,
     rows: int = 2,
-    pipelines: Sequence[str] = NAMES,
+    pipelines: Sequence[str] = FAST_NAMES,
     settings: dict[str, dict] | None = None,
     apply: Callable | None = None,
     undo: Callable | None = None,

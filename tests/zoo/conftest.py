@@ -14,7 +14,9 @@ def flux():
     return zoo.load("digits-flux")
 
 
-@pytest.fixture(scope="session", params=zoo.NAMES)
+# The per-pipeline tests run on the shallow pipelines only (CI time); the deep ones have one cheap test of their own
+# (tests/zoo/test_pipelines.py::test_deep_pipelines_load_and_generate).
+@pytest.fixture(scope="session", params=zoo.FAST_NAMES)
 def pipe(request, dit, flux):
     return {"digits-dit": dit, "digits-flux": flux}[request.param]
 

@@ -91,6 +91,6 @@ def test_demo_writes_png_and_table(tmp_path, capsys):
     table = zoo.demo.run_demo(out_path=str(out), seeds=[0, 1], apply=_noisy_patch, undo=_unpatch, sampler=FAST,
                               progress=False)
     assert os.path.getsize(out) > 1000
-    assert [r.pipeline for r in table.rows] == list(zoo.NAMES)
+    assert [r.pipeline for r in table.rows] == list(zoo.FAST_NAMES)
     printed = capsys.readouterr().out
     assert "digits-flux" in printed and "PSNR" in printed

@@ -30,7 +30,7 @@ def test_paths_hold_diffusers_layout():
         p = zoo.path(name)
         with open(os.path.join(p, "model_index.json")) as f:
             index = json.load(f)
-        assert index["_class_name"] == {"digits-dit": "DiTPipeline", "digits-flux": "FluxPipeline"}[name]
+        assert index["_class_name"] == {"dit": "DiTPipeline", "flux": "FluxPipeline"}[zoo.architecture(name)]
         assert os.path.exists(os.path.join(p, "transformer", "diffusion_pytorch_model.safetensors"))
         assert os.path.exists(os.path.join(p, "vae", "diffusion_pytorch_model.safetensors"))
 
@@ -87,9 +87,31 @@ def test_class_accuracy_at_default_settings(pipe):
     assert acc >= MIN_ACCURACY[name], f"{name}: class accuracy {acc:.0%}"
 
 
+def test_every_pipeline_has_defaults_and_a_baseline():
+    assert set(zoo.FAST_NAMES) | set(zoo.DEEP_NAMES) == set(zoo.NAMES)
+    assert set(zoo.NAMES) == set(zoo.DEFAULTS) == set(zoo.BASELINE_ACCURACY)
+
+
+@pytest.mark.parametrize("name", zoo.DEEP_NAMES)
+def test_deep_pipelines_load_and_generate(name):
+    """The deep pipelines (kept out of the per-pipeline tests for CI time): realistic depth, one image at 2 steps."""
+    pipe = zoo.load(name)
+    cfg = pipe.transformer.config
+    if zoo.architecture(name) == "dit":
+        assert len(pipe.transformer.transformer_blocks) == cfg.num_layers >= 16
+    else:
+        assert cfg.num_layers >= 1 and cfg.num_single_layers >= 1  # FLUX-style: double and single blocks
+        assert len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks) >= 16
+        assert sum(cfg.axes_dims_rope) == cfg.attention_head_dim
+    out = zoo.generate(pipe, [7], [0], num_inference_steps=2)
+    assert out.shape == (1, 1, 32, 32) and 0 <= out.min() and out.max() <= 1 and out.std() > 0
+
+
 def test_flux_class_embeds():
     p, q = zoo.class_embeds([0, 9, None])
     assert p.shape[0] == q.shape[0] == 3
     assert not torch.equal(p[0], p[1]) and not torch.equal(p[1], p[2])
     with pytest.raises(ValueError):
         zoo.class_embeds([11])
+    deep = zoo.class_embeds([0, 9, None], name="digits-flux-deep")  # the deep pipeline ships the same table
+    assert torch.equal(deep[0], p) and torch.equal(deep[1], q)
