@@ -10,7 +10,7 @@ STAMP := $(VENV)/.ditkern-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cuh csrc/*/*.cu csrc/*/*.h)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cuh csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test]"

@@ -7,6 +7,8 @@ torch reference in ``ditkern/quant/formats.py`` exactly. The packed layout is do
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -95,6 +97,7 @@ def load_e4m3(p_row, o_kb, m_n, K_pad, BITS: tl.constexpr, BLOCK_K: tl.constexpr
     return img.to(tl.float8e4nv, bitcast=True)
 
 
+@functools.lru_cache(maxsize=None)  # per (format, mode): a launch reuses the strings
 def e4m3_constexprs(fmt, use_asm: bool) -> dict:
     """The constexpr arguments of :func:`load_e4m3` for a format (``use_asm``: False under the interpreter)."""
     if fmt.bits == 4:

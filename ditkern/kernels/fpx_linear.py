@@ -10,6 +10,8 @@ unit stride along K), out ``[M, N]``. FP4DiT (arXiv 2503.15465) motivates the fl
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -94,6 +96,7 @@ def _bits16(v: float, half: bool) -> int:
     return int(torch.tensor(v, dtype=torch.float16 if half else torch.bfloat16).view(torch.int16).item()) & 0xFFFF
 
 
+@functools.lru_cache(maxsize=None)  # built once per (format, dtype): launches reuse the strings
 def weight16_asm(fmt, half: bool) -> dict[str, str]:
     """PTX making 16-bit (bf16, or fp16 if ``half``) weight values from packed bytes, two per 32-bit register.
 
@@ -110,61 +113,41 @@ def weight16_asm(fmt, half: bool) -> dict[str, str]:
     """
     ty = "f16x2" if half else "bf16x2"
     sh = (10 if half else 7) - fmt.man_bits  # bit of the magnitude's lowest bit in the 16-bit image
-    lanes = (("$0", "0x4140"), ("$1", "0x4342"))  # bytes 0, 1 -> $0's lanes; bytes 2, 3 -> $1's
-    src = "$2"
 
-    def shift(reg: str, src_: str, n: int) -> str:
-        return f"shl.b32 {reg}, {src_}, {n};" if n >= 0 else f"shr.b32 {reg}, {src_}, {-n};"
+    def pair(v16: int) -> str:
+        return f"0x{v16 * 0x10001:08X}"
 
-    def const(name: str, v16: int) -> str:
-        return f"mov.b32 {name}, 0x{v16 * 0x10001:08X};"
+    def shift(n: int) -> str:  # m = t moved by n bits
+        return f"shl.b32 m, t, {n};" if n >= 0 else f"shr.b32 m, t, {-n};"
 
-    head = "{ .reg .b32 t, s, m, c, z; "
+    def per_lane(body) -> str:
+        """``body(reg)`` for the 16-bit lanes of bytes 0, 1 (into $0) and 2, 3 (into $1) of the input word $2."""
+        return "".join(f"prmt.b32 t, $2, 0, {sel}; {body(reg)} " for reg, sel in (("$0", "0x4140"), ("$1", "0x4342")))
+
+    def nibble(top: int, to: int, tail: str) -> str:
+        """The nibble at bit ``top`` (0 or 4) of each byte: its sign to bit 15 (in s), its three magnitude bits to
+        bit ``to`` (in m), then ``tail`` with the lane's output register for ``{reg}``."""
+        return per_lane(lambda reg: f"shl.b32 s, t, {12 - top}; and.b32 s, s, 0x80008000; {shift(to - top)} "
+                                    f"and.b32 m, m, {pair(7 << to)}; " + tail.format(reg=reg))  # fmt: skip
+
+    c = _bits16(2.0 ** ((15 if half else 127) - fmt.bias), half)
     if fmt.is_int:
         magic = 1024.0 if half else 128.0
-        pre = head + const("c", _bits16(1.0, half)) + " " + const("z", _bits16(-magic, half)) + " "
-
-        def nib(top: int) -> str:  # top = 0: low nibble, 4: high nibble
-            out = pre
-            for reg, sel in lanes:
-                out += (f"prmt.b32 t, {src}, 0, {sel}; {shift('s', 't', 12 - top)} and.b32 s, s, 0x80008000; "
-                        f"{shift('m', 't', -top)} and.b32 m, m, 0x00070007; or.b32 m, m, "
-                        f"0x{_bits16(magic, half) * 0x10001:08X}; fma.rn.{ty} m, m, c, z; or.b32 {reg}, m, s; ")
-            return out + "}"
-
-        return {"LO": nib(0), "HI": nib(4)}
-    c2 = _bits16(2.0 ** ((15 if half else 127) - fmt.bias), half)
-    if fmt.bits == 4:
-        pre = head + const("c", c2) + " " + const("z", 0x8000) + " "
-        mask = f"0x{(7 << sh) * 0x10001:08X}"
-
-        def nib(top: int) -> str:
-            out = pre
-            for reg, sel in lanes:
-                out += (f"prmt.b32 t, {src}, 0, {sel}; {shift('s', 't', 12 - top)} and.b32 s, s, 0x80008000; "
-                        f"{shift('m', 't', sh - top)} and.b32 m, m, {mask}; or.b32 m, m, s; "
-                        f"fma.rn.{ty} {reg}, m, c, z; ")
-            return out + "}"
-
-        return {"LO": nib(0), "HI": nib(4)}
-    mask = f"0x{(7 << (sh + 2)) * 0x10001:08X}"
-
-    def hi_part(top: int) -> str:
-        out = head
-        for reg, sel in lanes:
-            out += (f"prmt.b32 t, {src}, 0, {sel}; {shift('s', 't', 12 - top)} and.b32 s, s, 0x80008000; "
-                    f"{shift('m', 't', sh + 2 - top)} and.b32 m, m, {mask}; or.b32 {reg}, m, s; ")
-        return out + "}"
-
-    def field(f: int) -> str:
-        out = head
-        for reg, sel in lanes:
-            out += f"prmt.b32 t, {src}, 0, {sel}; {shift('m', 't', sh - 2 * f)} and.b32 {reg}, m, 0x{(3 << sh) * 0x10001:08X}; "
-        return out + "}"
-
-    fin = head + const("c", c2) + " " + const("z", 0x8000) + f" fma.rn.{ty} $0, $1, c, z; }}"
-    return {"LO": hi_part(0), "HI": hi_part(4), "F0": field(0), "F1": field(1), "F2": field(2), "F3": field(3),
-            "FIN": fin}  # fmt: skip
+        consts = f"mov.b32 c, {pair(_bits16(1.0, half))}; mov.b32 z, {pair(_bits16(-magic, half))}; "
+        tail, to = f"or.b32 m, m, {pair(_bits16(magic, half))}; fma.rn.{ty} m, m, c, z; or.b32 {{reg}}, m, s;", 0
+    else:
+        consts = f"mov.b32 c, {pair(c)}; mov.b32 z, 0x80008000; "
+        if fmt.bits == 4:
+            tail, to = f"or.b32 m, m, s; fma.rn.{ty} {{reg}}, m, c, z;", sh
+        else:  # FP6's high plane: a 16-bit image, finished by FIN after the low plane's bits are ORed in
+            tail, to = "or.b32 {reg}, m, s;", sh + 2
+    head = "{ .reg .b32 t, s, m, c, z; " + consts
+    out = {"LO": head + nibble(0, to, tail) + "}", "HI": head + nibble(4, to, tail) + "}"}
+    if fmt.bits == 6:
+        for f in range(4):
+            out[f"F{f}"] = head + per_lane(lambda reg, f=f: f"{shift(sh - 2 * f)} and.b32 {reg}, m, {pair(3 << sh)};") + "}"
+        out["FIN"] = head + f"fma.rn.{ty} $0, $1, c, z; }}"
+    return out
 
 
 def fpx_linear_triton(x2, packed, scales, bias, inv_smooth, out, *, fmt, group_size: int, K: int) -> None:
@@ -182,7 +165,7 @@ def fpx_linear_triton(x2, packed, scales, bias, inv_smooth, out, *, fmt, group_s
     use_asm = not interpreted and x2.dtype in (torch_bf16(), torch_f16())
     asm = dict.fromkeys(("LO", "HI", "F0", "F1", "F2", "F3", "FIN"), "")
     if use_asm:
-        asm.update(weight16_asm(fmt, x2.dtype == torch_f16()))
+        asm.update(weight16_asm(fmt, x2.dtype == torch_f16()))  # (a copy: the cached dict is not changed)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _fpx_linear_fwd_kernel[grid](
         x2, packed, s, bias if bias is not None else out, inv_smooth if inv_smooth is not None else out, out,
