@@ -208,7 +208,7 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
     # runs the weight-only CUDA GEMV where it can run (a GPU, no forced backend)
     small_m_gemv = use_act is not None and _small_m_backend(w, qw, backend) == "cuda"
     if small_m_gemv:
-        detail += f"; calls of <= {_small_m()} rows: weight-only (fpx_linear cuda GEMV)"
+        detail += f"; calls of <= {SMALL_M_ROWS} rows: weight-only (fpx_linear cuda GEMV)"
 
     scale_dtype = qw.scales.dtype
 
@@ -226,7 +226,7 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
             out = _fpx_fp8_matmul()(comp[0], comp[1], module.qweight_packed, scales, module.bias, format=fmt,
                                     group_size=G, in_features=K, out_dtype=input.dtype, backend=backend)  # fmt: skip
             return out.view(*input.shape[:-1], N)
-        if use_act is None or (small_m_gemv and input.numel() // K <= _small_m()):
+        if use_act is None or (small_m_gemv and input.numel() // K <= SMALL_M_ROWS):
             # weight-only; and with FP8 activations too for a few rows on a GPU: memory-bound, where the small-M GEMV
             # reads the same packed weights without the activation quantization (and without its error)
             return _fpx_linear()(input, module.qweight_packed, scales, module.bias, format=fmt,
@@ -274,19 +274,20 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
 PLAN_ROWS = 4096
 
 
-def _gemm_backend(w: torch.Tensor, qw: QuantizedWeight, act: str | None, backend: str | None) -> str:
+def _gemm_backend(w: torch.Tensor, qw: QuantizedWeight, act: str | None, backend: str | None,
+                  rows: int = PLAN_ROWS) -> str:  # fmt: skip
     """The backend of the layer's GEMM (fpx_linear weight-only, fpx_fp8_matmul with FP8 activations) for its device
-    and dtype, at a DiT's row count."""
+    and dtype, at ``rows`` rows (a DiT's row count by default)."""
     N, K = qw.shape
     packed = qw.packed.to(w.device)
     if act is None:
         from ditkern.ops.fpx_linear import BACKENDS  # noqa: PLC0415
 
-        x = torch.empty(1, K, device=w.device, dtype=w.dtype).expand(PLAN_ROWS, K)
+        x = torch.empty(1, K, device=w.device, dtype=w.dtype).expand(rows, K)
         return choose("fpx_linear", BACKENDS, x, packed, backend=backend)
     from ditkern.ops.fpx_fp8_linear import BACKENDS  # noqa: PLC0415
 
-    xq = torch.empty(1, K, device=w.device, dtype=torch.float8_e4m3fn).expand(PLAN_ROWS, K)
+    xq = torch.empty(1, K, device=w.device, dtype=torch.float8_e4m3fn).expand(rows, K)
     return choose("fpx_fp8_matmul", BACKENDS, xq, packed, backend=backend)
 
 
@@ -297,18 +298,12 @@ def _gemm_backend(w: torch.Tensor, qw: QuantizedWeight, act: str | None, backend
 SMALL_M_ROWS = 4
 
 
-def _small_m() -> int:
-    return SMALL_M_ROWS
-
-
 def _small_m_backend(w: torch.Tensor, qw: QuantizedWeight, backend: str | None) -> str | None:
-    """The backend ``fpx_linear`` would take for a few rows on the layer's device (None where none can)."""
-    from ditkern.ops.fpx_linear import BACKENDS  # noqa: PLC0415
-
-    x = torch.empty(1, qw.shape[1], device=w.device, dtype=w.dtype)
+    """The weight-only backend for SMALL_M_ROWS rows on the layer's device (None where a forced backend cannot serve
+    them: the FP8 path then serves every call)."""
     try:
-        return choose("fpx_linear", BACKENDS, x, qw.packed.to(w.device), backend=backend)
-    except BackendUnavailable:  # a forced backend that cannot serve few rows: the FP8 path serves them
+        return _gemm_backend(w, qw, None, backend, rows=SMALL_M_ROWS)
+    except BackendUnavailable:
         return None
 
 
