@@ -13,6 +13,7 @@ and which forward arguments hold the latents and the timestep, and which way the
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 
 from ditkern._backend import choose
 from ditkern.cache.config import TaylorCache
+from ditkern.cache.distributed import gate_all_reduce
 from ditkern.ops.taylor import BACKENDS as TAYLOR_BACKENDS
 from ditkern.ops.taylor import taylor_forecast, taylor_update
 from ditkern.patch.engine import Feature, Plan, device_dtype, register_feature
@@ -97,6 +99,7 @@ class _Call:
 class CacheState:
     def __init__(self, config: TaylorCache, model: nn.Module, n_blocks: int, stack: Stack, backend, n_always: int = 0):
         self.config = config
+        self.model = weakref.ref(model)  # the gate's sums are reduced over its context-parallel group
         self.n_blocks = n_blocks
         self.n_always = n_always  # blocks of the stack outside the cached chain: they run on every call
         self.out_streams = tuple(stack.reads_after)
@@ -265,6 +268,7 @@ class CacheState:
                 r = xo.float() - xi.float()
                 err2 += (r - fc.float()).flatten(1).pow(2).sum(1).double().cpu()
                 ref2 += r.flatten(1).pow(2).sum(1).double().cpu()
+            err2, ref2 = gate_all_reduce(self.model(), torch.stack([err2, ref2]))  # one decision on every rank
             rel = (err2 / ref2.clamp_min(1e-30)).sqrt()
             if compared:
                 accept = eligible & (rel < self.config.gate)
