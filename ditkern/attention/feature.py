@@ -16,7 +16,7 @@ from torch import nn
 
 from ditkern._backend import choose
 from ditkern.attention.config import WindowAttention
-from ditkern.attention.processors import GridContext, grid_hook, wrap
+from ditkern.attention.processors import CONTEXT_PARALLEL_REASON, GridContext, context_parallel, grid_hook, wrap
 from ditkern.ops.window_attention import BACKENDS
 from ditkern.patch.engine import Feature, Plan, device_dtype, register_feature
 from ditkern.patch.family import Stack, TokenLayout
@@ -108,6 +108,8 @@ def attention_rules(family, model, config):
         why = layout if isinstance(layout, str) else stack
         reason = f"windowed attention is not available for family {family.name!r}: {why}"
         return {type(model).__name__: lambda m, c: reason}
+    if context_parallel(model):
+        return {type(model).__name__: lambda m, c: CONTEXT_PARALLEL_REASON if m is model else None}
     blocks = [b for _, b in stack.modules(model)]
     n = len(blocks)
     chosen = set(cfg.selected(n))

@@ -246,6 +246,19 @@ def spatial_grid(model, args, kwargs, read_ids: bool = True) -> tuple[tuple[int,
     return grid, math.prod(grid), text
 
 
+CONTEXT_PARALLEL_REASON = (
+    "windowed attention does not compose with diffusers' context parallelism: each rank holds a slice of the "
+    "tokens, and after Ulysses' all-to-all the joint sequence is the ranks' [text, image] slices one after another "
+    "(not one raster-ordered grid), while ring attention never holds the whole key set; the window would be "
+    "applied to the wrong tokens. Keep these layers dense (no attention=) under enable_parallelism"
+)
+
+
+def context_parallel(model) -> bool:
+    """Whether diffusers' ``enable_parallelism`` gave ``model`` context parallelism (it records the config there)."""
+    return getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None) is not None
+
+
 def grid_hook(ctx: GridContext, infer):
     from diffusers.hooks import ModelHook  # noqa: PLC0415
 
@@ -253,6 +266,8 @@ def grid_hook(ctx: GridContext, infer):
         _is_stateful = False
 
         def pre_forward(self, module, *args, **kwargs):
+            if context_parallel(module):  # enable_parallelism after ditkern.patch(..., attention=...)
+                raise NotImplementedError(f"ditkern window attention: {CONTEXT_PARALLEL_REASON}")
             grid, n_image, ctx.text = infer(module, args, kwargs, read_ids=ctx.fixed is None)
             if ctx.fixed is not None:
                 if math.prod(ctx.fixed) != n_image:
