@@ -17,28 +17,25 @@ import torch
 from torch import nn
 
 
-def cp_group(model: nn.Module):
-    """The process group of ``model``'s context parallelism, or None (not distributed, no CP, a group of one)."""
+def cp_mesh(model: nn.Module):
+    """The device mesh of ``model``'s context parallelism, or None (not distributed, no CP, a mesh of one)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
-    config = getattr(model, "_parallel_config", None)
-    cp = getattr(config, "context_parallel_config", None)
+    cp = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
     mesh = getattr(cp, "_flattened_mesh", None)
-    if mesh is None or mesh.size() == 1:
-        return None
-    return mesh.get_group()
+    return None if mesh is None or mesh.size() == 1 else mesh
 
 
 def gate_all_reduce(model: nn.Module, sums: torch.Tensor) -> torch.Tensor:
     """``sums``: [2, B] float64 on the CPU (squared forecast error, squared reference, per batch item, over this
     rank's tokens). Returns the sums over every rank of the model's context-parallel group."""
-    group = cp_group(model)
-    if group is None:
+    mesh = cp_mesh(model)
+    if mesh is None:
         return sums
     # The collective runs on the backend's device: gloo reduces CPU tensors, NCCL only device ones.
-    device = torch.device(model._parallel_config.context_parallel_config._flattened_mesh.device_type)
+    device = torch.device(mesh.device_type)
     if device.type != "cpu" and device.index is None:
         device = torch.device(device.type, torch.accelerator.current_device_index())
     buf = sums.to(device, copy=True)
-    torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM, group=group)
+    torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM, group=mesh.get_group())
     return buf.cpu()
