@@ -170,7 +170,7 @@ def _install(module: nn.Module, plan: Plan) -> _Installed:
         registry = HookRegistry.check_if_exists_or_initialize(module)
         name = HOOK_PREFIX + plan.name
         try:
-            registry.register_hook(_hook_class()(plan.new_forward, plan.wraps), name)
+            _insert_inner(registry, _hook_class()(plan.new_forward, plan.wraps), name)
         except Exception:
             if plan.undo is not None:
                 plan.undo(module)
@@ -178,10 +178,84 @@ def _install(module: nn.Module, plan: Plan) -> _Installed:
     return _Installed(module, name, created, had_forward, plan.undo)
 
 
+def _insert_inner(registry, hook, name: str) -> None:
+    """Register ``hook`` under every hook on the module that is not ditkern's (above ditkern's own, in the order
+    they were installed).
+
+    ``HookRegistry.register_hook`` always makes the new hook the outermost one. A ditkern forward (a fused block, a
+    quantized linear, the cache's wrapper) is the module's computation, while another party's hooks on the same module
+    are about its boundary: diffusers' context-parallel hooks split the inputs of ``blocks.0`` (Wan) or gather the
+    output of ``proj_out``; offloading and layerwise casting move and cast the weights. Outermost, a ditkern hook that
+    replaces the forward would drop all of them, and one that wraps it would see the unsplit inputs while the block
+    under it sees the split ones. Under them, the chain is the one that ``ditkern.patch`` before those hooks builds.
+
+    The chain is a list of ``HookFunctionReference`` (``registry._fn_refs``, innermost first), each calling the next
+    inner one through ``forward`` (a hook without ``new_forward``) or ``original_forward`` (a hook with one);
+    ``module.forward`` is the outermost. Inserting at position ``i`` points the reference at ``i`` (now ``i + 1``)
+    at the new hook's chained forward, which calls what that reference called before.
+    """
+    from diffusers.hooks.hooks import HookFunctionReference  # noqa: PLC0415
+
+    order = registry._hook_order
+    at = 1 + max((i for i, n in enumerate(order) if n.startswith(HOOK_PREFIX)), default=-1)
+    if at == len(order):
+        registry.register_hook(hook, name)
+        return
+    if name in registry.hooks:
+        raise ValueError(f"ditkern: hook {name!r} is already on {type(registry._module_ref).__name__}")
+    module = registry._module_ref = hook.initialize_hook(registry._module_ref)
+    above = registry._fn_refs[at]
+    fn_ref = HookFunctionReference()
+    fn_ref.pre_forward, fn_ref.post_forward = hook.pre_forward, hook.post_forward
+    fn_ref.original_forward = _inner_call(above)
+    fn_ref.forward = functools.update_wrapper(functools.partial(hook.new_forward, module), hook.new_forward)
+    _set_inner_call(above, functools.partial(_chained, fn_ref, module))
+    hook.fn_ref = fn_ref
+    registry.hooks[name] = hook
+    order.insert(at, name)
+    registry._fn_refs.insert(at, fn_ref)
+
+
+def _chained(fn_ref, module, *args, **kwargs):
+    """One link of a diffusers hook chain: pre_forward, the link's forward, post_forward."""
+    args, kwargs = fn_ref.pre_forward(module, *args, **kwargs)
+    return fn_ref.post_forward(module, fn_ref.forward(*args, **kwargs))
+
+
+def _inner_call(fn_ref):
+    """What the link ``fn_ref`` calls next: the forward it replaces (a new_forward hook) or the one it hooks."""
+    return fn_ref.original_forward if fn_ref.original_forward is not None else fn_ref.forward
+
+
+def _set_inner_call(fn_ref, fn) -> None:
+    if fn_ref.original_forward is not None:
+        fn_ref.original_forward = fn
+    else:
+        fn_ref.forward = fn
+
+
+def _remove(registry, name: str) -> None:
+    """Take hook ``name`` out of the chain, wherever it sits, pointing the link above it (or ``module.forward``) back
+    at what it called. Not ``HookRegistry.remove_hook``: that rewires the link above through ``forward`` only, which
+    for a link with ``new_forward`` (another ditkern hook, or any hook that replaces a forward) overwrites the
+    replacement instead of what it calls."""
+    if name not in registry.hooks:
+        return
+    i = registry._hook_order.index(name)
+    inner = _inner_call(registry._fn_refs[i])
+    if i == len(registry._hook_order) - 1:
+        registry._module_ref.forward = inner
+    else:
+        _set_inner_call(registry._fn_refs[i + 1], inner)
+    registry._module_ref = registry.hooks.pop(name).deinitalize_hook(registry._module_ref)
+    registry._hook_order.pop(i)
+    registry._fn_refs.pop(i)
+
+
 def _uninstall(entry: _Installed) -> None:
     registry = getattr(entry.module, "_diffusers_hook", None)
     if entry.hook_name is not None and registry is not None:
-        registry.remove_hook(entry.hook_name, recurse=False)
+        _remove(registry, entry.hook_name)
         if entry.created_registry and not registry.hooks:
             # leave the module exactly as we found it: no registry, no instance-level forward
             del entry.module._diffusers_hook

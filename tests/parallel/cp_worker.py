@@ -215,8 +215,8 @@ def gate(kind, reduce=None, at=3):
 
 def wan(kind):
     """Wan under Ulysses. Its _cp_plan splits the image tokens in a hook on ``blocks.0``, a block ditkern replaces
-    the forward of: ditkern.patch before enable_parallelism (diffusers' split hook then runs outside ditkern's), and
-    after it (ditkern's forward replaces the hooked one; recorded)."""
+    the forward of (and the cache wraps): ditkern.patch before enable_parallelism and after it (ditkern's hooks go
+    under diffusers' split hook either way)."""
     import ditkern
 
     t = dict(t_scale=1.0)
@@ -225,12 +225,8 @@ def wan(kind):
     model, inputs = tiny_wan()
     enable_cp(model, kind)
     plain = run(model, inputs, STEPS[:3], **t)[0]
-    patched_after_error = None
-    try:
-        ditkern.patch(model, backend="torch")
-        run(model, inputs, STEPS[:1], **t)
-    except Exception as e:  # noqa: BLE001
-        patched_after_error = f"{type(e).__name__}: {e}"
+    ditkern.patch(model, backend="torch")
+    patched_after = run(model, inputs, STEPS[:3], **t)[0]
     model, inputs = tiny_wan()
     ditkern.patch(model, backend="torch")
     enable_cp(model, kind)
@@ -244,9 +240,13 @@ def wan(kind):
     enable_cp(model, kind)
     with gate_reduce(Recorder(_real_reduce())) as rec:
         cache_out, cache_forecast = run(model, inputs, **t)
-    return dict(ref=ref, plain=plain, patched=patched, patched_after_error=patched_after_error, cache_ref=cache_ref,
+    model, inputs = tiny_wan()
+    enable_cp(model, kind)
+    ditkern.patch(model, cache=cfg, backend="torch")
+    cache_after_out, cache_after_forecast = run(model, inputs, **t)
+    return dict(ref=ref, plain=plain, patched=patched, patched_after=patched_after, cache_ref=cache_ref,
                 cache_ref_forecast=cache_ref_forecast, cache_out=cache_out, cache_forecast=cache_forecast,
-                sums=rec.calls)  # fmt: skip
+                sums=rec.calls, cache_after_out=cache_after_out, cache_after_forecast=cache_after_forecast)  # fmt: skip
 
 
 def quant(kind, skip=None):
@@ -263,7 +263,7 @@ def quant(kind, skip=None):
     model, inputs = tiny_flux(batch=2)
     enable_cp(model, kind)
     ditkern.patch(model, quant=cfg, backend="torch")
-    after = run(model, inputs, STEPS[:1])[0][0]  # one step: with proj_out swapped the output is the local shard
+    after = run(model, inputs, STEPS[:2])[0]
     model, inputs = tiny_flux(batch=2)
     ditkern.patch(model, quant=cfg, backend="torch")
     enable_cp(model, kind)
