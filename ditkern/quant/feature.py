@@ -122,7 +122,8 @@ def plan_model(model: nn.Module, qc: QuantConfig, backend: str | None, family: F
         if qw is None:
             out[id(m)] = "kept in high precision by memory_budget (largest error per byte saved)"
             continue
-        out[id(m)] = _plan(m, qw, act, backend, qc)
+        # a loaded checkpoint's layers hold a placeholder, not a full-precision weight: unpatch dequantizes
+        out[id(m)] = _plan(m, qw, act, backend, qc, dequantize_on_undo=preq is not None)
     return out
 
 
@@ -188,7 +189,8 @@ class _InferenceOnly(torch.autograd.Function):
         )
 
 
-def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str | None, qc: QuantConfig) -> Plan:
+def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str | None, qc: QuantConfig,
+          dequantize_on_undo: bool = False) -> Plan:  # fmt: skip
     N, K = qw.shape
     w = module.weight
     before = w.numel() * w.element_size()
@@ -238,7 +240,7 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
         order = list(module._parameters)
         p = module._parameters.pop("weight")
         dev = p.device
-        if dev.type != "cpu":
+        if dev.type != "cpu" and not dequantize_on_undo:
             p.data = p.data.to("cpu")  # frees the device copy; unpatch moves this very tensor back
         module._ditkern_quant = {
             "param": p,
@@ -260,7 +262,9 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
         for name in ("qweight_packed", "qweight_scales", "qweight_inv_smooth"):
             module._buffers.pop(name, None)
         p = st["param"]
-        if st["device"].type != "cpu":
+        if dequantize_on_undo:
+            p = nn.Parameter(st["qweight"].dequantize(p.dtype).to(st["device"]), requires_grad=p.requires_grad)
+        elif st["device"].type != "cpu":
             p.data = p.data.to(st["device"])
         params = OrderedDict((k, p if k == "weight" else module._parameters[k]) for k in st["order"])
         module._parameters.clear()
