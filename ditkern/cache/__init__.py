@@ -23,9 +23,12 @@ the blocks outside it always run) and reads the latents and the timestep from th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+
 from ditkern.cache.config import TaylorCache
 
-__all__ = ["TaylorCache", "reset", "stats"]
+__all__ = ["TaylorCache", "calibrate", "reset", "reset_stats", "stats"]
 
 
 def _state(model_or_pipeline):
@@ -46,9 +49,45 @@ def reset(model_or_pipeline) -> None:
 
 def stats(model_or_pipeline) -> dict:
     """Counters since the patch (or the last ``reset_stats``): calls, forecast calls, blocks run / total, the fraction
-    of block executions, and the bytes of Taylor state held now."""
+    of block executions, the bytes of Taylor state held now (and at most), the generations started (the first one
+    counts: 1 after one generation), the lowest gate signal compared, and whether the schedule is calibrated."""
     return _state(model_or_pipeline).stats()
 
 
 def reset_stats(model_or_pipeline) -> None:
     _state(model_or_pipeline).reset_stats()
+
+
+def calibrate(model_or_pipeline, run: Callable[[], object]) -> TaylorCache:
+    """Calibrate the cache patched on this model from the generations ``run()`` makes (a few seeds, the sampler and
+    step count to be used): they run uncached while the feature change of every step is recorded. A ``budget`` cache
+    gets the schedule that meets its budget with the least predicted forecast error; a ``gate`` cache gets per-step
+    scales that make its threshold the predicted relative error of the skipped blocks. The calibrated config is
+    installed on the model and returned: ``.save(path)`` it, and later ``ditkern.patch(pipe,
+    cache=TaylorCache.load(path))``. ::
+
+        ditkern.patch(pipe, cache=ditkern.TaylorCache(budget=0.25))
+        cache = ditkern.cache.calibrate(pipe, lambda: pipe(..., num_inference_steps=28))
+        cache.save("cache.json")
+    """
+    from ditkern.cache.feature import solve_budget, solve_gate  # noqa: PLC0415
+
+    st = _state(model_or_pipeline)
+    cfg = st.config
+    if cfg.mode not in ("budget", "gated"):
+        raise ValueError(f"calibrate needs a TaylorCache with budget= or gate=, this model's runs mode {cfg.mode!r}")
+    st.config = replace(cfg, schedule=None, timesteps=None) if cfg.mode == "budget" else replace(cfg, gate_scale=None, timesteps=None)
+    st.reset()
+    st.records, st._rec, st.recording, st.manual = [], {}, True, True
+    try:
+        run()
+        st._end_generation()
+        st.config = solve_budget(st) if cfg.mode == "budget" else solve_gate(st)
+    except BaseException:
+        st.config = cfg
+        raise
+    finally:
+        st.recording, st.manual, st.records = False, False, []
+        st.reset()
+        st._gen_reset()
+    return st.config

@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass
 
 import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class TaylorCache:
-    """Configuration of the Taylor block cache. Give exactly one of ``interval`` (fixed) or ``gate`` (gated).
+    """Configuration of the Taylor block cache. Give exactly one of ``interval`` (fixed), ``gate`` (gated), ``budget``
+    (calibrated) or ``schedule`` (explicit steps).
 
     order:       Taylor order 0 (reuse), 1 or 2.
     interval:    fixed schedule: run the full stack every ``interval`` steps (1 = never forecast).
-    gate:        gated schedule: forecast when the first block's relative forecast error is below this.
+    gate:        gated schedule: forecast when the confidence signal is below this. The signal is the first block's
+                 relative forecast error; after :func:`ditkern.cache.calibrate` it is scaled per step (``gate_scale``)
+                 into the predicted relative error of the cached stack's forecast, so one threshold means the same on
+                 every model and step.
+    budget:      calibrated schedule: the fraction of block executions to spend (e.g. 0.25). The first generation
+                 (or :func:`ditkern.cache.calibrate`) runs uncached and measures the feature change per step; the
+                 steps to compute are then chosen to minimise the predicted forecast error within the budget.
+    schedule:    the steps (0-based indices within a generation) that run the full stack; every other step forecasts
+                 (set by the calibration, by :meth:`end_anchored`, or by hand). Must contain step 0.
+    timesteps:   the timesteps the schedule / gate scales were calibrated on (item 0's, one per step); a generation
+                 whose timesteps differ runs uncached from the first mismatch on and warns.
+    gate_scale:  per-step factors of the gate signal (from the calibration; None: the raw first-block error).
     warmup:      full steps at the start of each generation (a step without any state is always full).
     full_below:  run every step whose timestep is at most this fraction of the generation's first timestep (the
                  last steps, where detail forms; for a family whose timestep rises to 1, every step whose way left to
                  1 is at most this fraction of the first step's); 0 disables.
-    max_skip:    most consecutive forecast steps per item (None: unbounded for the gate; interval - 1 for fixed).
+    max_skip:    most consecutive forecast steps per item (None: unbounded for the gate; interval - 1 for fixed;
+                 0 never forecasts and warns).
     state_dtype: dtype of the Taylor state (None: bfloat16 on CUDA, float32 elsewhere).
     sync_batch:  gated: the batch forecasts only when every item accepts (one decision per call, so a batch with
                  classifier-free guidance inside it skips together). False: each item decides alone; the blocks run
@@ -30,6 +49,10 @@ class TaylorCache:
     order: int = 1
     interval: int | None = None
     gate: float | None = None
+    budget: float | None = None
+    schedule: tuple[int, ...] | None = None
+    timesteps: tuple[float, ...] | None = None
+    gate_scale: tuple[float, ...] | None = None
     warmup: int = 1
     full_below: float = 0.0
     max_skip: int | None = None
@@ -39,32 +62,121 @@ class TaylorCache:
     def __post_init__(self):
         if isinstance(self.order, bool) or not isinstance(self.order, int) or not 0 <= self.order <= 2:
             raise ValueError(f"TaylorCache.order must be 0, 1 or 2, got {self.order!r}")
-        if (self.interval is None) == (self.gate is None):
+        given = [n for n in ("interval", "gate", "budget") if getattr(self, n) is not None]
+        if self.schedule is not None and self.budget is None:
+            given.append("schedule")
+        if len(given) != 1:
             raise ValueError(
-                "TaylorCache needs exactly one of interval (fixed schedule) or gate (confidence-gated), got "
-                f"interval={self.interval!r}, gate={self.gate!r}"
+                "TaylorCache needs exactly one of interval (fixed schedule), gate (confidence-gated), budget "
+                f"(calibrated) or schedule (explicit steps), got interval={self.interval!r}, gate={self.gate!r}, "
+                f"budget={self.budget!r}, schedule={self.schedule!r}"
             )
         if self.interval is not None and (isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1):
             raise ValueError(f"TaylorCache.interval must be an int >= 1, got {self.interval!r}")
         if self.gate is not None and (not isinstance(self.gate, (int, float)) or isinstance(self.gate, bool) or not self.gate >= 0):
             raise ValueError(f"TaylorCache.gate must be a threshold >= 0, got {self.gate!r}")
+        if self.budget is not None and (
+            not isinstance(self.budget, (int, float)) or isinstance(self.budget, bool) or not 0 < self.budget <= 1
+        ):
+            raise ValueError(f"TaylorCache.budget must be a fraction of block executions in (0, 1], got {self.budget!r}")
+        if self.schedule is not None:
+            sched = tuple(self.schedule)
+            if not sched or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sched):
+                raise ValueError(f"TaylorCache.schedule must be step indices >= 0, got {self.schedule!r}")
+            if list(sched) != sorted(set(sched)) or sched[0] != 0:
+                raise ValueError(f"TaylorCache.schedule must be increasing and start at step 0, got {self.schedule!r}")
+            object.__setattr__(self, "schedule", sched)
+        for name in ("timesteps", "gate_scale"):
+            v = getattr(self, name)
+            if v is not None:
+                v = tuple(float(x) for x in v)
+                if not all(math.isfinite(x) for x in v):
+                    raise ValueError(f"TaylorCache.{name} must be finite numbers, got {getattr(self, name)!r}")
+                object.__setattr__(self, name, v)
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"TaylorCache.warmup must be an int >= 0, got {self.warmup!r}")
         if not isinstance(self.full_below, (int, float)) or not 0 <= self.full_below <= 1:
             raise ValueError(f"TaylorCache.full_below must be in [0, 1], got {self.full_below!r}")
-        if self.max_skip is not None and (isinstance(self.max_skip, bool) or not isinstance(self.max_skip, int) or self.max_skip < 1):
-            raise ValueError(f"TaylorCache.max_skip must be None or an int >= 1, got {self.max_skip!r}")
+        if self.max_skip is not None and (isinstance(self.max_skip, bool) or not isinstance(self.max_skip, int) or self.max_skip < 0):
+            raise ValueError(f"TaylorCache.max_skip must be None or an int >= 0, got {self.max_skip!r}")
         if not isinstance(self.sync_batch, bool):
             raise ValueError(f"TaylorCache.sync_batch must be True or False, got {self.sync_batch!r}")
         if self.state_dtype is not None and self.state_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"TaylorCache.state_dtype must be float32, float16 or bfloat16, got {self.state_dtype!r}")
+        # configurations that can never forecast: legal (an exact reference run), but never silent
+        if self.max_skip == 0 and self.mode in ("fixed", "gated"):
+            warnings.warn("TaylorCache.max_skip=0 never forecasts: every step runs every block", stacklevel=3)
+        if self.gate == 0:
+            warnings.warn("TaylorCache.gate=0 never forecasts: the confidence signal is never below 0", stacklevel=3)
+        if self.full_below == 1 and self.mode in ("fixed", "gated"):
+            warnings.warn("TaylorCache.full_below=1 never forecasts: every step is at or below it", stacklevel=3)
 
     @property
     def mode(self) -> str:
-        return "fixed" if self.interval is not None else "gated"
+        if self.interval is not None:
+            return "fixed"
+        if self.gate is not None:
+            return "gated"
+        return "budget" if self.budget is not None else "schedule"
+
+    @property
+    def calibrated(self) -> bool:
+        """True when the schedule this config runs is known (every mode but an uncalibrated ``budget``)."""
+        return self.budget is None or self.schedule is not None
 
     def describe(self) -> str:
-        sched = f"interval={self.interval}" if self.interval is not None else f"gate={self.gate:g}"
+        sched = {
+            "fixed": lambda: f"interval={self.interval}",
+            "gated": lambda: f"gate={self.gate:g}" + (", calibrated" if self.gate_scale else ""),
+            "budget": lambda: f"budget={self.budget:g}"
+            + (f", {len(self.schedule)} of {len(self.timesteps or ())} steps" if self.schedule else ", uncalibrated"),
+            "schedule": lambda: f"schedule={list(self.schedule)}",
+        }[self.mode]()
         return f"Taylor order {self.order}, {sched}, warmup={self.warmup}" + (
             f", full_below={self.full_below:g}" if self.full_below else ""
-        ) + (f", max_skip={self.max_skip}" if self.max_skip else "")
+        ) + (f", max_skip={self.max_skip}" if self.max_skip is not None else "")
+
+    @classmethod
+    def end_anchored(cls, num_steps: int, interval: int, *, warmup: int = 2, **kwargs) -> TaylorCache:
+        """A fixed schedule counted back from the last step: steps ``0 .. warmup-1`` and ``num_steps-1``,
+        ``num_steps-1-interval``, ... run the full stack (the last step is always computed)."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"end_anchored: num_steps must be an int >= 1, got {num_steps!r}")
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"end_anchored: interval must be an int >= 1, got {interval!r}")
+        steps = set(range(min(max(warmup, 1), num_steps))) | set(range(num_steps - 1, -1, -interval))
+        return cls(schedule=tuple(sorted(steps)), warmup=warmup, **kwargs)
+
+    # ---- JSON (a calibration is made once per pipeline and reloaded) ----
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["state_dtype"] = None if self.state_dtype is None else str(self.state_dtype).replace("torch.", "")
+        for k in ("schedule", "timesteps", "gate_scale"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TaylorCache:
+        d = dict(d)
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"TaylorCache.from_dict: unknown field(s) {unknown}")
+        dt = d.get("state_dtype")
+        if dt is not None:
+            if dt not in _DTYPES:
+                raise ValueError(f"TaylorCache.from_dict: state_dtype must be one of {sorted(_DTYPES)}, got {dt!r}")
+            d["state_dtype"] = _DTYPES[dt]
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump({"ditkern.TaylorCache": self.to_dict()}, f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TaylorCache:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or "ditkern.TaylorCache" not in data:
+            raise ValueError(f"{os.fspath(path)!r} is not a saved ditkern.TaylorCache (no 'ditkern.TaylorCache' key)")
+        return cls.from_dict(data["ditkern.TaylorCache"])

@@ -13,8 +13,10 @@ and which forward arguments hold the latents and the timestep, and which way the
 from __future__ import annotations
 
 import inspect
+import math
+import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -28,6 +30,7 @@ from ditkern.patch.engine import Feature, Plan, device_dtype, register_feature
 from ditkern.patch.family import Stack, Streams
 
 STATE_ATTR = "_ditkern_cache_state"
+CALIB_ELEMENTS = 16384  # elements per item and stream the calibration keeps of each step's features
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -58,6 +61,7 @@ class _Slot:
     skips: torch.Tensor  # [B] int64: consecutive forecasts
     step: int = 0
     t_first: float | None = None
+    off_calibration: bool = False  # this generation's timesteps left the calibrated ones: run every block
     probe: dict[str, _Taylor] = field(default_factory=dict)  # first block's residual, per stream
     rest: dict[str, _Taylor] = field(default_factory=dict)  # stack residual after the anchor, per stream
 
@@ -94,6 +98,7 @@ class _Call:
     accept: torch.Tensor | None = None  # [B] bool: items that take the forecast (gated)
     anchor: dict | None = None  # the streams the stack residual is measured from, by name
     first_in: dict | None = None
+    probe: dict | None = None  # calibration: the first block's residual, by stream
 
 
 class CacheState:
@@ -111,21 +116,39 @@ class CacheState:
         self.call: _Call | None = None
         self.last_t: tuple | None = None
         self.slot_index = 0
+        self.recording = not config.calibrated  # an uncalibrated budget records its first generation
+        self.records: list[dict] = []  # per (generation, call slot): sampled features of every step
+        self._rec: dict[int, dict] = {}
+        self._rec_idx: dict[str, torch.Tensor | None] = {}
+        self._warned_off = False
+        self.manual = False  # ditkern.cache.calibrate is recording (it solves at its end, not per generation)
         self.reset_stats()
 
     # ---- bookkeeping ----
     def reset(self) -> None:
+        """Drop the Taylor state; the next call starts a new generation."""
         self.slots.clear()
         self.last_t = None
         self.slot_index = 0
-        self.generations += 1
 
     def reset_stats(self) -> None:
         self.calls = self.forecast_calls = self.blocks_run = self.blocks_total = 0
         self.generations = 0
+        self._counted = False  # the generation in progress is not counted yet (counted at its next call)
         self.peak_bytes = 0
+        self.signal_min = math.inf
+        self._gen_reset()
+
+    def _gen_reset(self) -> None:
+        self.gen_calls = self.gen_forecasts = self.gen_compared = 0
+        self.gen_signal_min = math.inf
 
     def stats(self) -> dict:
+        """Counters since the patch (or ``reset_stats``). ``generations`` counts the generations started (the first
+        one too); ``blocks_total`` is ``calls`` times the stack's blocks; ``blocks_run`` counts every block executed
+        (the blocks outside the cached chain on every call); ``forecast_calls`` the calls whose cached chain was
+        skipped (gated with ``sync_batch=False``: the calls where every item took the forecast); ``signal_min`` the
+        lowest gate signal compared (inf when none)."""
         return {
             "calls": self.calls,
             "forecast_calls": self.forecast_calls,
@@ -135,7 +158,29 @@ class CacheState:
             "state_bytes": sum(s.nbytes() for s in self.slots.values()),
             "peak_state_bytes": self.peak_bytes,
             "generations": self.generations,
+            "signal_min": self.signal_min,
+            "calibrated": self.config.calibrated,
         }
+
+    def _end_generation(self) -> None:
+        """At a generation's end (seen when the next one starts, or by ``calibrate``): flush the calibration
+        recording, solve an uncalibrated budget, and say so when a gated generation never forecast."""
+        cfg = self.config
+        if cfg.mode == "gated" and self.gen_compared and not self.gen_forecasts and not self.recording:
+            warnings.warn(
+                f"TaylorCache.gate={cfg.gate:g} never forecast in a generation of {self.gen_calls} calls: the lowest "
+                f"confidence signal was {self.gen_signal_min:.4g}; a gate above it forecasts (calibrate the gate "
+                "with ditkern.cache.calibrate so that one threshold means the same on every model)",
+                stacklevel=4,
+            )
+        if self._rec:
+            self.records.extend(r for r in self._rec.values() if r["t"])
+            self._rec = {}
+        if cfg.mode == "budget" and not cfg.calibrated and self.records and self.recording and not self.manual:
+            self.config = solve_budget(self)  # the first generation was the calibration
+            self.recording = False
+            self.records = []
+        self._gen_reset()
 
     def state_dtype(self, device) -> torch.dtype:
         if self.config.state_dtype is not None:
@@ -170,11 +215,15 @@ class CacheState:
         else:
             # a timestep back toward its start (above the previous step's; below it where timesteps rise) means a
             # new generation started: drop the state
-            if self.last_t is not None and (
-                min(key) < min(self.last_t) if self.rises else max(key) > max(self.last_t)
-            ):
+            if self.last_t is None or (min(key) < min(self.last_t) if self.rises else max(key) > max(self.last_t)):
+                if self.gen_calls:
+                    self._end_generation()
                 self.reset()
+                self._counted = False
             self.slot_index = 0
+        if not self._counted:
+            self.generations += 1
+            self._counted = True
         self.last_t = key
         slot = self.slots.get(self.slot_index)
         if slot is None or slot.batch != batch:
@@ -183,6 +232,7 @@ class CacheState:
             slot.t_first = float(t.min() if self.rises else t.max())
         self.call = _Call(slot=slot, t=t)
         self.calls += 1
+        self.gen_calls += 1
         self.blocks_total += self.n_blocks + self.n_always
         self.blocks_run += self.n_always
 
@@ -210,9 +260,65 @@ class CacheState:
 
     def fixed_is_full(self, call: _Call) -> bool:
         cfg, slot = self.config, call.slot
+        if cfg.mode != "fixed":
+            return self.scheduled_is_full(call)
         if not bool(self._eligible(call).all()):
             return True
         return (slot.step - max(cfg.warmup, 1)) % cfg.interval == 0
+
+    def on_calibration(self, call: _Call) -> bool:
+        """Whether this step's timestep is the calibrated one (always, for a config without timesteps). A generation
+        that leaves them runs uncached from there on, and says so once."""
+        cfg, slot = self.config, call.slot
+        if cfg.timesteps is None or slot.off_calibration:
+            return not slot.off_calibration
+        t, k = float(call.t[0]), slot.step
+        if k < len(cfg.timesteps) and abs(t - cfg.timesteps[k]) <= 1e-4 * max(1.0, abs(cfg.timesteps[k])):
+            return True
+        slot.off_calibration = True
+        if not self._warned_off:
+            self._warned_off = True
+            want = f"{cfg.timesteps[k]:g}" if k < len(cfg.timesteps) else "none (past its last step)"
+            warnings.warn(
+                f"TaylorCache was calibrated on {len(cfg.timesteps)} steps (TaylorCache.timesteps); this generation's "
+                f"step {k} has timestep {t:g} where the calibration has {want}: running it uncached (recalibrate for "
+                "this sampler with ditkern.cache.calibrate)",
+                stacklevel=5,
+            )
+        return False
+
+    def scheduled_is_full(self, call: _Call) -> bool:
+        """Budget / explicit schedule: the listed steps run the stack (and any step without state)."""
+        cfg, slot = self.config, call.slot
+        if self.recording or cfg.schedule is None or not bool((slot.n_updates >= 1).all()):
+            return True
+        if not self.on_calibration(call):
+            return True
+        return slot.step in cfg.schedule
+
+    # ---- calibration recording ----
+    def _sample(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """[B, <= CALIB_ELEMENTS] float32 on the CPU: the same random elements of this stream at every step (an
+        unbiased estimate of squared norms, and bounded memory on large models)."""
+        flat = x.detach().flatten(1)
+        if key not in self._rec_idx:
+            n = flat.shape[1]
+            g = torch.Generator().manual_seed(0)
+            self._rec_idx[key] = None if n <= CALIB_ELEMENTS else torch.randperm(n, generator=g)[:CALIB_ELEMENTS].sort()[0]
+        idx = self._rec_idx[key]
+        return (flat if idx is None else flat[:, idx.to(flat.device)]).float().cpu()
+
+    def _record(self, call: _Call, full: dict) -> None:
+        """One step of the calibration: the stack residual (``full``, what the fixed and budget modes forecast), the
+        part after the first block (``rest``, what the gate forecasts) and the first block's residual (``probe``)."""
+        rec = self._rec.setdefault(self.slot_index, {"t": [], "full": [], "rest": [], "probe": []})
+        if len(rec["t"]) != call.slot.step or not full:  # a slot that skipped a step: its record stops there
+            return
+        probe = call.probe or {}
+        rec["t"].append(call.t.clone())
+        rec["full"].append(torch.cat([self._sample(s, v) for s, v in sorted(full.items())], 1))
+        rec["rest"].append(torch.cat([self._sample(s, v - probe[s] if s in probe else v) for s, v in sorted(full.items())], 1))
+        rec["probe"].append(torch.cat([self._sample(s, v) for s, v in sorted(probe.items())], 1) if probe else None)
 
     # ---- Taylor helpers ----
     def _forecast(self, feats: dict[str, _Taylor], idx: str, base, call: _Call):
@@ -241,10 +347,23 @@ class CacheState:
         if call is None:  # the block was called outside the model's forward: no caching
             return inner(*args, **kwargs)
         streams_in = sig.read(args, kwargs)
-        if self.config.mode == "fixed":
+        if self.recording:  # calibration: every block runs; the first block's residual is kept for the gate scales
+            out = inner(*args, **kwargs)
+            self.blocks_run += 1
+            first_out = sig.split(out)
+            call.first_in = streams_in
+            call.anchor = first_out if self.config.mode == "gated" else streams_in
+            call.probe = {
+                s: xo.float() - streams_in[s].float()
+                for s, xo in first_out.items()
+                if xo is not None and streams_in.get(s) is not None and xo.shape == streams_in[s].shape
+            }
+            return out
+        if self.config.mode != "gated":
             if not self.fixed_is_full(call):
                 call.skip_all = True
                 self.forecast_calls += 1
+                self.gen_forecasts += 1
                 return sig.join(streams_in)
             call.anchor = streams_in
             self.blocks_run += 1
@@ -269,8 +388,11 @@ class CacheState:
                 err2 += (r - fc.float()).flatten(1).pow(2).sum(1).double().cpu()
                 ref2 += r.flatten(1).pow(2).sum(1).double().cpu()
             err2, ref2 = gate_all_reduce(self.model(), torch.stack([err2, ref2]))  # one decision on every rank
-            rel = (err2 / ref2.clamp_min(1e-30)).sqrt()
+            rel = (err2 / ref2.clamp_min(1e-30)).sqrt() * self.gate_scale(call)
             if compared:
+                self.gen_compared += 1
+                low = float(rel[eligible].min())
+                self.gen_signal_min, self.signal_min = min(self.gen_signal_min, low), min(self.signal_min, low)
                 accept = eligible & (rel < self.config.gate)
                 if self.config.sync_batch:  # one decision for the whole call
                     accept = accept.all().expand_as(accept).clone()
@@ -278,7 +400,19 @@ class CacheState:
         if bool(accept.all()):
             call.skip_rest = True
             self.forecast_calls += 1
+            self.gen_forecasts += 1
         return out
+
+    def gate_scale(self, call: _Call) -> float:
+        """The calibrated factor that turns the first block's relative error into the predicted relative error of
+        the rest of the stack at this step (1 uncalibrated; the median factor off the calibrated timesteps)."""
+        sc = self.config.gate_scale
+        if not sc:
+            return 1.0
+        k = call.slot.step
+        if k < len(sc) and self.on_calibration(call):
+            return sc[k]
+        return sorted(sc)[len(sc) // 2]
 
     def middle_block(self, sig: Streams, inner, args, kwargs):
         call = self.call
@@ -315,6 +449,9 @@ class CacheState:
                 sel = accept.to(computed[s].device).view(-1, *([1] * (computed[s].dim() - 1)))
                 outs[s] = torch.where(sel, fc, computed[s])
             self._update(slot.rest, s, computed[s], call.anchor[s], update, call)
+        if self.recording:
+            self._record(call, {s: computed[s].float() - call.first_in[s].float() for s in self.out_streams
+                                if computed.get(s) is not None and call.first_in.get(s) is not None})  # fmt: skip
         if self.config.mode == "gated":
             for s, xo in call.anchor.items():
                 xi = call.first_in.get(s)
@@ -322,6 +459,154 @@ class CacheState:
                     self._update(slot.probe, s, xo, xi, update, call)
         self._commit(call, update)
         return sig.join(outs) if mixed else out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# calibration: from the recorded features of uncached generations to a schedule (budget) or gate scales (gated)
+# ----------------------------------------------------------------------------------------------------------------------
+def _calibration_set(state: CacheState):
+    """(t [N] float64 of item 0, {"full"/"rest"/"probe": [N, I, m]}) over the recorded generations and call slots
+    that have the most common step count and the same timesteps."""
+    recs = [r for r in state.records if r["t"]]
+    if not recs:
+        raise ValueError("no calibration data: the calibration run made no call through the cached stack")
+    lengths = [len(r["t"]) for r in recs]
+    n = max(set(lengths), key=lengths.count)
+    recs = [r for r in recs if len(r["t"]) == n]
+    t = torch.stack([x[0] for x in recs[0]["t"]])
+    recs = [r for r in recs if torch.allclose(torch.stack([x[0] for x in r["t"]]), t, rtol=1e-4, atol=1e-6)]
+    out = {}
+    for key in ("full", "rest", "probe"):
+        if all(v is not None for r in recs for v in r[key]):
+            out[key] = torch.stack([torch.cat([r[key][k] for r in recs]) for k in range(n)])
+    return t, out
+
+
+def _step_weights(t: torch.Tensor, rises: bool) -> torch.Tensor:
+    """How much a forecast error at step k moves the sample: the timestep span to the next step (to the end of the
+    schedule, 0 falling / 1 rising, for the last), normalised to sum 1. The model's output is integrated over that
+    span by an ODE sampler (x_{k+1} = x_k + (t_{k+1} - t_k) v_k for flow matching)."""
+    end = torch.tensor([1.0 if rises else 0.0], dtype=t.dtype)
+    w = (torch.cat([t[1:], end]) - t).abs()
+    return w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(w))
+
+
+def plan_schedule(t: torch.Tensor, feats: torch.Tensor, n_compute: int, order: int, rises: bool = False) -> tuple[int, ...]:
+    """The ``n_compute`` steps (step 0 among them) to run in full so that the Taylor forecasts of the others are
+    closest to ``feats`` [N, I, m] (the stack residual of uncached runs, I items): dynamic programming over the last
+    two computed steps, each forecast step costing its step weight times the mean over items of the forecast's RMS
+    error. Order 2 is planned with the order-1 error model (its three-point state would make the search N^4)."""
+    n = len(t)
+    if n_compute >= n:
+        return tuple(range(n))
+    tt = t.double()
+    w = _step_weights(tt, rises)
+    x = feats.float()
+    cost = torch.zeros(n + 1, n, n + 1, dtype=torch.float64)  # [a + 1, b, c]: forecast cost of steps b < k < c
+    for b in range(n - 1):
+        ks = torch.arange(b + 1, n)
+        for a in range(-1, b):
+            fc = x[b].expand(len(ks), *x[b].shape)
+            if order >= 1 and a >= 0:
+                slope = (x[b] - x[a]) / float(tt[b] - tt[a])
+                fc = fc + slope * (tt[ks] - tt[b]).float().view(-1, 1, 1)
+            err = (x[ks] - fc).pow(2).mean(-1).sqrt().mean(-1).double() * w[ks]
+            cost[a + 1, b, b + 2 :] = err.cumsum(0)
+    inf = math.inf
+    f = torch.full((n + 1, n), inf, dtype=torch.float64)  # best cost with j computed steps, the last two (a, b)
+    f[0, 0] = 0.0
+    back = []
+    for _ in range(n_compute - 1):
+        g = torch.full_like(f, inf)
+        arg = torch.full((n + 1, n), -1, dtype=torch.long)
+        for b in range(n - 1):
+            for a1 in range(b + 1):
+                if f[a1, b] == inf:
+                    continue
+                cand = f[a1, b] + cost[a1, b, b + 1 : n]  # next computed step c = b+1 .. n-1
+                row = g[b + 1, b + 1 :]
+                better = cand < row
+                row[better] = cand[better]
+                arg[b + 1, b + 1 :][better] = a1
+        back.append(arg)
+        f = g
+    total = f + cost[:, :, n]
+    a1, b = divmod(int(torch.argmin(total)), n)
+    steps = [b]
+    for arg in reversed(back):
+        a1, b = int(arg[a1, b]), a1 - 1
+        steps.append(b)
+    return tuple(sorted(steps))
+
+
+def solve_budget(state: CacheState):
+    """The calibrated config: the schedule that spends ``budget`` of the block executions with the least predicted
+    error (the blocks outside the cached chain run on every call; they come out of the budget first)."""
+    cfg = state.config
+    t, feats = _calibration_set(state)
+    n_steps, n, a = len(t), state.n_blocks, state.n_always
+    floor = a / (n + a)
+    n_compute = round(n_steps * (cfg.budget * (n + a) - a) / n)
+    if n_compute < 1:
+        warnings.warn(
+            f"TaylorCache.budget={cfg.budget:g} is below what this model can reach at {n_steps} steps "
+            f"({floor + n / (n_steps * (n + a)):.3f}: step 0 and the {a} block(s) outside the cached chain always "
+            "run): computing step 0 only",
+            stacklevel=3,
+        )
+    sched = plan_schedule(t, feats["full"], max(1, min(n_steps, n_compute)), cfg.order, state.rises)
+    return replace(cfg, schedule=sched, timesteps=tuple(float(v) for v in t))
+
+
+def _newton(ts: list[float], vs: list[torch.Tensor], t: float) -> torch.Tensor:
+    """Newton forecast at ``t`` through the points (ts, vs) (1 to 3 of them, oldest first)."""
+    d = list(vs)
+    coef = [d[-1]]
+    for k in range(1, len(vs)):  # divided differences, the newest point last
+        d = [(d[i + 1] - d[i]) / (ts[i + k] - ts[i]) for i in range(len(d) - 1)]
+        coef.append(d[-1])
+    out, basis = coef[0].clone(), 1.0
+    for k in range(1, len(coef)):
+        basis = basis * (t - ts[-k])
+        out = out + coef[k] * basis
+    return out
+
+
+def solve_gate(state: CacheState):
+    """The calibrated gate: per step the factor from the first block's relative forecast error to the rest of the
+    stack's (median over items, forecasts from the previous consecutive steps at the config's order), so that
+    ``gate`` reads as the predicted relative error of what is skipped. Warns when the gate is below what the model
+    reaches at its best (one step after a full one)."""
+    cfg = state.config
+    t, feats = _calibration_set(state)
+    if "probe" not in feats:
+        raise ValueError("calibrate: the first block's residual was not recorded (no stream passes through it)")
+    tl = [float(v) for v in t]
+    scales, best = [], math.inf
+    for k in range(len(tl)):
+        if k == 0:
+            scales.append(math.nan)
+            continue
+        lo = max(0, k - 1 - cfg.order)
+        rel = {}
+        for key in ("probe", "rest"):
+            x = feats[key]
+            fc = _newton(tl[lo:k], [x[i] for i in range(lo, k)], tl[k])
+            rel[key] = (x[k] - fc).norm(dim=-1) / x[k].norm(dim=-1).clamp_min(1e-30)
+        ratio = rel["rest"] / rel["probe"].clamp_min(1e-30)
+        scales.append(float(ratio.median()))
+        if k >= cfg.warmup:
+            best = min(best, float(rel["rest"].min()))
+    finite = sorted(v for v in scales if math.isfinite(v))
+    fill = finite[len(finite) // 2] if finite else 1.0
+    scales = [v if math.isfinite(v) else fill for v in scales]
+    if cfg.gate < best:
+        warnings.warn(
+            f"TaylorCache.gate={cfg.gate:g} is below the lowest forecast error this model reaches ({best:.4g}, one "
+            "step after a full one): it will never forecast",
+            stacklevel=3,
+        )
+    return replace(cfg, gate_scale=tuple(scales), timesteps=tuple(tl))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

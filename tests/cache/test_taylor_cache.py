@@ -150,8 +150,9 @@ def test_state_resets_at_each_new_generation():
     cache = TaylorCache(order=2, interval=3)
     ditkern.patch(model, cache=cache, backend="torch")
     _denoise(model, "dit", inputs)
+    assert stats(model)["generations"] == 1  # counted from the first generation
     second = _denoise(model, "dit", dict(inputs, hidden_states=inputs["hidden_states"] * -1))
-    assert stats(model)["generations"] == 1
+    assert stats(model)["generations"] == 2
     fresh, _ = tiny.dit(batch=1)
     fresh.load_state_dict(model.state_dict())
     fresh.eval()
@@ -216,7 +217,13 @@ def test_compiled_blocks_with_cache_match_eager():
         (dict(), "exactly one of interval"),
         (dict(interval=2, gate=0.1), "exactly one of interval"),
         (dict(interval=2, warmup=-1), "warmup must be an int >= 0"),
-        (dict(gate=0.1, max_skip=0), "max_skip must be None or an int >= 1"),
+        (dict(gate=0.1, max_skip=-1), "max_skip must be None or an int >= 0"),
+        (dict(budget=0.0), "budget must be a fraction of block executions in"),
+        (dict(budget=1.5), "budget must be a fraction of block executions in"),
+        (dict(budget=0.25, gate=0.1), "exactly one of interval"),
+        (dict(schedule=(1, 3)), "schedule must be increasing and start at step 0"),
+        (dict(schedule=(0, 3, 3)), "schedule must be increasing and start at step 0"),
+        (dict(schedule=(0, -1)), "schedule must be step indices >= 0"),
         (dict(gate=0.1, state_dtype=torch.int8), "state_dtype must be"),
     ],
 )
@@ -296,7 +303,7 @@ def test_rising_timestep_forecast_is_newton_extrapolation_of_stack_residual():
         x = 0.95 * x + 0.05 * torch.tanh(x)
     h1.remove(), h2.remove()
     st = stats(model)
-    assert st["calls"] == 4 and st["forecast_calls"] == 1 and st["generations"] == 0, st  # steps 0-2 full, 3 forecast
+    assert st["calls"] == 4 and st["forecast_calls"] == 1 and st["generations"] == 1, st  # steps 0-2 full, 3 forecast
     r = [(o - i).double() for i, o in zip(rec["in"][:3], rec["out"][:3])]
     d1a, d1b = (r[1] - r[0]) / (t[1] - t[0]), (r[2] - r[1]) / (t[2] - t[1])
     d2 = (d1b - d1a) / (t[2] - t[0])
@@ -304,7 +311,7 @@ def test_rising_timestep_forecast_is_newton_extrapolation_of_stack_residual():
     torch.testing.assert_close(rec["out"][3].double(), expected, atol=1e-4, rtol=1e-4)
     with torch.no_grad():  # back at the start: a new generation
         model(**dict(inputs, timestep=torch.tensor([t[0]])), return_dict=False)
-    assert stats(model)["generations"] == 1
+    assert stats(model)["generations"] == 2
     ditkern.unpatch(model)
 
 

@@ -1,0 +1,167 @@
+"""Counters, the calibrated budget / schedule modes and the calibrated gate of ditkern's Taylor cache."""
+
+import itertools
+import json
+import warnings
+
+import pytest
+import torch
+
+import ditkern
+from ditkern.cache import TaylorCache, stats
+from ditkern.cache.feature import _step_weights, plan_schedule
+from tests.cache.test_taylor_cache import TS, _denoise
+from tests.patch import tiny
+
+
+def _tiny_dit():
+    torch.manual_seed(0)
+    model, inputs = tiny.dit(batch=1)
+    return model.eval(), inputs
+
+
+def test_stats_counters_are_consistent_and_count_generations_from_the_first():
+    model, inputs = _tiny_dit()
+    n = len(model.transformer_blocks)
+    ditkern.patch(model, cache=TaylorCache(order=1, interval=3), backend="torch")
+    assert stats(model)["generations"] == 0
+    _denoise(model, "dit", inputs)
+    st = stats(model)
+    assert st["generations"] == 1 and st["calls"] == len(TS), st
+    assert st["blocks_total"] == st["calls"] * n
+    assert st["blocks_run"] == (st["calls"] - st["forecast_calls"]) * n and st["forecast_calls"] > 0, st
+    _denoise(model, "dit", inputs)
+    assert stats(model)["generations"] == 2
+    ditkern.cache.reset_stats(model)
+    assert stats(model)["generations"] == 0 and stats(model)["calls"] == 0
+    _denoise(model, "dit", inputs, TS[:3])
+    ditkern.cache.reset_stats(model)  # inside a generation: it counts again at its next call
+    _denoise(model, "dit", inputs, TS[3:5])
+    assert stats(model)["generations"] == 1 and stats(model)["calls"] == 2
+    ditkern.cache.reset(model)  # an explicit reset starts a new generation at the next call
+    _denoise(model, "dit", inputs, TS[5:7])
+    assert stats(model)["generations"] == 2
+    # gated: a forecast call runs the first block only
+    ditkern.patch(model, cache=TaylorCache(order=1, gate=1e9), backend="torch")
+    _denoise(model, "dit", inputs)
+    st = stats(model)
+    assert st["generations"] == 1 and st["forecast_calls"] == len(TS) - 1, st
+    assert st["blocks_run"] == n + st["forecast_calls"] and 0 < st["signal_min"] < 1e9, st
+    ditkern.unpatch(model)
+
+
+def _brute_force(t, feats, m, order):
+    """Every schedule of m steps with step 0, each forecast step run as the cache runs it (Newton through the last
+    two computed steps, reuse after the first), scored by the same step weights."""
+    w = _step_weights(t.double(), False)
+    best = None
+    for rest in itertools.combinations(range(1, len(t)), m - 1):
+        sched = (0, *rest)
+        cost = 0.0
+        for k in range(len(t)):
+            done = [s for s in sched if s < k]
+            if k in sched:
+                continue
+            b = done[-1]
+            fc = feats[b].double()
+            if order >= 1 and len(done) >= 2:
+                a = done[-2]
+                fc = fc + (feats[b].double() - feats[a].double()) * float((t[k] - t[b]) / (t[b] - t[a]))
+            cost += float(w[k]) * float((feats[k].double() - fc).pow(2).mean(-1).sqrt().mean())
+        if best is None or cost < best[0] - 1e-12:
+            best = (cost, sched)
+    return best[1]
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_plan_schedule_is_the_best_schedule(order):
+    """The dynamic programme finds the schedule a brute force over every schedule finds, on a trajectory that bends
+    (so that where the computed steps go matters)."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([1.0, 0.93, 0.8, 0.66, 0.5, 0.37, 0.22, 0.1, 0.03], dtype=torch.float64)
+    base, bend = torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g)
+    feats = torch.stack([base + bend * float(v) ** 3 + 0.05 * torch.randn(3, 40, generator=g) for v in t])
+    for m in (2, 3, 4):
+        got = plan_schedule(t, feats, m, order)
+        assert got[0] == 0 and len(got) == m
+        assert got == _brute_force(t, feats, m, order), (m, got)
+    assert plan_schedule(t, feats, len(t), order) == tuple(range(len(t)))
+
+
+def test_budget_self_calibrates_on_the_first_generation_and_saves():
+    model, inputs = _tiny_dit()
+    cache = TaylorCache(order=1, budget=0.5)
+    ditkern.patch(model, cache=cache, backend="torch")
+    first = _denoise(model, "dit", inputs)
+    st = stats(model)
+    assert st["forecast_calls"] == 0 and not st["calibrated"], st  # the calibration generation runs uncached
+    second = _denoise(model, "dit", inputs)
+    st = stats(model)
+    calibrated = model.__dict__["_ditkern_cache_state"].config
+    assert st["calibrated"] and calibrated.schedule[0] == 0 and len(calibrated.schedule) == round(len(TS) * 0.5)
+    assert calibrated.timesteps == tuple(float(v) for v in TS)
+    assert st["forecast_calls"] == len(TS) - len(calibrated.schedule)
+    assert any(not torch.equal(a, b) for a, b in zip(first, second))
+    ditkern.unpatch(model)
+
+
+def test_calibrated_budget_json_round_trip_and_timestep_mismatch(tmp_path):
+    model, inputs = _tiny_dit()
+    ditkern.patch(model, cache=TaylorCache(order=1, budget=0.4, warmup=1), backend="torch")
+    cal = ditkern.cache.calibrate(model, lambda: [_denoise(model, "dit", inputs), _denoise(model, "dit", inputs)])
+    assert cal.calibrated and cal.budget == 0.4 and len(cal.timesteps) == len(TS)
+    outs = _denoise(model, "dit", inputs)
+    path = tmp_path / "cache.json"
+    cal.save(path)
+    assert json.loads(path.read_text())["ditkern.TaylorCache"]["schedule"] == list(cal.schedule)
+    loaded = TaylorCache.load(path)
+    assert loaded == cal
+    fresh, _ = tiny.dit(batch=1)
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    ditkern.patch(fresh, cache=loaded, backend="torch")
+    for a, b in zip(_denoise(fresh, "dit", inputs), outs):
+        assert torch.equal(a, b)
+    # another sampler's timesteps: uncached from the first step that differs, and it says so
+    ditkern.patch(fresh, cache=loaded, backend="torch")
+    with pytest.warns(UserWarning, match="TaylorCache was calibrated on 9 steps .* step 4 has timestep 500"):
+        _denoise(fresh, "dit", inputs, TS[:4] + [500.0, 400.0, 250.0])
+    assert stats(fresh)["forecast_calls"] == sum(1 for k in range(4) if k not in loaded.schedule)
+    ditkern.unpatch(fresh)
+    with pytest.raises(ValueError, match="is not a saved ditkern.TaylorCache"):
+        (tmp_path / "x.json").write_text("{}")
+        TaylorCache.load(tmp_path / "x.json")
+    with pytest.raises(ValueError, match="unknown field"):
+        TaylorCache.from_dict({"budget": 0.2, "intervall": 3})
+
+
+def test_end_anchored_schedule_computes_the_last_step():
+    cfg = TaylorCache.end_anchored(28, 5, warmup=2)
+    assert cfg.schedule == (0, 1, 2, 7, 12, 17, 22, 27) and cfg.mode == "schedule"
+    model, inputs = _tiny_dit()
+    ditkern.patch(model, cache=TaylorCache.end_anchored(len(TS), 3, warmup=1), backend="torch")
+    _denoise(model, "dit", inputs)
+    # steps 0, 2, 5, 8 computed
+    assert stats(model)["forecast_calls"] == len(TS) - 4
+    ditkern.unpatch(model)
+
+
+def test_configurations_that_never_forecast_warn_naming_the_setting():
+    with pytest.warns(UserWarning, match="TaylorCache.max_skip=0 never forecasts"):
+        TaylorCache(gate=0.1, max_skip=0)
+    with pytest.warns(UserWarning, match="TaylorCache.gate=0 never forecasts"):
+        TaylorCache(gate=0)
+    model, inputs = _tiny_dit()
+    ditkern.patch(model, cache=TaylorCache(order=1, gate=1e-7), backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _denoise(model, "dit", inputs)  # nothing said before the generation ended
+    with pytest.warns(UserWarning, match=r"TaylorCache.gate=1e-07 never forecast in a generation of 9 calls"):
+        _denoise(model, "dit", inputs)
+    with pytest.warns(UserWarning, match=r"TaylorCache.gate=1e-07 is below the lowest forecast error this model"):
+        ditkern.cache.calibrate(model, lambda: _denoise(model, "dit", inputs))
+    ditkern.unpatch(model)
+    with pytest.raises(ValueError, match="calibrate needs a TaylorCache with budget= or gate="):
+        ditkern.patch(model, cache=TaylorCache(interval=2), backend="torch")
+        ditkern.cache.calibrate(model, lambda: None)
+    ditkern.unpatch(model)
