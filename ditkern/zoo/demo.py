@@ -1,23 +1,27 @@
-"""``python -m ditkern demo``: both reference pipelines, unpatched | patched, side by side with the numbers.
+"""``python -m ditkern demo``: the reference pipelines, unpatched beside every patch setting, with the numbers.
 
-:func:`run_demo` loads ``digits-dit`` and ``digits-flux``, generates a grid of digits (column = class) with and
-without ``ditkern.patch(pipe, **patch_options)``, writes a PNG with one row per pipeline (unpatched | patched, the
-measurements in the captions) and prints the fidelity/speed table, one row per pipeline x setting.
+:func:`run_demo` loads each pipeline, generates a grid of digits (column = class) unpatched once (timed once and
+shared by every row of that pipeline) and again under each setting (``ditkern.patch(pipe, **options)``), prints the
+patch reports, the fidelity/speed table, the weight memory and cache figures and what this machine can and cannot
+show, and writes one PNG: a row per pipeline (unpatched | each setting, measurements in the captions) and a
+speed-vs-PSNR plot of every row.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import torch
 
 from . import FAST_NAMES
-from .fidelity import FidelityTable, compare
+from .fidelity import FidelityTable, _patch_callables, compare, unpatched_run
 
 
-def _grid(images: torch.Tensor, ncol: int = 10) -> torch.Tensor:
+def _grid(images: torch.Tensor, ncol: int = 5) -> torch.Tensor:
     n, _, h, w = images.shape
+    ncol = min(ncol, n)
     nrow = math.ceil(n / ncol)
     canvas = torch.ones(nrow * (h + 2) + 2, ncol * (w + 2) + 2)
     for i in range(n):
@@ -30,39 +34,79 @@ def _fmt_db(v: float) -> str:
     return "inf" if math.isinf(v) else f"{v:.1f}"
 
 
-def save_figure(results, out_path: str) -> str:
-    """One row per result: unpatched grid | patched grid, captioned with timings, PSNR and class accuracy."""
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages of a module's parameters and buffers (what its weights hold in memory)."""
+    seen = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def save_figure(table: FidelityTable, out_path: str) -> str:
+    """A row per pipeline: its unpatched grid, then one grid per setting (captions: time, PSNR, accuracy); below, a
+    speed-vs-PSNR plot of every row (bit-identical rows are drawn at the top edge, labelled inf)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grids = [(_grid(r.images_unpatched), _grid(r.images_patched)) for r in results]
-    aspect = max(g[0].shape[0] / g[0].shape[1] for g in grids)
-    fig, axes = plt.subplots(len(results), 2, figsize=(12, len(results) * (6 * aspect + 0.8)), squeeze=False)
-    for (ax_ref, ax_out), r, (g_ref, g_out) in zip(axes, results, grids):
-        ax_ref.imshow(g_ref.numpy(), cmap="gray", vmin=0, vmax=1)
-        ax_out.imshow(g_out.numpy(), cmap="gray", vmin=0, vmax=1)
-        steps = r.sampler.get("num_inference_steps")
-        ax_ref.set_title(f"{r.pipeline} unpatched ({steps} steps)\n{r.seconds_unpatched:.2f} s, "
-                         f"class accuracy {r.accuracy_unpatched:.0%}", fontsize=9)
-        ax_out.set_title(f"{r.pipeline} patched [{r.setting}]\n{r.seconds_patched:.2f} s ({r.speedup:.2f}x), "
-                         f"PSNR {_fmt_db(r.psnr_db)} dB (worst {_fmt_db(r.psnr_worst_db)}), "
-                         f"max|err| {r.max_abs_err:.1e}, accuracy {r.accuracy_patched:.0%}", fontsize=9)
-        for ax in (ax_ref, ax_out):
+    by_pipe: dict[str, list] = {}
+    for r in table.rows:
+        by_pipe.setdefault(r.pipeline, []).append(r)
+    ncols = 1 + max(len(rs) for rs in by_pipe.values())
+    g0 = _grid(table.rows[0].images_unpatched)
+    cell_h = 3.2 * g0.shape[0] / g0.shape[1] + 0.9
+    fig = plt.figure(figsize=(3.4 * ncols, cell_h * len(by_pipe) + 4.2))
+    spec = fig.add_gridspec(len(by_pipe) + 1, ncols, height_ratios=[cell_h] * len(by_pipe) + [4.0])
+    for i, (name, rs) in enumerate(by_pipe.items()):
+        r0 = rs[0]
+        cells = [(r0.images_unpatched, f"{name} unpatched ({r0.sampler.get('num_inference_steps')} steps)\n"
+                                       f"{r0.seconds_unpatched:.2f} s, accuracy {r0.accuracy_unpatched:.0%}")]
+        cells += [(r.images_patched, f"{r.setting}\n{r.seconds_patched:.2f} s ({r.speedup:.2f}x), PSNR "
+                                     f"{_fmt_db(r.psnr_db)} dB, acc {r.accuracy_patched:.0%}") for r in rs]
+        for j, (images, title) in enumerate(cells):
+            ax = fig.add_subplot(spec[i, j])
+            ax.imshow(_grid(images).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
+    ax = fig.add_subplot(spec[-1, :])
+    finite = [r.psnr_db for r in table.rows if math.isfinite(r.psnr_db)]
+    top = (max(finite) if finite else 40.0) + 10.0
+    for name, rs in by_pipe.items():
+        xs, ys = [r.speedup for r in rs], [r.psnr_db if math.isfinite(r.psnr_db) else top for r in rs]
+        ax.scatter(xs, ys, label=name, s=40)
+        for r, x, y in zip(rs, xs, ys):
+            ax.annotate(r.setting + (" (bit-identical)" if math.isinf(r.psnr_db) else ""), (x, y), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+    ax.axvline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("speedup over unpatched (same run)")
+    ax.set_ylabel("PSNR vs unpatched, dB (higher = closer)")
+    ax.set_title("speed vs fidelity, every setting", fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+    fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
 
 
+def machine_line() -> str:
+    """What this machine can and cannot show about ditkern."""
+    if torch.cuda.is_available():
+        return (f"this machine: GPU ({torch.cuda.get_device_name()}): the kernel speed shows in every row; these "
+                "reference models are tiny (launch-bound), so for speed at real model size run `python -m bench.e2e`.")
+    return (f"this machine: CPU ({torch.get_num_threads()} threads): the fused ops run their torch reference here, so "
+            "the lossless row shows no kernel speedup (about 1x); what a CPU can show is caching (blocks skipped: "
+            "real wall time saved) and quantization's weight memory (above). Kernel speed needs a GPU "
+            "(`python -m bench.e2e`, `make bench` there).")
+
+
 def run_demo(
-    out_path: str = "ditkern_demo.png",
+    out_path: str = "out/ditkern_demo.png",
     patch_options: dict | None = None,
     seeds: Sequence[int] | None = None,
-    rows: int = 2,
+    rows: int = 1,
     pipelines: Sequence[str] = FAST_NAMES,
     settings: dict[str, dict] | None = None,
     apply: Callable | None = None,
@@ -70,52 +114,92 @@ def run_demo(
     sampler: dict | None = None,
     progress: bool = True,
     verbose: bool = True,
+    warmup: bool | int | None = None,
 ) -> FidelityTable:
-    """Run the demo and return its :class:`~ditkern.zoo.fidelity.FidelityTable`.
+    """Run the demo and return its :class:`~ditkern.zoo.fidelity.FidelityTable` (one row per pipeline x setting).
 
-    patch_options: keyword arguments for ``ditkern.patch(pipe, **patch_options)`` (``ditkern.unpatch(pipe)`` undoes
-        it). ``settings`` ({label: patch_options}) adds more rows to the table; the PNG shows the first setting.
-    seeds: one image per seed (default ``range(10 * rows)``); image i shows digit i % 10, ten digits per grid row.
+    settings: {label: options for ``ditkern.patch(pipe, **options)``} (``ditkern.unpatch(pipe)`` undoes each);
+        without it, one row with ``patch_options``.
+    seeds: one image per seed (default ``range(10 * rows)``); image i shows digit i % 10, five digits per grid row.
     apply / undo: stand-ins for ``ditkern.patch`` / ``ditkern.unpatch`` (``apply(pipe)`` patches in place).
+    sampler: overrides of :data:`ditkern.zoo.DEFAULTS` (e.g. ``{"num_inference_steps": 8}``).
+    warmup: the untimed run before each timed one (see :func:`~ditkern.zoo.fidelity.compare`); default: the full
+        sampler on a GPU (kernels compile, autotune), 2 steps on the CPU (torch paths: nothing compiles).
     """
     from tqdm.auto import tqdm
 
     from . import load
 
     seeds = list(range(10 * rows)) if seeds is None else list(seeds)
+    if warmup is None:
+        warmup = True if torch.cuda.is_available() else 2
     if settings is None:
         label = ",".join(f"{k}={v}" for k, v in (patch_options or {}).items()) or (
             getattr(apply, "__name__", "patched") if apply is not None else "default")
         settings = {label: dict(patch_options or {})}
     table = FidelityTable()
-    shown = []
-    work = [(name, label, opts) for name in pipelines for label, opts in settings.items()]
-    pipes = {}
-    for name, label, opts in tqdm(work, desc="ditkern demo", disable=not progress):
-        if name not in pipes:
-            pipes[name] = load(name)
-        r = compare(pipes[name], seeds, sampler=sampler, patch_options=opts, apply=apply, undo=undo, setting=label,
-                    progress=progress)
-        table.append(r)
-        if label == next(iter(settings)):
-            shown.append(r)
-    save_figure(shown, out_path)
+    facts: dict[tuple[str, str], dict] = {}
+    lines: list[str] = []
+    with tqdm(total=len(pipelines) * (1 + len(settings)), desc="ditkern demo", disable=not progress) as bar:
+        for name in pipelines:
+            pipe = load(name)
+            bar.set_postfix_str(f"{name} unpatched")
+            ref = unpatched_run(pipe, seeds, sampler=sampler, warmup=warmup, progress=progress)
+            bar.update()
+            base_bytes = weight_bytes(pipe.transformer)
+            for label, opts in settings.items():
+                fact = facts[name, label] = {}
+                do_apply, do_undo = _patch_callables(opts, apply, undo)
+
+                def apply_fn(p, fact=fact, do_apply=do_apply):
+                    fact["report"] = do_apply(p)
+                    fact["weight_bytes"] = weight_bytes(p.transformer)
+
+                def undo_fn(p, fact=fact, do_undo=do_undo):
+                    import ditkern.cache  # noqa: PLC0415
+
+                    try:
+                        fact["cache"] = ditkern.cache.stats(p)
+                    except ValueError:  # this setting has no cache
+                        pass
+                    do_undo(p)
+
+                bar.set_postfix_str(f"{name} [{label}]")
+                table.append(compare(pipe, seeds, sampler=sampler, apply=apply_fn, undo=undo_fn, setting=label,
+                                     progress=progress, reference=ref, warmup=warmup))
+                bar.update()
+                lines.append(_facts_line(name, label, fact, base_bytes))
+                if verbose:
+                    report = fact.get("report")
+                    if report is not None and hasattr(report, "summary"):
+                        first = label == next(iter(settings))
+                        tqdm.write(f"\n{name} [{label}]:\n{report if first else report.summary()}")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    save_figure(table, out_path)
     if verbose:
+        print()
         print(table)
-        print(f"wrote {out_path}")
+        print("\n".join(lines))
+        print(machine_line())
+        print(f"wrote {out_path} (every setting beside the unpatched samples, and the speed-vs-PSNR plot)")
     return table
 
 
-def main(argv=None):
-    import argparse
-    import json
+def _facts_line(name: str, label: str, fact: dict, base_bytes: int) -> str:
+    parts = []
+    if "weight_bytes" in fact:
+        after = fact["weight_bytes"]
+        parts.append(f"transformer weights {base_bytes / 2**20:.2f} -> {after / 2**20:.2f} MiB ({after / base_bytes:.2f}x)")
+    if "cache" in fact:
+        parts.append(f"blocks executed {fact['cache']['block_fraction']:.0%} "
+                     f"({fact['cache']['blocks_run']}/{fact['cache']['blocks_total']})")
+    return f"  {name} [{label}]: " + ("; ".join(parts) or "no memory or cache figures")
 
-    p = argparse.ArgumentParser(description="ditkern demo: reference pipelines unpatched | patched, with numbers.")
-    p.add_argument("--out", default="ditkern_demo.png")
-    p.add_argument("--rows", type=int, default=2, help="grid rows of 10 digits")
-    p.add_argument("--options", default="{}", help="ditkern.patch options as JSON, e.g. '{\"window\": 8}'")
-    args = p.parse_args(argv)
-    run_demo(args.out, patch_options=json.loads(args.options), rows=args.rows)
+
+def main(argv=None):
+    from ditkern.__main__ import main as cli
+
+    return cli(["demo", *(argv if argv is not None else __import__("sys").argv[1:])])
 
 
 if __name__ == "__main__":

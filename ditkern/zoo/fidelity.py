@@ -139,6 +139,16 @@ def _timed_generate(pipe, classes, seeds, sampler, batch_size, bar):
     return torch.cat(chunks), time.perf_counter() - t0
 
 
+def _warm_up(pipe, classes, seeds, sampler, warmup):
+    """One untimed image: with the sampler's own steps (``warmup=True``) or ``warmup`` steps (an int)."""
+    from . import generate
+
+    if warmup is True:
+        generate(pipe, classes[:1], seeds[:1], **sampler)
+    elif warmup:
+        generate(pipe, classes[:1], seeds[:1], **{**sampler, "num_inference_steps": int(warmup)})
+
+
 def _patch_callables(patch_options, apply, undo):
     options = dict(patch_options or {})
     if apply is None:
@@ -158,6 +168,32 @@ def _patch_callables(patch_options, apply, undo):
     return apply, undo
 
 
+def _resolve(pipe, seeds, classes, sampler):
+    """(pipe, name, seeds, classes, sampler) with the defaults filled in (a name is loaded)."""
+    from . import DEFAULTS, load, name_of
+
+    if isinstance(pipe, str):
+        pipe = load(pipe)
+    name = name_of(pipe)
+    seeds = [int(s) for s in seeds]
+    classes = default_classes(len(seeds)) if classes is None else [int(c) for c in classes]
+    if len(classes) != len(seeds):
+        raise ValueError(f"{len(classes)} classes but {len(seeds)} seeds")
+    return pipe, name, seeds, classes, {**DEFAULTS[name], **(sampler or {})}
+
+
+def unpatched_run(pipe, seeds: Iterable[int], classes: Sequence[int] | None = None, sampler: dict | None = None,
+              batch_size: int = 20, warmup: bool | int = True, progress: bool = True) -> tuple[torch.Tensor, float]:
+    """``(images, seconds)`` of the unpatched pipeline for ``seeds``: what :func:`compare` measures against. Pass it
+    to several ``compare(..., reference=...)`` calls to time the reference once and share it across settings."""
+    from tqdm.auto import tqdm
+
+    pipe, name, seeds, classes, sampler = _resolve(pipe, seeds, classes, sampler)
+    with tqdm(total=len(seeds), desc=f"{name} unpatched", disable=not progress, leave=False) as bar:
+        _warm_up(pipe, classes, seeds, sampler, warmup)
+        return _timed_generate(pipe, classes, seeds, sampler, batch_size, bar)
+
+
 def compare(
     pipe,
     seeds: Iterable[int],
@@ -168,9 +204,10 @@ def compare(
     undo: Callable | None = None,
     setting: str | None = None,
     batch_size: int = 20,
-    warmup: bool = True,
+    warmup: bool | int = True,
     keep_images: bool = True,
     progress: bool = True,
+    reference: tuple[torch.Tensor, float] | None = None,
 ) -> FidelityResult:
     """Generate ``seeds`` unpatched, then patched, and measure the difference.
 
@@ -179,36 +216,30 @@ def compare(
     sampler: sampler settings for :func:`ditkern.zoo.generate` (default: :data:`ditkern.zoo.DEFAULTS`).
     patch_options: keyword arguments of ``ditkern.patch(pipe, **patch_options)``, used when ``apply`` is not given;
         ``ditkern.unpatch(pipe)`` undoes it unless ``undo`` is given. ``apply(pipe)`` may return anything.
+    reference: ``(images, seconds)`` of the unpatched pipeline for the same seeds, classes and sampler, from
+        :func:`unpatched_run` (measured once, shared by several settings); without it the unpatched run happens here.
     The pipeline is always left unpatched (``undo`` runs even if generation fails). With ``warmup``, each variant
-    first generates one image untimed, so one-off costs (kernel compilation, autotuning) stay out of the ratio.
+    first generates one image untimed, so one-off costs (kernel compilation, autotuning) stay out of the ratio; an
+    int ``warmup`` is the step count of that run (where nothing compiles, e.g. the CPU's torch paths, a short one
+    does: only lazy initialisation is left to absorb).
     """
     from tqdm.auto import tqdm
 
-    from . import load, name_of
-
-    if isinstance(pipe, str):
-        pipe = load(pipe)
-    name = name_of(pipe)
-    seeds = [int(s) for s in seeds]
-    classes = default_classes(len(seeds)) if classes is None else [int(c) for c in classes]
-    if len(classes) != len(seeds):
-        raise ValueError(f"{len(classes)} classes but {len(seeds)} seeds")
-    from . import DEFAULTS, generate
-
-    sampler = {**DEFAULTS[name], **(sampler or {})}
+    pipe, name, seeds, classes, sampler = _resolve(pipe, seeds, classes, sampler)
     apply_fn, undo_fn = _patch_callables(patch_options, apply, undo)
     if setting is None:
         setting = ",".join(f"{k}={v}" for k, v in (patch_options or {}).items()) or (
             getattr(apply, "__name__", "patched") if apply is not None else "default")
     n = len(seeds)
-    with tqdm(total=2 * n, desc=f"{name} [{setting}]", disable=not progress, leave=False) as bar:
-        if warmup:
-            generate(pipe, classes[:1], seeds[:1], **sampler)
-        ref, t_ref = _timed_generate(pipe, classes, seeds, sampler, batch_size, bar)
+    if reference is None:
+        reference = unpatched_run(pipe, seeds, classes, sampler, batch_size, warmup, progress)
+    ref, t_ref = reference
+    if ref.shape[0] != n:
+        raise ValueError(f"reference has {ref.shape[0]} images but {n} seeds")
+    with tqdm(total=n, desc=f"{name} [{setting}]", disable=not progress, leave=False) as bar:
         apply_fn(pipe)
         try:
-            if warmup:
-                generate(pipe, classes[:1], seeds[:1], **sampler)
+            _warm_up(pipe, classes, seeds, sampler, warmup)
             out, t_out = _timed_generate(pipe, classes, seeds, sampler, batch_size, bar)
         finally:
             undo_fn(pipe)
@@ -234,17 +265,8 @@ def compare(
 def baseline_accuracy(pipe, seeds: Iterable[int], classes: Sequence[int] | None = None, sampler: dict | None = None,
                       batch_size: int = 20, progress: bool = True) -> float:
     """Class accuracy of the unpatched pipeline's samples (what a patch should not lower)."""
-    from tqdm.auto import tqdm
-
-    from . import DEFAULTS, load, name_of
-
-    if isinstance(pipe, str):
-        pipe = load(pipe)
-    seeds = [int(s) for s in seeds]
-    classes = default_classes(len(seeds)) if classes is None else list(classes)
-    sampler = {**DEFAULTS[name_of(pipe)], **(sampler or {})}
-    with tqdm(total=len(seeds), desc=f"{name_of(pipe)} baseline", disable=not progress, leave=False) as bar:
-        images, _ = _timed_generate(pipe, classes, seeds, sampler, batch_size, bar)
+    pipe, _, seeds, classes, sampler = _resolve(pipe, seeds, classes, sampler)
+    images, _ = unpatched_run(pipe, seeds, classes, sampler, batch_size, warmup=False, progress=progress)
     return classifier.accuracy(images, classes)
 
 

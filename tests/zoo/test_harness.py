@@ -87,10 +87,35 @@ def test_default_patch_calls_ditkern_patch(dit, monkeypatch):
 
 
 def test_demo_writes_png_and_table(tmp_path, capsys):
-    out = tmp_path / "demo.png"
+    out = tmp_path / "sub" / "demo.png"
     table = zoo.demo.run_demo(out_path=str(out), seeds=[0, 1], apply=_noisy_patch, undo=_unpatch, sampler=FAST,
                               progress=False)
     assert os.path.getsize(out) > 1000
     assert [r.pipeline for r in table.rows] == list(zoo.FAST_NAMES)
     printed = capsys.readouterr().out
     assert "digits-flux" in printed and "PSNR" in printed
+    assert "this machine: " in printed and f"wrote {out}" in printed
+
+
+def test_demo_times_the_reference_once_per_pipeline(tmp_path, monkeypatch):
+    """Every setting of a pipeline is measured against one unpatched run (its images and seconds shared)."""
+    runs = []
+    real = zoo.demo.unpatched_run
+    monkeypatch.setattr(zoo.demo, "unpatched_run", lambda *a, **k: runs.append(1) or real(*a, **k))
+    settings = {"noisy": {}, "noisier": {}}
+    table = zoo.demo.run_demo(out_path=str(tmp_path / "d.png"), seeds=[0, 1], pipelines=["digits-dit"],
+                              settings=settings, apply=_noisy_patch, undo=_unpatch, sampler=FAST, progress=False,
+                              verbose=False)
+    assert runs == [1]
+    a, b = table.rows
+    assert [a.setting, b.setting] == ["noisy", "noisier"]
+    assert a.seconds_unpatched == b.seconds_unpatched and a.images_unpatched is b.images_unpatched
+    assert math.isfinite(a.psnr_db) and a.max_abs_err > 0
+    assert os.path.getsize(tmp_path / "d.png") > 1000
+
+
+def test_compare_rejects_a_reference_of_other_seeds(dit):
+    ref = (torch.zeros(3, 1, 32, 32), 1.0)
+    with pytest.raises(ValueError, match="reference has 3 images but 2 seeds"):
+        fidelity.compare(dit, seeds=[0, 1], sampler=FAST, apply=lambda p: None, undo=lambda p: None, reference=ref,
+                         progress=False)
