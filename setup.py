@@ -120,8 +120,10 @@ class NinjaCudaBuildExt(build_ext):
                 raise RuntimeError("building ditkern._C needs ninja (pip install ninja)") from exc
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         print(
-            f"ditkern: compiling {len(sources)} CUDA source(s) for sm_{', sm_'.join(archs)} + PTX compute_"
-            f"{', compute_'.join(ptx)}{' with -lineinfo' if debug else ''} with {nvcc}",
+            f"ditkern: compiling the CUDA extension ditkern._C: {len(sources)} CUDA source(s) for sm_"
+            f"{', sm_'.join(archs)} + PTX compute_{', compute_'.join(ptx)}{' with -lineinfo' if debug else ''} with "
+            f"{nvcc}, {jobs} jobs (this takes minutes; DITKERN_CUDA_ARCH=90a builds one architecture, "
+            "DITKERN_SKIP_CUDA_BUILD=1 none)",
             flush=True,
         )
         try:

@@ -120,7 +120,9 @@ def _compare(args: argparse.Namespace) -> int:
 
         ditkern.unpatch(pipe)
 
-    setting = ", ".join(f"{k}={v}" for k, v in opts.items()) or "lossless (defaults)"
+    given = {k: getattr(args, k) for k in ("cache", "quant", "attention", "backend") if getattr(args, k) is not None}
+    setting = " ".join([*(f"{k}({v})" for k, v in given.items()), *(["no fused norms"] if args.no_fused_norms else [])])
+    setting = setting or "lossless (defaults)"
     r = fidelity.compare(load(args.pipeline), range(args.seeds), apply=apply, undo=undo, setting=setting,
                          sampler=None if args.steps is None else {"num_inference_steps": args.steps})  # fmt: skip
     print(reports[0] if args.report else reports[0].summary())
