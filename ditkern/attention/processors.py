@@ -24,6 +24,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ditkern.ops.window_attention import window_attention
+from ditkern.patch.parallel import context_parallel_config
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 
@@ -256,7 +257,7 @@ CONTEXT_PARALLEL_REASON = (
 
 def context_parallel(model) -> bool:
     """Whether diffusers' ``enable_parallelism`` gave ``model`` context parallelism (it records the config there)."""
-    return getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None) is not None
+    return context_parallel_config(model) is not None
 
 
 def grid_hook(ctx: GridContext, infer):

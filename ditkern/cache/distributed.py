@@ -4,11 +4,11 @@ Under sequence parallelism each rank holds a slice of the tokens, so the gate's 
 differ between ranks; :func:`gate_all_reduce` sums them over the model's context-parallel group so that every rank
 takes the same branch. Outside a parallel run it returns its input unchanged.
 
-The group is the one diffusers records on the model in ``enable_parallelism``: ``model._parallel_config`` (a
-``ParallelConfig``) holds the ``ContextParallelConfig``, whose ``_flattened_mesh`` (ring x ulysses) is the mesh that
-diffusers' ``EquipartitionSharder`` splits the sequence over, so its group is exactly the set of ranks whose tokens
-make up one sequence. Tensor parallelism shards weights, not tokens: every rank of a TP group sees every token, its
-sums are already global, and nothing is reduced.
+The group is the one diffusers records on the model in ``enable_parallelism`` (read by
+:func:`ditkern.patch.parallel.context_parallel_config`): the ``ContextParallelConfig``, whose ``_flattened_mesh``
+(ring x ulysses) is the mesh that diffusers' ``EquipartitionSharder`` splits the sequence over, so its group is
+exactly the set of ranks whose tokens make up one sequence. Tensor parallelism shards weights, not tokens: every
+rank of a TP group sees every token, its sums are already global, and nothing is reduced.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ditkern.patch.parallel import context_parallel_config
+
 
 def cp_mesh(model: nn.Module):
     """The device mesh of ``model``'s context parallelism, or None (not distributed, no CP, a mesh of one)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
-    cp = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
-    mesh = getattr(cp, "_flattened_mesh", None)
+    mesh = getattr(context_parallel_config(model), "_flattened_mesh", None)
     return None if mesh is None or mesh.size() == 1 else mesh
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ditkern._backend import BackendUnavailable, requested_backend
 from ditkern.config import PatchConfig
+from ditkern.patch import parallel
 from ditkern.patch.family import Family, Rule
 from ditkern.patch.report import PatchReport, Row
 
@@ -301,6 +302,9 @@ def patch(model_or_pipeline, config: PatchConfig | None = None, **options) -> Pa
             report.add(Row(label, type(model).__name__, "skipped", "", "", f"unknown model class {type(model).__name__!r}; "
                            f"ditkern patches {', '.join(supported_models())}"))  # fmt: skip
             continue
+        refused = parallel.quant_refusal(model, family, config.quant)
+        if refused:  # at patch time, before the quant feature reads (and packs) a sharded weight
+            raise ValueError(f"ditkern.patch: {label}: {refused}")
         state = _State(config=config)
         try:
             rules = rules_for(family, model, config)

@@ -309,28 +309,77 @@ def pipeline(kind):
     return dict(single=single, plain=plain, patched=patched)
 
 
-def tensor_parallel(kind):
-    """diffusers' TensorParallelConfig (tp_degree=2) on the tiny FLUX, then ditkern's lossless patch and int4 quant."""
-    import ditkern
-    from diffusers import TensorParallelConfig
+@contextlib.contextmanager
+def _tp_on_cpu():
+    """diffusers 0.42.1 ``apply_tensor_parallel`` refuses a mesh whose device type is not in
+    ``_SUPPORTED_TP_DEVICES`` (cuda, neuron, tpu, xpu); the rest of its path (``parallelize_module``, DTensor weights,
+    the collectives over gloo) runs on CPU. The one fake: "cpu" in that list, during ``enable_parallelism`` only."""
+    import diffusers.hooks.tensor_parallel as tp
 
-    single, inputs = tiny_flux(batch=2)
-    ref = run(single, inputs, STEPS[:1])[0][0]
-    result = {"ref": ref}
-    model, inputs = tiny_flux(batch=2)
+    saved = tp._SUPPORTED_TP_DEVICES
+    tp._SUPPORTED_TP_DEVICES = (*saved, "cpu")
     try:
         with _cpu_device_count():
-            model.enable_parallelism(config=TensorParallelConfig(tp_degree=2))
-        result["tp"] = run(model, inputs, STEPS[:1])[0][0]
+            yield
+    finally:
+        tp._SUPPORTED_TP_DEVICES = saved
+
+
+def enable_tp(model, fake_cpu=True):
+    from diffusers import TensorParallelConfig
+
+    with _tp_on_cpu() if fake_cpu else _cpu_device_count():
+        model.enable_parallelism(config=TensorParallelConfig(tp_degree=2))
+    return model
+
+
+def tensor_parallel(kind):
+    """diffusers' TensorParallelConfig(tp_degree=2) on the tiny FLUX (its _tp_plan shards the blocks' attention and
+    MLP linears): refused as diffusers ships it; then, with the CPU device allowed (``_tp_on_cpu``), TP itself, the
+    lossless patch under it, quant refused at patch time, and quant of the linears the plan leaves whole."""
+    import ditkern
+    from ditkern.patch.parallel import tp_sharded_linears
+    from ditkern.quant.feature import default_skip
+
+    model64, inputs = tiny_flux(batch=2)
+    ref = run(model64.double(), {k: v.double() for k, v in inputs.items()}, STEPS[:2])[0]
+    result = {"ref": ref}
+    try:
+        enable_tp(tiny_flux(batch=2)[0], fake_cpu=False)
     except Exception as e:  # noqa: BLE001
         result["tp_error"] = f"{type(e).__name__}: {e}"
-        return result
-    for name, opts in (("patched", {}), ("quant", {"quant": ditkern.QuantConfig(format="int4", group_size=32)})):
-        try:
-            ditkern.patch(model, backend="torch", **opts)
-            result[name] = run(model, inputs, STEPS[:1])[0][0]
-        except Exception as e:  # noqa: BLE001
-            result[f"{name}_error"] = f"{type(e).__name__}: {e}"
+    model, inputs = tiny_flux(batch=2)
+    enable_tp(model)
+    result["sharded"] = tp_sharded_linears(model)
+    result["plain"] = run(model, inputs, STEPS[:2])[0]
+    report = ditkern.patch(model, backend="torch")
+    result["n_patched"] = len(report.patched)
+    result["patched"] = run(model, inputs, STEPS[:2])[0]
+    try:
+        ditkern.patch(model, quant=ditkern.QuantConfig(format="int4", group_size=32), backend="torch")
+    except ValueError as e:
+        result["quant_error"] = str(e)
+    result["patched_after_refusal"] = ditkern.is_patched(model)
+    skip = [*default_skip(model), *type(model)._tp_plan]
+    cfg = ditkern.QuantConfig(format="int4", group_size=32, skip=skip)
+    report = ditkern.patch(model, quant=cfg, backend="torch")
+    result["n_quantized"] = sum(r.what.startswith("quantized linear") for r in report.patched)
+    result["quant"] = run(model, inputs, STEPS[:2])[0]
+    single, inputs = tiny_flux(batch=2)
+    ditkern.patch(single, quant=cfg, backend="torch")
+    result["quant_ref"] = run(single, inputs, STEPS[:2])[0]
+    model, inputs = tiny_flux(batch=2)
+    ditkern.patch(model, backend="torch")
+    enable_tp(model)
+    result["patched_first"] = run(model, inputs, STEPS[:2])[0]
+    # the other order: quantized first, then sharded (diffusers shards what is left of the planned linears' parameters)
+    model, inputs = tiny_flux(batch=2)
+    ditkern.patch(model, quant=ditkern.QuantConfig(format="int4", group_size=32), backend="torch")
+    try:
+        enable_tp(model)
+        result["quant_first"] = run(model, inputs, STEPS[:1])[0]
+    except Exception as e:  # noqa: BLE001
+        result["quant_first_error"] = f"{type(e).__name__}: {e}"
     return result
 
 
