@@ -395,7 +395,10 @@ def adaln_modulate(
 ) -> torch.Tensor:
     """``norm(x) * (1 + scale) + shift`` in one pass. See the module docstring for shapes and dtypes.
 
-    ``backend``: None (``DITKERN_BACKEND`` or auto), "auto", "cuda", "triton" or "torch".
+    ``backend``: None (``DITKERN_BACKEND`` or auto), "auto", "cuda", "triton" or "torch". "torch" is the fp32
+    reference :func:`adaln_modulate_ref` (the oracle; on CPU slower than the unfused native ops, since it upcasts).
+    ``ditkern.patch`` in auto mode therefore never installs an op that would land on "torch": such a module keeps its
+    own forward (``ditkern.patch.common.adaln_plan``); asked for by name, "torch" is installed as it is.
     """
     _check(x, None, None, shift, scale, weight, bias, norm, eps)
     return _adaln_modulate_op(x, shift, scale, weight, bias, norm, float(eps), requested_backend(backend))
@@ -416,7 +419,8 @@ def gated_residual_adaln(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = x + gate * y`` and ``norm(h) * (1 + scale) + shift`` in one pass; returns ``(h, out)``.
 
-    ``gate=None`` is a plain residual add; ``shift=scale=None`` a plain (optionally affine) norm.
+    ``gate=None`` is a plain residual add; ``shift=scale=None`` a plain (optionally affine) norm. ``backend`` as for
+    :func:`adaln_modulate` ("torch": the fp32 reference :func:`gated_residual_adaln_ref`).
     """
     if y is None:
         raise ValueError("y must be a tensor (the sub-block output added to the residual stream x)")

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from ditkern.attention.processors import spatial_grid
 from ditkern.patch.common import (
-    BLOCK_WHAT, adaln_backend, check_fingerprint, chunked_ff, has_attrs, modulate, norm_spec, residual_modulate,
+    BLOCK_WHAT, adaln_plan, check_fingerprint, chunked_ff, has_attrs, modulate, norm_spec, residual_modulate,
 )
-from ditkern.patch.engine import Plan
 from ditkern.patch.family import SINGLE, Stack, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
@@ -102,4 +101,4 @@ def basic_block_rule(block, cfg):
         ff_output = chunked_ff(block, block.ff, norm_hidden_states)
         return hidden_states + (gate_mlp.unsqueeze(1) if zero else gate_mlp) * ff_output
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, ff_norm, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, ff_norm, cfg)

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ditkern._backend import choose
+from ditkern._backend import choose, explain, requested_backend
 from ditkern.config import PatchConfig
 from ditkern.ops.adaln_modulate import BACKENDS as ADALN_BACKENDS
 from ditkern.ops.adaln_modulate import adaln_modulate, gated_residual_adaln
 from ditkern.patch.engine import Plan, device_dtype
+from ditkern.patch.report import native_reason
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,32 @@ def adaln_backend(module: nn.Module, norm: nn.Module | None, cfg: PatchConfig) -
     """The backend ``adaln_modulate`` / ``gated_residual_adaln`` will run on for this module: its device and dtype,
     the width of ``norm``, the backend the patch asks for. Resolved once, at patch time, for the plan and the report;
     a backend the user forced that cannot run raises here (``BackendUnavailable``)."""
+    return choose("adaln_modulate", ADALN_BACKENDS, _adaln_sample(module, norm), backend=cfg.backend)
+
+
+def _adaln_sample(module: nn.Module, norm: nn.Module | None) -> torch.Tensor:
     device, dtype = device_dtype(module)
     width = (norm_width(norm) if norm is not None else None) or 64
-    sample = torch.empty(1, 1, width, device=device, dtype=dtype)
-    return choose("adaln_modulate", ADALN_BACKENDS, sample, backend=cfg.backend)
+    return torch.empty(1, 1, width, device=device, dtype=dtype)
+
+
+def adaln_plan(name: str, what: str, forward: Callable, module: nn.Module, norm: nn.Module | None,
+               cfg: PatchConfig) -> Plan | str:  # fmt: skip
+    """The plan of a lossless adaLN rule (``forward`` replaces ``module``'s forward), or why the module keeps its own.
+
+    In auto mode (no ``backend`` asked for, no ``DITKERN_BACKEND``), where no fused backend (cuda, triton) can run on
+    the module's device and dtype, the op would land on its fp32 torch reference: more ops and fp32 upcasts than the
+    module's own native torch ops, so slower than unpatched (measured on CPU: 0.57x-0.81x, ``bench/cpu_lossless.py``)
+    for no gain. The module is then left unpatched, bit-identical to unpatched and as fast, and the report row says
+    so (:data:`~ditkern.patch.report.NATIVE_REASON`). A backend asked for by name is honoured: ``backend="torch"``
+    installs the fused forward on the fp32 reference (the oracle the tests compare kernels with).
+    """
+    sample = _adaln_sample(module, norm)
+    backend = choose("adaln_modulate", ADALN_BACKENDS, sample, backend=cfg.backend)
+    if backend == "torch" and requested_backend(cfg.backend) == "auto":
+        why = explain({k: v for k, v in ADALN_BACKENDS.items() if k != "torch"}, sample)
+        return native_reason(sample.device.type, str(sample.dtype).removeprefix("torch."), why)
+    return Plan(name, what, forward, backend=backend)
 
 
 def _promoted(out: torch.Tensor, *others: torch.Tensor | None) -> torch.Tensor:
@@ -181,7 +204,7 @@ class AdaLNNormRule:
         def mod(norm, x, shift, scale):
             return modulate(norm, x, shift, scale, backend)
 
-        return Plan("adaln", ADALN_WHAT, self.build(mod), backend=adaln_backend(m, m.norm, cfg))
+        return adaln_plan("adaln", ADALN_WHAT, self.build(mod), m, m.norm, cfg)
 
 
 def _ada_layer_norm_zero(mod: Modulate):

@@ -8,6 +8,21 @@ from dataclasses import dataclass, field
 # windowed attention under grad (grad mode on, an input or parameter requiring grad): WindowProcessor steps aside
 WINDOW_UNDER_GRAD = "windowed attention is inference-only: under grad each layer runs its own exact (dense) attention"
 
+# a lossless rule whose op has no fused backend on the model's device (auto mode): the module keeps its own forward
+NATIVE_REASON = "torch: native ops, no fused kernel on"
+NATIVE_NOTE = (
+    f"'{NATIVE_REASON} ...' rows keep their own forward (bit-identical to unpatched, as fast): no fused backend "
+    "runs there, and the fp32 torch reference would be slower than the module's native ops; backend='torch' "
+    "installs the fused forwards on that reference anyway"
+)
+
+
+def native_reason(device: str, dtype: str, why: dict[str, str | None]) -> str:
+    """The skip reason of a module left to its native torch ops on ``device`` (``"cpu"``) for ``dtype``
+    (``"float32"``); ``why``: each fused backend's reason it cannot run."""
+    because = "; ".join(f"{name}: {reason}" for name, reason in why.items())
+    return f"{NATIVE_REASON} {device} {dtype} ({because})"
+
 
 @dataclass(frozen=True)
 class Row:
@@ -29,6 +44,8 @@ class PatchReport:
         self.rows.append(row)
         if row.status == "patched" and "(window_attention)" in row.what and WINDOW_UNDER_GRAD not in self.notes:
             self.notes.append(WINDOW_UNDER_GRAD)
+        if row.status == "skipped" and row.reason.startswith(NATIVE_REASON) and NATIVE_NOTE not in self.notes:
+            self.notes.append(NATIVE_NOTE)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -49,7 +66,10 @@ class PatchReport:
         for r in self.patched:
             kinds[r.what] = kinds.get(r.what, 0) + 1
         parts = [f"{n} x {w}" for w, n in kinds.items()]
-        return f"ditkern: patched {len(self.patched)} module(s) ({', '.join(parts) or 'none'}), skipped {len(self.skipped)}"
+        native = sum(r.reason.startswith(NATIVE_REASON) for r in self.skipped)
+        why = f" ({native} keep their native torch ops: no fused kernel on this device)" if native else ""
+        return (f"ditkern: patched {len(self.patched)} module(s) ({', '.join(parts) or 'none'}), "
+                f"skipped {len(self.skipped)}{why}")  # fmt: skip
 
     def __str__(self) -> str:
         lines = [self.summary()]

@@ -22,9 +22,8 @@ import torch
 
 from ditkern.attention.processors import spatial_grid
 from ditkern.patch.common import (
-    BLOCK_WHAT, AdaLNNormRule, adaln_backend, check_fingerprint, has_attrs, norm_spec, residual_modulate,
+    BLOCK_WHAT, AdaLNNormRule, adaln_plan, check_fingerprint, has_attrs, norm_spec, residual_modulate,
 )  # fmt: skip
-from ditkern.patch.engine import Plan
 from ditkern.patch.family import COMMON_SKIP, Family, QuantLayout, Stack, Streams, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
@@ -117,7 +116,7 @@ def cogview4_block_rule(block, cfg):
         encoder_hidden_states = encoder_hidden_states + ff_output_context * c_gate_mlp.unsqueeze(1)
         return hidden_states, encoder_hidden_states
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm2, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.norm2, cfg)
 
 
 FAMILY = Family(

@@ -15,9 +15,8 @@ import torch
 
 from ditkern.attention.processors import flux_grid
 from ditkern.patch.common import (
-    BLOCK_WHAT, NORM_RULES, adaln_backend, check_fingerprint, has_attrs, norm_spec, residual_modulate,
+    BLOCK_WHAT, NORM_RULES, adaln_plan, check_fingerprint, has_attrs, norm_spec, residual_modulate,
 )  # fmt: skip
-from ditkern.patch.engine import Plan
 from ditkern.patch.family import COMMON_SKIP, PAIR, Family, QuantLayout, Stack, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
@@ -66,7 +65,7 @@ def flux_double_block_rule(block, cfg):
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
         return encoder_hidden_states, hidden_states
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm2, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.norm2, cfg)
 
 
 FAMILY = Family(

@@ -34,10 +34,9 @@ import torch
 
 from ditkern.attention.processors import flux_grid
 from ditkern.patch.common import (
-    ADALN_WHAT, BLOCK_WHAT, NORM_RULES, adaln_backend, check_fingerprint, has_attrs, modulate, norm_spec,
+    ADALN_WHAT, BLOCK_WHAT, NORM_RULES, adaln_plan, check_fingerprint, has_attrs, modulate, norm_spec,
     residual_modulate, source_fingerprint,
 )  # fmt: skip
-from ditkern.patch.engine import Plan
 from ditkern.patch.family import COMMON_SKIP, PAIR, SINGLE, Family, QuantLayout, Stack, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
@@ -105,7 +104,7 @@ def flux2_double_block_rule(block, cfg):
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
         return encoder_hidden_states, hidden_states
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm2, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.norm2, cfg)
 
 
 def flux2_single_block_rule(block, cfg):
@@ -134,7 +133,7 @@ def flux2_single_block_rule(block, cfg):
             return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
         return hidden_states
 
-    return Plan("adaln", ADALN_WHAT, forward, backend=adaln_backend(block, block.norm, cfg))
+    return adaln_plan("adaln", ADALN_WHAT, forward, block, block.norm, cfg)
 
 
 FAMILY = Family(

@@ -23,7 +23,7 @@ import os
 
 from ditkern.patch.common import (
     ADALN_WHAT,
-    adaln_backend,
+    adaln_plan,
     check_fingerprint,
     has_attrs,
     modulate,
@@ -31,7 +31,6 @@ from ditkern.patch.common import (
     residual_modulate,
     source_fingerprint,
 )
-from ditkern.patch.engine import Plan
 from ditkern.patch.family import COMMON_SKIP, Family, MoELayer, QuantLayout, Stack
 
 # source fingerprints (common.source_fingerprint) of the diffusers code the patched forwards mirror
@@ -119,7 +118,7 @@ def single_block_rule(block, cfg):
         ff_output_i = gate_mlp_i * block.ff_i(norm_hidden_states.to(dtype=wtype))
         return ff_output_i + hidden_states
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm3_i, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.norm3_i, cfg)
 
 
 def double_block_rule(block, cfg):
@@ -151,7 +150,7 @@ def double_block_rule(block, cfg):
         ff_output_t = gate_mlp_t * block.ff_t(norm_encoder_hidden_states)
         return ff_output_i + hidden_states, ff_output_t + encoder_hidden_states
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm3_i, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.norm3_i, cfg)
 
 
 FAMILY = Family(

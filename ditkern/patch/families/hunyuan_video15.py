@@ -24,9 +24,8 @@ import math
 
 from ditkern.attention.processors import accepts_text_padding
 from ditkern.patch.common import (
-    BLOCK_WHAT, NORM_RULES, adaln_backend, check_fingerprint, has_attrs, norm_spec, residual_modulate,
+    BLOCK_WHAT, NORM_RULES, adaln_plan, check_fingerprint, has_attrs, norm_spec, residual_modulate,
 )  # fmt: skip
-from ditkern.patch.engine import Plan
 from ditkern.patch.family import COMMON_SKIP, Family, QuantLayout, Stack, Streams, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
@@ -95,7 +94,7 @@ def _dual_stream_plan(block, cfg, fingerprint, rotary_name):
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
         return hidden_states, encoder_hidden_states
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm2, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.norm2, cfg)
 
 
 hunyuan_video15_block_rule = dual_stream_block_rule("HunyuanVideo15TransformerBlock", "freqs_cis")

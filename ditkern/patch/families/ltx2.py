@@ -22,9 +22,8 @@ import inspect
 import math
 
 from ditkern.patch.common import (
-    BLOCK_WHAT, adaln_backend, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
+    BLOCK_WHAT, adaln_plan, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
 )  # fmt: skip
-from ditkern.patch.engine import Plan
 from ditkern.patch.family import COMMON_SKIP, Family, QuantLayout, Stack, Streams, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
@@ -238,7 +237,7 @@ def ltx2_block_rule(block, cfg):
         audio_hidden_states = audio_hidden_states + audio_ff_output * audio_gate_mlp
         return hidden_states, audio_hidden_states
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm1, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.norm1, cfg)
 
 
 FAMILY = Family(

@@ -25,10 +25,9 @@ from __future__ import annotations
 import inspect
 
 from ditkern.patch.common import (
-    ADALN_WHAT, BLOCK_WHAT, AdaLNNormRule, adaln_backend, check_fingerprint, has_attrs, modulate, norm_spec,
+    ADALN_WHAT, BLOCK_WHAT, AdaLNNormRule, adaln_plan, check_fingerprint, has_attrs, modulate, norm_spec,
     residual_modulate,
 )  # fmt: skip
-from ditkern.patch.engine import Plan
 from ditkern.patch.family import COMMON_SKIP, SINGLE, Family, QuantLayout, Stack, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
@@ -67,7 +66,7 @@ def lumina_norm_out_rule(m, cfg):
             x = module.linear_2(x)
         return x
 
-    return Plan("adaln", ADALN_WHAT, forward, backend=adaln_backend(m, m.norm, cfg))
+    return adaln_plan("adaln", ADALN_WHAT, forward, m, m.norm, cfg)
 
 
 def lumina2_block_rule(block, cfg):
@@ -101,7 +100,7 @@ def lumina2_block_rule(block, cfg):
         mlp_output = block.feed_forward(mlp_input)
         return hidden_states + gate_mlp.unsqueeze(1).tanh() * block.ffn_norm2(mlp_output)
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.ffn_norm1, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.ffn_norm1, cfg)
 
 
 def lumina2_grid(model, args, kwargs, read_ids: bool = True):

@@ -29,10 +29,9 @@ import os
 import torch
 
 from ditkern.patch.common import (
-    BLOCK_WHAT, NORM_RULES, adaln_backend, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
+    BLOCK_WHAT, NORM_RULES, adaln_plan, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
     source_fingerprint,
 )  # fmt: skip
-from ditkern.patch.engine import Plan
 from ditkern.patch.family import COMMON_SKIP, SINGLE, Family, MoELayer, QuantLayout, Stack
 from ditkern.patch.fingerprints import FINGERPRINTS
 
@@ -85,7 +84,7 @@ def nucleus_block_rule(block, cfg):
             hidden_states = hidden_states.clip(fp16_finfo.min, fp16_finfo.max)
         return hidden_states
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.pre_mlp_norm, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.pre_mlp_norm, cfg)
 
 
 def _moe_fingerprint_reason(layer) -> str | None:

@@ -23,10 +23,9 @@ import os
 import torch
 
 from ditkern.patch.common import (
-    BLOCK_WHAT, NORM_RULES, adaln_backend, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
+    BLOCK_WHAT, NORM_RULES, adaln_plan, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
     source_fingerprint,
 )  # fmt: skip
-from ditkern.patch.engine import Plan
 from ditkern.patch.family import COMMON_SKIP, PAIR, Family, QuantLayout, Stack, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
@@ -110,7 +109,7 @@ def qwen_block_rule(block, cfg):
             hidden_states = hidden_states.clip(-65504, 65504)
         return encoder_hidden_states, hidden_states
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.img_norm2, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.img_norm2, cfg)
 
 
 def qwen_grid(model, args, kwargs, read_ids: bool = True) -> tuple[tuple[int, ...] | None, int, int]:

@@ -20,7 +20,7 @@ from ditkern._backend import choose
 from ditkern.ops.linear_attention import BACKENDS as LINEAR_BACKENDS
 from ditkern.ops.linear_attention import linear_attention
 from ditkern.patch.common import (
-    BLOCK_WHAT, adaln_backend, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
+    BLOCK_WHAT, adaln_plan, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
 )  # fmt: skip
 from ditkern.patch.engine import Plan, device_dtype
 from ditkern.patch.family import COMMON_SKIP, SINGLE, Family, QuantLayout, Stack
@@ -120,7 +120,7 @@ def sana_block_rule(block, cfg):
         ff_output = ff_output.flatten(2, 3).permute(0, 2, 1)
         return hidden_states + gate_mlp * ff_output
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm2, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.norm2, cfg)
 
 
 FAMILY = Family(

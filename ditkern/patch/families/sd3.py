@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from ditkern.attention.processors import spatial_grid
 from ditkern.patch.common import (
-    BLOCK_WHAT, NORM_RULES, adaln_backend, check_fingerprint, chunked_ff, has_attrs, norm_spec, residual_modulate,
+    BLOCK_WHAT, NORM_RULES, adaln_plan, check_fingerprint, chunked_ff, has_attrs, norm_spec, residual_modulate,
 )  # fmt: skip
-from ditkern.patch.engine import Plan
 from ditkern.patch.family import COMMON_SKIP, PAIR, Family, QuantLayout, Stack, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
@@ -70,7 +69,7 @@ def joint_block_rule(block, cfg):
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
         return encoder_hidden_states, hidden_states
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm2, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.norm2, cfg)
 
 
 FAMILY = Family(

@@ -16,9 +16,8 @@ from torch import nn
 
 from ditkern.attention.processors import spatial_grid
 from ditkern.patch.common import (
-    BLOCK_WHAT, adaln_backend, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
+    BLOCK_WHAT, adaln_plan, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
 )  # fmt: skip
-from ditkern.patch.engine import Plan
 from ditkern.patch.family import COMMON_SKIP, SINGLE, Family, QuantLayout, Stack, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
@@ -60,7 +59,7 @@ def wan_block_rule(block, cfg):
         ff_output = block.ffn(norm_hidden_states)
         return (hidden_states.float() + ff_output.float() * c_gate_msa).to(dtype)
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm1, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.norm1, cfg)
 
 
 FAMILY = Family(

@@ -21,9 +21,8 @@ from torch import nn
 
 from ditkern.attention.processors import spatial_grid
 from ditkern.patch.common import (
-    BLOCK_WHAT, adaln_backend, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
+    BLOCK_WHAT, adaln_plan, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
 )  # fmt: skip
-from ditkern.patch.engine import Plan
 from ditkern.patch.families.wan import wan_block_rule
 from ditkern.patch.family import COMMON_SKIP, SINGLE, Family, QuantLayout, Stack, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
@@ -83,7 +82,7 @@ def wan_vace_block_rule(block, cfg):
             conditioning_states = block.proj_out(x)
         return conditioning_states, x
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.norm1, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.norm1, cfg)
 
 
 FAMILY = Family(

@@ -26,9 +26,8 @@ import inspect
 import math
 
 from ditkern.patch.common import (
-    ADALN_WHAT, BLOCK_WHAT, adaln_backend, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
+    ADALN_WHAT, BLOCK_WHAT, adaln_plan, check_fingerprint, has_attrs, modulate, norm_spec, residual_modulate,
 )  # fmt: skip
-from ditkern.patch.engine import Plan
 from ditkern.patch.family import COMMON_SKIP, Family, QuantLayout, Stack, Streams, TokenLayout
 from ditkern.patch.fingerprints import FINGERPRINTS
 
@@ -85,7 +84,7 @@ def zimage_block_rule(block, cfg):
         )
         return x + gate_mlp * block.ffn_norm2(block.feed_forward(ffn_input))
 
-    return Plan("block", BLOCK_WHAT, forward, backend=adaln_backend(block, block.ffn_norm1, cfg))
+    return adaln_plan("block", BLOCK_WHAT, forward, block, block.ffn_norm1, cfg)
 
 
 def zimage_final_layer_rule(m, cfg):
@@ -112,7 +111,7 @@ def zimage_final_layer_rule(m, cfg):
             scale = module.adaLN_modulation(c)
         return module.linear(modulate(module.norm_final, x, None, scale, backend))
 
-    return Plan("adaln", ADALN_WHAT, forward, backend=adaln_backend(m, m.norm_final, cfg))
+    return adaln_plan("adaln", ADALN_WHAT, forward, m, m.norm_final, cfg)
 
 
 def zimage_grid(model, args, kwargs, read_ids: bool = True):

@@ -1,0 +1,123 @@
+"""The lossless ``ditkern.patch`` against unpatched on a device where no fused kernel can run (CPU).
+
+``python -m bench.cpu_lossless --pipeline digits-flux [--patch [--backend torch]] [--steps 12] [--images 2]``
+
+Loads a reference pipeline (``ditkern.zoo``), optionally patches it with the default (lossless) options, and
+generates ``--images`` digits with ``--steps`` denoising steps at the pipeline's real token count (16x16 latent
+tokens, plus the class tokens for FLUX), after one untimed warm-up generation. It prints the patch report and the
+seconds per generation. Time it as a whole process (``/usr/bin/time -v``), the patched run against the unpatched one
+in alternation, or pass ``--ab``: the same process then times unpatched and patched generations in turn
+(``--repeats`` pairs) and prints the median ratio, a same-run baseline.
+
+``--pipeline tiny-flux`` / ``tiny-dit`` use the random tiny transformers of the tests (``tests/patch/tiny.py``
+geometry, rebuilt here so the benchmark does not import the tests), one forward per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+TINY = ("tiny-flux", "tiny-dit")
+
+
+def _tiny(name: str):
+    """A random tiny transformer and one call's inputs (the geometry of ``tests/patch/tiny.py``)."""
+    from diffusers import DiTTransformer2DModel, FluxTransformer2DModel  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    if name == "tiny-flux":
+        model = FluxTransformer2DModel(
+            patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6),
+        ).eval()  # fmt: skip
+        grid = torch.meshgrid(torch.zeros(1), torch.arange(6.0), torch.arange(6.0), indexing="ij")
+        inputs = dict(
+            hidden_states=torch.randn(2, 36, 8), encoder_hidden_states=torch.randn(2, 5, 24),
+            pooled_projections=torch.randn(2, 16), timestep=torch.tensor([0.3, 0.7]),
+            img_ids=torch.stack(grid, -1).reshape(-1, 3), txt_ids=torch.zeros(5, 3),
+        )  # fmt: skip
+        return model, inputs
+    model = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=1001, norm_type="ada_norm_zero",
+    ).eval()  # fmt: skip
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([300, 700]),
+                  class_labels=torch.tensor([3, 1000]))  # fmt: skip
+    return model, inputs
+
+
+def build(name: str, steps: int, images: int):
+    """``(target to patch, run())``: ``run`` does one timed unit of work (a generation, or ``steps`` forwards)."""
+    if name in TINY:
+        model, inputs = _tiny(name)
+
+        def run():
+            with torch.no_grad():
+                for _ in range(steps):
+                    model(**inputs, return_dict=False)
+
+        return model, run
+    import ditkern.zoo as zoo  # noqa: PLC0415
+
+    pipe = zoo.load(name)
+    classes, seeds = [i % 10 for i in range(images)], list(range(images))
+
+    def run():
+        zoo.generate(pipe, classes, seeds, num_inference_steps=steps)
+
+    return pipe, run
+
+
+def _seconds(run) -> float:
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> None:
+    import ditkern  # noqa: PLC0415
+    import ditkern.zoo as zoo  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(prog="python -m bench.cpu_lossless", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pipeline", default="digits-flux", choices=(*zoo.NAMES, *TINY))
+    ap.add_argument("--patch", action="store_true", help="patch with the default (lossless) options")
+    ap.add_argument("--backend", default=None, help="the patch's backend (default: auto; 'torch': the fp32 reference, "
+                    "what the lossless patch ran on CPU before it kept the native ops)")
+    ap.add_argument("--ab", action="store_true", help="time unpatched and patched in turn in this process")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--images", type=int, default=2, help="digits per generation (zoo pipelines)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed generations (--ab: pairs)")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (the zoo's measured setting)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    target, run = build(args.pipeline, args.steps, args.images)
+    if args.ab:
+        report = ditkern.patch(target, backend=args.backend)
+        print(report)
+        ditkern.unpatch(target)
+        run()  # warm-up
+        ratios, base, fused = [], [], []
+        for _ in range(args.repeats):
+            base.append(_seconds(run))
+            with ditkern.patched(target, backend=args.backend):
+                run()  # a patched warm-up: the first call of a patched forward pays its one-off costs
+                fused.append(_seconds(run))
+            ratios.append(base[-1] / fused[-1])
+        print(f"{args.pipeline}: unpatched {statistics.median(base):.3f} s, patched {statistics.median(fused):.3f} s "
+              f"per run (median of {args.repeats}); speed ratio unpatched/patched median {statistics.median(ratios):.3f} "
+              f"(min {min(ratios):.3f}, max {max(ratios):.3f})")  # fmt: skip
+        return
+    if args.patch:
+        print(ditkern.patch(target, backend=args.backend))
+    run()  # warm-up
+    times = [_seconds(run) for _ in range(args.repeats)]
+    print(f"{args.pipeline} {'patched' if args.patch else 'unpatched'}: {statistics.median(times):.3f} s per run "
+          f"(median of {args.repeats})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
