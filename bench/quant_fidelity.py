@@ -41,23 +41,31 @@ def ditkern_settings(quick: bool):
     return s[:3] if quick else s
 
 
-def ablations(model):
-    """Default skip list minus one group at a time: quantizing that group too shows what it costs."""
+def ablations(model, base_qc=None, tag="fp4_e2m1"):
+    """What each layer group the default skip list keeps buys: the default list minus one group at a time (that group
+    quantized too), the list before it was made explicit (``*embed*`` also keeping DiT's per-block timestep
+    embedders), and nothing kept."""
+    import dataclasses
+
     from ditkern import QuantConfig
     from ditkern.quant.feature import default_skip
+    from ditkern.patch.engine import family_of
 
+    base_qc = base_qc if base_qc is not None else QuantConfig(format="fp4_e2m1")
     base = default_skip(model)
+    fam = family_of(model)
+    old = fam.quant.default_skip(model, fam.stack if not isinstance(fam.stack, str) else None)
     groups = {
-        "embedders": [p for p in base if "embed" in p or "caption" in p or "adaln_single" in p],
+        "embedders": [p for p in base if "*" not in p and ("embed" in p or "caption" in p or "adaln_single" in p)],
         "final proj/norm": [p for p in base if p.startswith(("proj_out", "norm_out"))],
         "first/last adaLN": [p for p in base if ".norm*" in p],
     }
-    out = []
+    out = [(f"{tag} default skip", dataclasses.replace(base_qc, skip=None)),
+           (f"{tag} old skip (*embed* in blocks)", dataclasses.replace(base_qc, skip=old))]
     for g, pats in groups.items():
         if pats:
-            out.append(
-                (f"fp4_e2m1 quantize {g}", QuantConfig(format="fp4_e2m1", skip=[p for p in base if p not in pats]))
-            )
+            out.append((f"{tag} quantize {g}", dataclasses.replace(base_qc, skip=[p for p in base if p not in pats])))
+    out.append((f"{tag} skip=[]", dataclasses.replace(base_qc, skip=[])))
     return out
 
 
@@ -116,6 +124,8 @@ def main(argv=None):
         "an earlier row of the same pipeline and setting) into --out, and exit",
     )
     p.add_argument("--only", help="regex: run only the ditkern settings whose name matches (and no torchao rows)")
+    p.add_argument("--skip-study", action="store_true",
+                   help="only the skip-list study (fp4_e2m1 absmax and int4 g32 bf16 gptq: what each kept group buys)")
     a = p.parse_args(argv)
     if a.merge:
         merged: dict = {}
@@ -133,7 +143,7 @@ def main(argv=None):
     import ditkern
     from ditkern import zoo
     from ditkern.quant import calibrate
-    from ditkern.quant.feature import quantized_layers, weight_memory
+    from ditkern.quant.feature import bit_counts, weight_memory
     from ditkern.zoo import classifier, fidelity
 
     out_dir = Path(a.out)
@@ -153,14 +163,13 @@ def main(argv=None):
     def record(name, setting, images, ref, seconds, model=None, bits=None, note=""):
         per = fidelity.psnr(images, ref)
         mem = weight_memory(model) if model is not None else None
-        qbits = bits
-        if model is not None and bits is None:
-            layers = quantized_layers(model)
-            n = sum(q.shape[0] * q.shape[1] for q in layers.values())
-            qbits = 8 * sum(q.nbytes for q in layers.values()) / n if n else None
+        b = bit_counts(model) if model is not None and bits is None else (bits or {})
+        r3 = lambda v: None if v is None else round(v, 3)  # noqa: E731
         row = dict(pipeline=name, setting=setting, psnr_db=round(fidelity.pooled_psnr(images, ref), 2),
                    psnr_worst_db=round(per.min().item(), 2), accuracy=round(classifier.accuracy(images, classes), 3),
-                   bits_per_quantized_weight=None if qbits is None else round(qbits, 3),
+                   bits_per_quantized_weight=r3(b.get("quantized")), bits_blocks=r3(b.get("blocks")),
+                   bits_blocks_bf16=r3(b.get("blocks_bf16")), bits_all_linears=r3(b.get("all")),
+                   blocks_kept_fraction=r3(b.get("blocks_kept")),
                    linear_memory_vs_fp32=None if mem is None else round(mem["quantized_bytes"] / mem["original_bytes"],
                                                                           4),
                    seconds=round(seconds, 1), note=note)  # fmt: skip
@@ -174,10 +183,16 @@ def main(argv=None):
         record(name, "fp32 (reference)", ref, ref, time.perf_counter() - t0, note="unquantized")
         cal = calibrate(pipe, lambda: [zoo.generate(pipe, [s % 10], [s]) for s in calib_seeds])
         settings = ditkern_settings(a.quick)
-        if not a.quick:
+        if a.skip_study:
             from ditkern import QuantConfig
 
-            settings += ablations(pipe.transformer)
+            g32 = dict(group_size=32, scale_dtype="bf16", method="gptq", calibration=cal)
+            settings = ablations(pipe.transformer) + ablations(
+                pipe.transformer, QuantConfig(format="int4", **g32), "int4 g32 bf16 gptq")
+        elif not a.quick:
+            from ditkern import QuantConfig
+
+            settings += ablations(pipe.transformer)[1:]
             g32 = dict(group_size=32, scale_dtype="bf16", method="gptq", calibration=cal)
             settings += [
                 ("fp4_e2m1 awq", QuantConfig(format="fp4_e2m1", method="awq", calibration=cal)),
@@ -205,10 +220,10 @@ def main(argv=None):
         t0 = time.perf_counter()
         try:
             record(name, "bf16 pipeline (no quantization)", gen(zoo.load(name, torch_dtype=torch.bfloat16)), ref,
-                   time.perf_counter() - t0, bits=16.0)  # fmt: skip
+                   time.perf_counter() - t0, bits=dict.fromkeys(("quantized", "blocks", "blocks_bf16", "all"), 16.0))  # fmt: skip
         except Exception as exc:  # noqa: BLE001
             rows.append(dict(pipeline=name, setting="bf16 pipeline", note=f"failed: {type(exc).__name__}: {exc}"))
-        if a.only:
+        if a.only or a.skip_study:
             _write(rows, out_dir)
             continue
         if tao_note:
@@ -242,7 +257,8 @@ def main(argv=None):
                     note += f"; kept in fp32 (dims not multiples of 16): {', '.join(kept) or 'none'}"
                 t0 = time.perf_counter()
                 images = gen(pipe)
-                record(name, f"{setting} ({scope})", images, ref, time.perf_counter() - t0, bits=bits, note=note)
+                record(name, f"{setting} ({scope})", images, ref, time.perf_counter() - t0,
+                       bits=_nominal_bits(original, set(kept), bits), note=note)  # fmt: skip
             except Exception as exc:  # noqa: BLE001
                 msg = str(exc).splitlines()[0][:200] if str(exc) else ""
                 rows.append(dict(pipeline=name, setting=f"{setting} ({scope})",
@@ -255,6 +271,28 @@ def main(argv=None):
     _plot(rows, out_dir)
 
 
+def _nominal_bits(model, kept: set[str], nominal: float) -> dict:
+    """Bits per weight of a torchao-quantized copy of ``model`` at the same scopes as ditkern's rows: ``nominal``
+    bits for its quantized linears, the real bits of the ``kept`` ones (fp32 here; bf16 for ``blocks_bf16``)."""
+    from ditkern.patch.engine import family_of
+
+    fam = family_of(model)
+    lists = set(fam.stack.lists) if fam is not None and not isinstance(fam.stack, str) else set()
+    acc = {k: [0.0, 0] for k in ("quantized", "blocks", "blocks_bf16", "all", "blocks_kept")}
+    for path, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        n, q, blk = m.weight.numel(), path not in kept, path.split(".")[0] in lists
+        real = 8 * m.weight.element_size()
+        for k, b, on in [("quantized", nominal, q), ("all", nominal if q else real, True),
+                         ("blocks", nominal if q else real, blk), ("blocks_bf16", nominal if q else 16, blk),
+                         ("blocks_kept", 0 if q else 1, blk)]:  # fmt: skip
+            if on:
+                acc[k][0] += b * n
+                acc[k][1] += n
+    return {k: (b / n if n else None) for k, (b, n) in acc.items()}
+
+
 def _write(rows, out_dir: Path):
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(out_dir / "fidelity.csv", "w", newline="") as f:
@@ -262,14 +300,19 @@ def _write(rows, out_dir: Path):
         w.writeheader()
         w.writerows(rows)
     (out_dir / "fidelity.json").write_text(json.dumps(rows, indent=1))
-    head = ["pipeline", "setting", "PSNR dB", "worst dB", "class acc", "bits/weight", "linear mem vs fp32", "s", "note"]
+    head = ["pipeline", "setting", "PSNR dB", "worst dB", "class acc", "bits/quantized weight", "bits/block weight",
+            "bits/block weight (kept at bf16)", "bits/linear weight", "block weights kept", "s", "note"]
     lines = ["# Quantized reference pipelines: fidelity vs the fp32 pipeline (CPU)", "",
              "Command: `python -m bench.quant_fidelity` (ditkern's torch reference path; same seeds and classes; "
-             "PSNR pooled over all images).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+             "PSNR pooled over all images). Bits per weight, scales included: over the quantized layers; over every "
+             "linear weight of the transformer blocks, layers left in high precision at their real bits (fp32 in "
+             "this CPU run) and at bf16; over every linear weight of the transformer; torchao rows: its nominal bits "
+             "for the layers it quantizes, at the same scopes.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for r in rows:
         v = [r.get("pipeline"), r.get("setting"), r.get("psnr_db"), r.get("psnr_worst_db"), r.get("accuracy"),
-             r.get("bits_per_quantized_weight"), r.get("linear_memory_vs_fp32"), r.get("seconds"),
-             r.get("note", "")]  # fmt: skip
+             r.get("bits_per_quantized_weight"), r.get("bits_blocks"), r.get("bits_blocks_bf16"),
+             r.get("bits_all_linears"), r.get("blocks_kept_fraction"), r.get("seconds"), r.get("note", "")]  # fmt: skip
         lines.append("| " + " | ".join("" if x is None else str(x) for x in v) + " |")
     (out_dir / "fidelity.md").write_text("\n".join(lines) + "\n")
 
@@ -284,19 +327,20 @@ def _plot(rows, out_dir: Path):
     fig, axes = plt.subplots(1, len(pipes), figsize=(7 * len(pipes), 5), squeeze=False)
     for ax, name in zip(axes[0], pipes):
         for r in rows:
-            if r["pipeline"] != name or r.get("psnr_db") is None or r.get("bits_per_quantized_weight") is None:
+            x = r.get("bits_blocks_bf16") or r.get("bits_per_quantized_weight")
+            if r["pipeline"] != name or r.get("psnr_db") is None or x is None:
                 continue
             if math.isinf(r["psnr_db"]):
                 continue
             tao = r["setting"].startswith("torchao")
             ax.scatter(
-                r["bits_per_quantized_weight"],
+                x,
                 r["psnr_db"],
                 marker="s" if tao else "o",
                 color="tab:red" if tao else ("tab:orange" if "A8" in r["setting"] else "tab:blue"),
             )
-            ax.annotate(r["setting"], (r["bits_per_quantized_weight"], r["psnr_db"]), fontsize=6)
-        ax.set_xlabel("bits per quantized weight (scales included; torchao: nominal)")
+            ax.annotate(r["setting"], (x, r["psnr_db"]), fontsize=6)
+        ax.set_xlabel("bits per block linear weight (scales included, kept layers at bf16; torchao: nominal)")
         ax.set_ylabel("PSNR vs fp32 pipeline (dB)")
         ax.set_title(name)
         ax.grid(alpha=0.3)

@@ -21,7 +21,7 @@ from torch import nn
 from ditkern._backend import BackendUnavailable, choose
 from ditkern.formats import QuantizedWeight, inv_smooth, quantize
 from ditkern.patch.engine import Feature, Plan, device_dtype, family_of, register_feature
-from ditkern.patch.family import Family, QuantLayout, Stack
+from ditkern.patch.family import COMMON_SKIP, Family, QuantLayout, Stack
 from ditkern.quant import fp8_companion
 from ditkern.quant.config import QuantConfig, as_quant_config
 
@@ -29,13 +29,44 @@ UPGRADE = "fp6_e2m3"  # the format a layer moves to first under a memory budget
 
 
 def default_skip(model: nn.Module, family: Family | None = None) -> list[str]:
-    """The default high-precision list of the model's family (``Family.quant``): its skip patterns plus the edge
-    patterns (the adaLN modulation linears, ``norm*``) under the first block of the first stack list and the last
-    block of the last one. ``family`` defaults to the one registered for the model's class."""
+    """The default high-precision list of the model's family (``Family.quant``), made explicit: the layers that
+    :data:`ditkern.patch.family.COMMON_SKIP` names (the model-level embedders, the final projection, the final adaLN)
+    are looked up *outside* the family's block stack and listed by exact path, so a pattern such as ``*embed*`` no
+    longer catches the timestep embedders inside every DiT block's ``norm1`` (24% of DiT's block weights); the family's
+    own extra patterns and its edge patterns (the adaLN modulation linears, ``norm*``, of the first block of the first
+    stack list and the last block of the last one) stay as declared. ``family`` defaults to the one registered for
+    the model's class."""
     family = family if family is not None else family_of(model)
     layout = family.quant if family is not None else QuantLayout()
     stack = family.stack if family is not None and isinstance(family.stack, Stack) else None
-    return layout.default_skip(model, stack)
+    pats = layout.default_skip(model, stack)
+    lists = set(stack.lists) if stack is not None else set()
+    if not lists:
+        return pats
+    common = [p for p in pats if p in COMMON_SKIP]
+    outside = [path for path, m in model.named_modules()
+               if type(m).__name__ == "Linear" and path.split(".")[0] not in lists]  # fmt: skip
+    explicit = [path for path in outside if _matches(path, common)]
+    return explicit + [p for p in pats if p not in COMMON_SKIP]
+
+
+# why each COMMON_SKIP pattern keeps its layers (the report's reason); measured in bench/results/quant/skip_study.md
+_COMMON_WHY = {
+    "*embed*": "model-level embedder, outside the blocks",
+    "proj_out*": "final projection, outside the blocks",
+    "norm_out*": "final adaLN modulation, outside the blocks",
+}
+
+
+def _skip_reason(model: nn.Module, path: str, pattern: str, family: Family | None) -> str:
+    """Why the default list keeps ``path`` (matched by ``pattern``)."""
+    common = _matches(path, COMMON_SKIP)
+    if pattern == path and common is not None:
+        return _COMMON_WHY.get(common, f"default pattern {common!r}")
+    layout = family.quant if family is not None else QuantLayout()
+    if any(pattern.endswith("." + e) and pattern.split(".")[1].isdigit() for e in layout.edge_skip):
+        return f"adaLN modulation of the first / last block (pattern {pattern!r})"
+    return f"the family's skip pattern {pattern!r}"
 
 
 def _matches(path: str, patterns) -> str | None:
@@ -75,6 +106,7 @@ def quantize_layer(path: str, module: nn.Linear, fmt: str, qc: QuantConfig, stat
 def plan_model(model: nn.Module, qc: QuantConfig, backend: str | None, family: Family | None = None
                ) -> dict[int, Plan | str]:  # fmt: skip
     """Decide (and quantize) every linear layer: {id(module): Plan, or the reason it stays in high precision}."""
+    family = family if family is not None else family_of(model)
     skip = default_skip(model, family) if qc.skip is None else list(qc.skip)
     cal = qc.calibration.layers if qc.calibration is not None else {}
     preq = getattr(qc, "_prequantized", None)  # set by load_quantized: {path: QuantizedWeight}
@@ -91,7 +123,8 @@ def plan_model(model: nn.Module, qc: QuantConfig, backend: str | None, family: F
             continue
         pat = _matches(path, skip)
         if pat is not None:
-            out[id(m)] = f"kept in high precision (skip pattern {pat!r})"
+            why = _skip_reason(model, path, pat, family) if qc.skip is None else f"skip pattern {pat!r}"
+            out[id(m)] = f"kept in high precision ({why})"
             continue
         if "weight" not in m._parameters or m.weight is None or m.weight.dim() != 2:
             out[id(m)] = "no 2-D weight parameter"
@@ -201,7 +234,10 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
         use_act, note = None, f"; {reason}"
     a = {None: "", "e4m3": " A8", "fp6_e3m2": " A6"}[use_act]
     sm = " awq" if qw.smooth is not None else ""
-    detail = f"{qw.format} g{qw.group_size}{a}{sm}: {_mib(before)} -> {_mib(after)} ({after / before:.2f}x){note}"
+    path = {None: "weight-only", "e4m3": "FP8 E4M3 activations", "fp6_e3m2": "FP6 activations on the FP8 GEMM"}
+    bits = 8 * after / (N * K)
+    detail = (f"{qw.format} g{qw.group_size}{a}{sm}: {path[use_act]}, {bits:.3g} bits/weight, {_mib(before)} -> "
+              f"{_mib(after)} ({after / before:.2f}x, saves {_mib(max(before - after, 0))}){note}")  # fmt: skip
     detail += "; inference-only (a backward through it refuses)"
     what = "quantized linear (fpx_fp8_linear)" if use_act else "quantized linear (fpx_linear)"
     fmt, G = qw.format, qw.group_size
@@ -412,6 +448,34 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedWeight]:
     return {
         p: m.__dict__["_ditkern_quant"]["qweight"] for p, m in model.named_modules() if "_ditkern_quant" in m.__dict__
     }
+
+
+def bit_counts(model: nn.Module, family: Family | None = None) -> dict[str, float | None]:
+    """Weight bits per weight of a (patched) transformer's linear layers, scales and smoothing factors included:
+
+    ``quantized``: over the quantized layers only; ``blocks``: over every linear weight of the family's block stack,
+    the layers left in high precision counted at their real bits (their dtype: 32 in an fp32 model);
+    ``blocks_bf16``: the same with those layers counted at 16 bits (the model in bf16); ``all``: over every linear
+    weight of the transformer, real bits; ``blocks_kept``: the fraction of the block stack's linear weights left in
+    high precision. None where there is nothing to count."""
+    family = family if family is not None else family_of(model)
+    lists = set(family.stack.lists) if family is not None and isinstance(family.stack, Stack) else set()
+    acc = {k: [0, 0] for k in ("quantized", "blocks", "blocks_bf16", "all", "blocks_kept")}  # [bits, weights]
+    for path, m in model.named_modules():
+        if type(m).__name__ != "Linear":
+            continue
+        st = m.__dict__.get("_ditkern_quant")
+        w = m.weight
+        n = w.numel() if st is None else st["qweight"].shape[0] * st["qweight"].shape[1]
+        bits = 8 * (st["qweight"].nbytes if st is not None else n * w.element_size())
+        in_blocks = path.split(".")[0] in lists
+        for k, b, on in [("quantized", bits, st is not None), ("all", bits, True), ("blocks", bits, in_blocks),
+                         ("blocks_bf16", bits if st is not None else 16 * n, in_blocks),
+                         ("blocks_kept", 0 if st is not None else n, in_blocks)]:  # fmt: skip
+            if on:
+                acc[k][0] += b
+                acc[k][1] += n
+    return {k: (b / n if n else None) for k, (b, n) in acc.items()}
 
 
 def weight_memory(model: nn.Module) -> dict[str, int]:

@@ -51,7 +51,11 @@ def test_quantized_model_equals_dequantized_model_and_unpatch_is_exact(family, q
     skipped = {r.module for r in report.skipped if r.cls == "Linear"}
     assert skipped and set(layers).isdisjoint(skipped) and set(layers) | skipped == set(_linears(model))
     want = "fp4_e2m1 g64:" if quant == "fp4" else "fp6_e2m3 g64 A8:"
-    assert all(r.detail.startswith(want) and "->" in r.detail and "x)" in r.detail for r in rows), rows[0].detail
+    path = "weight-only" if quant == "fp4" else "FP8 E4M3 activations"
+    for r in rows:  # bits per weight of the layer as stored (tiny K: the padding to a whole group counts too)
+        qw = layers[r.module]
+        bits = f"{8 * qw.nbytes / (qw.shape[0] * qw.shape[1]):.3g} bits/weight"
+        assert r.detail.startswith(f"{want} {path}, {bits}, ") and "->" in r.detail and "x, saves " in r.detail, r
     mem = weight_memory(model)
     assert mem["quantized_bytes"] < mem["original_bytes"]
     out = _run(model, inputs)
@@ -86,7 +90,18 @@ def test_default_skip_list_and_skip_all():
     model, inputs = tiny.flux()
     pats = default_skip(model)
     assert "transformer_blocks.0.norm*" in pats and "single_transformer_blocks.1.norm*" in pats
-    assert "*embed*" in pats and "proj_out*" in pats and "norm_out*" in pats
+    # the model-level layers by exact path, none inside the blocks
+    top = ["time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+           "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2", "context_embedder",
+           "x_embedder", "norm_out.linear", "proj_out"]  # fmt: skip
+    assert sorted(p for p in pats if "*" not in p) == sorted(top)
+    report = ditkern.patch(model, quant="fp4", backend="torch")
+    why = {r.module: r.reason for r in report.skipped if r.cls == "Linear"}
+    assert why["x_embedder"] == "kept in high precision (model-level embedder, outside the blocks)"
+    assert why["proj_out"] == "kept in high precision (final projection, outside the blocks)"
+    assert why["norm_out.linear"] == "kept in high precision (final adaLN modulation, outside the blocks)"
+    assert why["transformer_blocks.0.norm1.linear"].startswith(
+        "kept in high precision (adaLN modulation of the first / last block")
     report = ditkern.patch(model, quant=ditkern.QuantConfig(skip=[]), backend="torch")
     assert len([r for r in report.patched if r.cls == "Linear"]) == len(_linears(model))
     _run(model, inputs)
@@ -199,14 +214,28 @@ def test_awq_calibration_never_worse_on_its_rows():
         )
 
 
-def test_compile_fullgraph_of_quantized_block():
-    model, inputs = tiny.flux(batch=1)
+@pytest.mark.parametrize("family, quant", [("flux", "w4a8"), ("dit", "int4")])
+def test_compile_fullgraph_of_quantized_block(family, quant):
+    """torch.compile(fullgraph=True) traces a quantized block (the ops' fakes; no graph break) and matches eager:
+    the FP8-activation path and the weight-only path (fpx_linear)."""
+    torch.manual_seed(0)
+    model, inputs = tiny.FAMILIES[family](batch=1)
     model.eval()
     block = model.transformer_blocks[1]
-    args = (torch.randn(1, 9, 32), torch.randn(1, 4, 32), torch.randn(1, 32))
-    with torch.no_grad(), ditkern.patched(model, quant="w4a8", backend="torch"):
-        eager = block(*args)
-        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(*args)
+    if family == "flux":
+        args, kwargs = (torch.randn(1, 9, 32), torch.randn(1, 4, 32), torch.randn(1, 32)), {}
+    else:  # BasicTransformerBlock with ada_norm_zero: timestep and class labels condition its norm1
+        args = (torch.randn(1, 16, 16),)
+        kwargs = dict(timestep=torch.tensor([300]), class_labels=torch.tensor([3]))
+    with torch.no_grad(), ditkern.patched(model, quant=quant, backend="torch") as report:
+        rows = [r for r in report.patched if r.module.startswith("transformer_blocks.1.") and r.cls == "Linear"]
+        path = "FP8 E4M3 activations" if quant == "w4a8" else "weight-only"
+        assert rows and all(f" {path}, " in r.detail for r in rows)
+        eager = block(*args, **kwargs)
+        torch._dynamo.reset()
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(*args, **kwargs)
+    eager = eager if isinstance(eager, tuple) else (eager,)
+    compiled = compiled if isinstance(compiled, tuple) else (compiled,)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b)
 
@@ -306,3 +335,29 @@ def test_adaln_fp8_fusion_changes_nothing_but_the_work(family, monkeypatch):
     assert len(calls) < n_unfused, (len(calls), n_unfused)
     ditkern.unpatch(model)
     fp8_companion.clear()
+
+
+def test_dit_block_embedders_are_quantized_and_bits_are_counted_honestly():
+    """DiT's per-block timestep embedders (norm1.emb) are not model-level embedders: quantized by default. Bits per
+    weight over the quantized layers, the block stack (kept layers at their real 32 bits) and all linears."""
+    from ditkern.quant.feature import bit_counts
+
+    model, _ = tiny.dit()
+    model.transformer_blocks.append(copy.deepcopy(model.transformer_blocks[1]))  # 3 blocks: a middle one
+    ditkern.patch(model, quant="fp4", backend="torch")
+    layers = quantized_layers(model)
+    assert "transformer_blocks.1.norm1.emb.timestep_embedder.linear_1" in layers
+    assert "transformer_blocks.1.norm1.linear" in layers and "transformer_blocks.0.norm1.linear" not in layers
+    lin = _linears(model)
+    n = {p: m.weight.numel() for p, m in lin.items()}
+    blocks = [p for p in lin if p.startswith("transformer_blocks.")]
+    kept = [p for p in blocks if p not in layers]
+    q_bits = sum(8 * layers[p].nbytes for p in blocks if p in layers)
+    b = bit_counts(model)
+    assert b["quantized"] == pytest.approx(8 * sum(q.nbytes for q in layers.values()) / sum(n[p] for p in layers))
+    assert b["blocks"] == pytest.approx((q_bits + 32 * sum(n[p] for p in kept)) / sum(n[p] for p in blocks))
+    assert b["blocks_bf16"] == pytest.approx((q_bits + 16 * sum(n[p] for p in kept)) / sum(n[p] for p in blocks))
+    assert b["blocks_kept"] == pytest.approx(sum(n[p] for p in kept) / sum(n[p] for p in blocks))
+    assert b["quantized"] < b["blocks_bf16"] < b["blocks"] and b["all"] > b["quantized"]
+    ditkern.unpatch(model)
+    assert bit_counts(model)["quantized"] is None and bit_counts(model)["blocks"] == 32
