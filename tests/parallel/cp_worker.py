@@ -336,7 +336,8 @@ def enable_tp(model, fake_cpu=True):
 def tensor_parallel(kind):
     """diffusers' TensorParallelConfig(tp_degree=2) on the tiny FLUX (its _tp_plan shards the blocks' attention and
     MLP linears): refused as diffusers ships it; then, with the CPU device allowed (``_tp_on_cpu``), TP itself, the
-    lossless patch under it, quant refused at patch time, and quant of the linears the plan leaves whole."""
+    lossless patch under it, quant refused at patch time, quant of the linears the plan leaves whole, the gated
+    cache and window attention."""
     import ditkern
     from ditkern.patch.parallel import tp_sharded_linears
     from ditkern.quant.feature import default_skip
@@ -372,6 +373,15 @@ def tensor_parallel(kind):
     ditkern.patch(model, backend="torch")
     enable_tp(model)
     result["patched_first"] = run(model, inputs, STEPS[:2])[0]
+    for name, opts in (("cache", dict(cache=ditkern.TaylorCache(order=1, gate=GATE, warmup=1))),
+                       ("window", dict(attention=ditkern.WindowAttention(window=3)))):  # fmt: skip
+        single, inputs = tiny_flux()
+        ditkern.patch(single, backend="torch", **opts)
+        result[f"{name}_ref"] = run(single, inputs)
+        model, inputs = tiny_flux()
+        enable_tp(model)
+        ditkern.patch(model, backend="torch", **opts)
+        result[name] = run(model, inputs)
     # the other order: quantized first, then sharded (diffusers shards what is left of the planned linears' parameters)
     model, inputs = tiny_flux(batch=2)
     ditkern.patch(model, quant=ditkern.QuantConfig(format="int4", group_size=32), backend="torch")

@@ -210,3 +210,20 @@ def test_quant_of_the_linears_tp_leaves_whole_equals_one_process(scenario):
         # quantized first: diffusers' parallelize_module cannot register the sharded weight over ditkern's
         # placeholder, so enable_parallelism fails (loudly, not with wrong numbers)
         assert "attribute 'weight' already exists" in r["quant_first_error"], r.get("quant_first_error")
+
+
+@pytest.mark.scenario("tensor_parallel")
+def test_cache_and_window_attention_under_tensor_parallelism_as_one_process(scenario):
+    """TP shards weights, not tokens: the gate sees every token on every rank (nothing to reduce) and the window sees
+    the whole grid (each rank attends over its own heads)."""
+    for r in scenario:
+        (out, fc), (ref, ref_fc) = r["cache"], r["cache_ref"]
+        assert set(ref_fc) == {0, 1}, ref_fc
+        assert fc == ref_fc
+        _assert_close_list(out, ref)
+        (out, fc), (ref, _) = r["window"], r["window_ref"]
+        assert fc == [None] * len(fc)
+        _assert_close_list(out, ref)
+        # the cache runs every block at its first step: the dense output, which a window of 3 on 6 x 6 tokens changes
+        assert _max_err(out[:1], r["cache_ref"][0][:1]) > 1e-3, "the window changed nothing"
+    assert scenario[0]["cache"][1] == scenario[1]["cache"][1]
