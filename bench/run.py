@@ -290,17 +290,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def claim_stem(out_dir: Path, env: dict) -> str:
-    """``<date>_<sha>``, or ``<date>_<sha>_<n>`` when an earlier run wrote that name: never overwrite a result."""
+def claim_stem(out_dir: Path, env: dict, prefix: str = "") -> str:
+    """``<prefix><date>_<sha>``, or ``..._<n>`` when an earlier run wrote that name: never overwrite a result."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = re.sub(r"[^A-Za-z0-9._-]", "-", f"{env['date'][:10]}_{env['git_sha']}")  # plain names only
+    base = re.sub(r"[^A-Za-z0-9._-]", "-", f"{prefix}{env['date'][:10]}_{env['git_sha']}")  # plain names only
     for n in range(1, 10_000):
         stem = base if n == 1 else f"{base}_{n}"
         if any((out_dir / f"{stem}{ext}").exists() for ext in (".json", ".csv", ".md")):
             continue
         try:
             with open(out_dir / f"{stem}.md", "x") as f:  # claim it (another run may be choosing at the same time)
-                f.write(markdown({"env": env, "rows": []}))
+                f.write(f"# {stem}: a run in progress (rewritten as it measures)\n")
         except FileExistsError:
             continue
         return stem
