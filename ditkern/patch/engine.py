@@ -302,7 +302,7 @@ def patch(model_or_pipeline, config: PatchConfig | None = None, **options) -> Pa
             report.add(Row(label, type(model).__name__, "skipped", "", "", f"unknown model class {type(model).__name__!r}; "
                            f"ditkern patches {', '.join(supported_models())}"))  # fmt: skip
             continue
-        refused = parallel.quant_refusal(model, family, config.quant)
+        refused = parallel.quant_refusal(model, config.quant)
         if refused:  # at patch time, before the quant feature reads (and packs) a sharded weight
             raise ValueError(f"ditkern.patch: {label}: {refused}")
         state = _State(config=config)

@@ -14,8 +14,6 @@ import fnmatch
 
 from torch import nn
 
-from ditkern.patch.family import Family, Stack
-
 
 def context_parallel_config(model: nn.Module):
     """The ``ContextParallelConfig`` diffusers' ``enable_parallelism`` gave ``model``, or None."""
@@ -41,7 +39,7 @@ def tp_sharded_linears(model: nn.Module) -> dict[str, str]:
     }
 
 
-def quant_refusal(model: nn.Module, family: Family, quant) -> str | None:
+def quant_refusal(model: nn.Module, quant) -> str | None:
     """Why ``quant`` (a ``PatchConfig.quant``: a QuantConfig or a preset name) cannot be applied to ``model`` under
     its tensor parallelism, or None.
 
@@ -56,9 +54,10 @@ def quant_refusal(model: nn.Module, family: Family, quant) -> str | None:
     if not sharded:
         return None
     preq = getattr(quant, "_prequantized", None)  # ditkern.load_quantized: exactly the layers in the checkpoint
-    skip = getattr(quant, "skip", None)
-    if skip is None:  # the family's default high-precision list, as the quant feature applies it
-        skip = family.quant.default_skip(model, family.stack if isinstance(family.stack, Stack) else None)
+    # an explicit skip list is fnmatch patterns over module paths (QuantConfig.skip), matched here as quant matches
+    # it; without one (the family's default list, which only the quant feature resolves) every sharded linear
+    # counts: no default list keeps a DiT block's attention and MLP projections, the layers a _tp_plan shards
+    skip = getattr(quant, "skip", None) or ()
     hit = [p for p in sharded if (p in preq if preq is not None else not any(fnmatch.fnmatchcase(p, s) for s in skip))]
     if not hit:
         return None
