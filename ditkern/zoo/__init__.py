@@ -21,6 +21,8 @@ All three decode with the same small :class:`~diffusers.AutoencoderKL` (32x32 im
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections.abc import Sequence
 
@@ -72,21 +74,48 @@ def load(name: str, torch_dtype: torch.dtype = torch.float32, device: str | torc
 
     Weights are stored in float16 and upcast to ``torch_dtype`` (float32 by default, as the CPU wants).
     """
-    if architecture(name) == "dit":
-        from diffusers import DiTPipeline
+    # low_cpu_mem_usage=False: these pipelines are a few MB, so accelerate's meta-device loading saves nothing, and
+    # without accelerate installed diffusers falls back to False anyway, warning on every load that it did
+    opts = dict(local_files_only=True, low_cpu_mem_usage=False, **_dtype_kwarg(torch_dtype))
+    with _quiet_load():
+        if architecture(name) == "dit":
+            from diffusers import DiTPipeline
 
-        pipe = DiTPipeline.from_pretrained(path(name), local_files_only=True, **_dtype_kwarg(torch_dtype))
-    else:
-        from diffusers import FluxPipeline
+            pipe = DiTPipeline.from_pretrained(path(name), **opts)
+        else:
+            from diffusers import FluxPipeline
 
-        pipe = FluxPipeline.from_pretrained(
-            path(name), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-            local_files_only=True, **_dtype_kwarg(torch_dtype),
-        )
+            pipe = FluxPipeline.from_pretrained(
+                path(name), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, **opts)
     pipe._ditkern_zoo_name = name
     if device is not None:
         pipe = pipe.to(device)
     return pipe
+
+
+@contextlib.contextmanager
+def _quiet_load():
+    """A zoo load prints nothing a user must act on, so it prints nothing:
+
+    * importing diffusers' pipeline modules makes transformers resolve ``CLIPImageProcessor`` and
+      ``SiglipImageProcessor`` (IP-adapter feature extractors), and without torchvision it warns once per process
+      that it falls back to their PIL versions; the zoo's pipelines have no image processor, so that one logger is
+      quietened while the pipeline loads (other transformers loggers, and errors, still print);
+    * diffusers' "Loading pipeline components" bar, for three components that load in a fraction of a second
+      (switched off for the load, then back to what it was).
+    """
+    from diffusers.utils import logging as dlog
+
+    log = logging.getLogger("transformers.utils.import_utils")
+    level, bars = log.level, dlog.is_progress_bar_enabled()
+    log.setLevel(logging.ERROR)
+    dlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        if bars:
+            dlog.enable_progress_bar()
 
 
 def architecture(name: str) -> str:

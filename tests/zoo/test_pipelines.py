@@ -115,3 +115,20 @@ def test_flux_class_embeds():
         zoo.class_embeds([11])
     deep = zoo.class_embeds([0, 9, None], name="digits-flux-deep")  # the deep pipeline ships the same table
     assert torch.equal(deep[0], p) and torch.equal(deep[1], q)
+
+
+
+def test_load_is_quiet(capfd):
+    """A zoo load prints nothing: no accelerate advice, no loading bar (checked here on a load in this process), and
+    transformers' once-per-process torchvision fallback warning is quietened while it loads (its logger at ERROR)."""
+    import logging
+
+    log = logging.getLogger("transformers.utils.import_utils")
+    level = log.level
+    with zoo._quiet_load():
+        assert log.getEffectiveLevel() == logging.ERROR
+    assert log.level == level
+    capfd.readouterr()
+    zoo.load("digits-dit")
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", err
