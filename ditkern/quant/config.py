@@ -31,8 +31,12 @@ class QuantConfig:
     activations:   None (weight-only), "fp8" (per-token E4M3: W4A8 / W6A8), "fp6" (per-token FP6 E3M2 grid fed as
                    E4M3, FP4DiT's A6). FP8 needs compute capability >= (8, 9); below it the weight-only GEMM runs.
     skip:          fnmatch patterns of module paths (inside the transformer) kept in high precision; None = the
-                   default list (embedders, final projection/norm, adaLN modulation of the first and last block),
-                   [] = quantize every linear layer
+                   default list (the model-level embedders, final projection and final adaLN, by exact path outside
+                   the block stack; the adaLN modulation of the first and last block unless ``keep_edge_adaln`` is
+                   False), [] = quantize every linear layer
+    keep_edge_adaln: with ``skip=None``, keep the first and last block's adaLN modulation linears in high precision
+                   (buys 0.1-2.5 dB on the reference pipelines at 1.3-2.5 more bits per block weight:
+                   bench/results/quant/skip_study); False: every block linear is quantized (4.5 bits per block weight)
     memory_budget: None, or the bytes the quantized layers' weights may take (int), or a fraction (float <= 1) of
                    their bf16 size: starting from ``format``, layers are upgraded (to fp6_e2m3, then kept in high
                    precision) where the measured error drops most per byte, while the total fits
@@ -54,6 +58,7 @@ class QuantConfig:
     method: str = "absmax"
     calibration: Any = field(default=None, repr=False, compare=False)
     fuse_adaln: bool = True
+    keep_edge_adaln: bool = True
 
     def __post_init__(self):
         if self.format != "auto4":
@@ -84,6 +89,8 @@ class QuantConfig:
             )
         if isinstance(b, float) and b > 1:
             raise ValueError(f"QuantConfig.memory_budget={b!r}: a float is a fraction of the bf16 size, at most 1.0")
+        if not isinstance(self.keep_edge_adaln, bool):
+            raise TypeError(f"QuantConfig.keep_edge_adaln must be True or False, got {self.keep_edge_adaln!r}")
         if not isinstance(self.fuse_adaln, bool):
             raise TypeError(f"QuantConfig.fuse_adaln must be True or False, got {self.fuse_adaln!r}")
         if self.method not in METHODS:

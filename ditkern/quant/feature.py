@@ -28,18 +28,18 @@ from ditkern.quant.config import QuantConfig, as_quant_config
 UPGRADE = "fp6_e2m3"  # the format a layer moves to first under a memory budget
 
 
-def default_skip(model: nn.Module, family: Family | None = None) -> list[str]:
+def default_skip(model: nn.Module, family: Family | None = None, edges: bool = True) -> list[str]:
     """The default high-precision list of the model's family (``Family.quant``), made explicit: the layers that
     :data:`ditkern.patch.family.COMMON_SKIP` names (the model-level embedders, the final projection, the final adaLN)
     are looked up *outside* the family's block stack and listed by exact path, so a pattern such as ``*embed*`` no
     longer catches the timestep embedders inside every DiT block's ``norm1`` (24% of DiT's block weights); the family's
     own extra patterns and its edge patterns (the adaLN modulation linears, ``norm*``, of the first block of the first
-    stack list and the last block of the last one) stay as declared. ``family`` defaults to the one registered for
-    the model's class."""
+    stack list and the last block of the last one) stay as declared (``edges=False``: without the edge patterns).
+    ``family`` defaults to the one registered for the model's class."""
     family = family if family is not None else family_of(model)
     layout = family.quant if family is not None else QuantLayout()
     stack = family.stack if family is not None and isinstance(family.stack, Stack) else None
-    pats = layout.default_skip(model, stack)
+    pats = layout.default_skip(model, stack if edges else None)
     lists = set(stack.lists) if stack is not None else set()
     if not lists:
         return pats
@@ -107,7 +107,7 @@ def plan_model(model: nn.Module, qc: QuantConfig, backend: str | None, family: F
                ) -> dict[int, Plan | str]:  # fmt: skip
     """Decide (and quantize) every linear layer: {id(module): Plan, or the reason it stays in high precision}."""
     family = family if family is not None else family_of(model)
-    skip = default_skip(model, family) if qc.skip is None else list(qc.skip)
+    skip = default_skip(model, family, edges=qc.keep_edge_adaln) if qc.skip is None else list(qc.skip)
     cal = qc.calibration.layers if qc.calibration is not None else {}
     preq = getattr(qc, "_prequantized", None)  # set by load_quantized: {path: QuantizedWeight}
     out: dict[int, Plan | str] = {}

@@ -102,6 +102,8 @@ def test_default_skip_list_and_skip_all():
     assert why["norm_out.linear"] == "kept in high precision (final adaLN modulation, outside the blocks)"
     assert why["transformer_blocks.0.norm1.linear"].startswith(
         "kept in high precision (adaLN modulation of the first / last block")
+    report = ditkern.patch(model, quant=ditkern.QuantConfig(keep_edge_adaln=False), backend="torch")
+    assert sorted(r.module for r in report.skipped if r.cls == "Linear") == sorted(top)  # every block linear quantized
     report = ditkern.patch(model, quant=ditkern.QuantConfig(skip=[]), backend="torch")
     assert len([r for r in report.patched if r.cls == "Linear"]) == len(_linears(model))
     _run(model, inputs)
@@ -163,6 +165,7 @@ def test_non_finite_weight_names_the_layer():
         (dict(method="awq"), ValueError, "QuantConfig.method=.awq. needs calibration"),
         (dict(method="gptq"), ValueError, "QuantConfig.method=.gptq. needs calibration"),
         (dict(skip="proj_out"), TypeError, "QuantConfig.skip must be None or a list"),
+        (dict(keep_edge_adaln=0), TypeError, "QuantConfig.keep_edge_adaln must be True or False"),
     ],
 )
 def test_bad_configs_name_the_field(kwargs, exc, match):
