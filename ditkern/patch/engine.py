@@ -294,6 +294,10 @@ def patch(model_or_pipeline, config: PatchConfig | None = None, **options) -> Pa
             "`transformer` component"
         )
         return report
+    for prefix, model in found:  # refusals first, so that no target is patched when one is refused
+        refused = parallel.quant_refusal(model, config.quant)
+        if refused:  # before the quant feature reads (and packs) a sharded weight
+            raise ValueError(f"ditkern.patch: {prefix or type(model).__name__}: {refused}")
     for prefix, model in found:
         unpatch(model)
         family = FAMILIES.get(type(model).__name__)
@@ -302,9 +306,6 @@ def patch(model_or_pipeline, config: PatchConfig | None = None, **options) -> Pa
             report.add(Row(label, type(model).__name__, "skipped", "", "", f"unknown model class {type(model).__name__!r}; "
                            f"ditkern patches {', '.join(supported_models())}"))  # fmt: skip
             continue
-        refused = parallel.quant_refusal(model, config.quant)
-        if refused:  # at patch time, before the quant feature reads (and packs) a sharded weight
-            raise ValueError(f"ditkern.patch: {label}: {refused}")
         state = _State(config=config)
         try:
             rules = rules_for(family, model, config)
