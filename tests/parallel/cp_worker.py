@@ -176,6 +176,12 @@ def lossless(kind):
                 n_patched=len(report.patched), report=str(report))  # fmt: skip
 
 
+def hook_chains(model):
+    """{module path: its diffusers hook names, innermost first} for every module that has hooks."""
+    return {p: list(m._diffusers_hook._hook_order) for p, m in model.named_modules()
+            if getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook._hook_order}  # fmt: skip
+
+
 def cache(kind):
     import ditkern
 
@@ -263,12 +269,13 @@ def quant(kind, skip=None):
     model, inputs = tiny_flux(batch=2)
     enable_cp(model, kind)
     ditkern.patch(model, quant=cfg, backend="torch")
-    after = run(model, inputs, STEPS[:2])[0]
+    after, chains_after = run(model, inputs, STEPS[:2])[0], hook_chains(model)
     model, inputs = tiny_flux(batch=2)
     ditkern.patch(model, quant=cfg, backend="torch")
     enable_cp(model, kind)
     before = run(model, inputs, STEPS[:2])[0]
-    return dict(dense=dense, ref=ref, after=after, before=before)
+    return dict(dense=dense, ref=ref, after=after, before=before, chains_after=chains_after,
+                chains_before=hook_chains(model))  # fmt: skip
 
 
 def window(kind):

@@ -43,6 +43,18 @@ def test_ulysses_lossless_patch_equals_unpatched_cp_both_orders(scenario):
         assert torch.equal(a, b), "the ranks disagree on the gathered output"
 
 
+@pytest.mark.scenario("quant_all_ulysses")
+def test_patch_after_cp_builds_the_chain_of_patch_before_cp(scenario):
+    """Every module's hook chain, innermost first (proj_out: ditkern's quantized forward and diffusers' gather):
+    ditkern's hooks under diffusers' split / gather hooks, in either order of ditkern.patch and enable_parallelism."""
+    for r in scenario:
+        assert r["chains_after"] == r["chains_before"]
+        assert r["chains_after"]["proj_out"] == ["ditkern.quant", "cp_output---proj_out"], r["chains_after"]
+        for path, names in r["chains_after"].items():
+            ours = [n.startswith("ditkern.") for n in names]
+            assert ours == sorted(ours, reverse=True), f"{path}: a ditkern hook above another party's: {names}"
+
+
 def _assert_gate_sums_reduced(sums0, sums1):
     """Every gate decision saw its rank's own sums, and both ranks decided on their sum (an independent check of the
     all-reduce: local0 + local1 == reduced, on both ranks)."""
