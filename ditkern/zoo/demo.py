@@ -96,10 +96,11 @@ def machine_line() -> str:
     if torch.cuda.is_available():
         return (f"this machine: GPU ({torch.cuda.get_device_name()}): the kernel speed shows in every row; these "
                 "reference models are tiny (launch-bound), so for speed at real model size run `python -m bench.e2e`.")
-    return (f"this machine: CPU ({torch.get_num_threads()} threads): the fused ops run their torch reference here, so "
-            "the lossless row shows no kernel speedup (about 1x); what a CPU can show is caching (blocks skipped: "
-            "real wall time saved) and quantization's weight memory (above). Kernel speed needs a GPU "
-            "(`python -m bench.e2e`, `make bench` there).")
+    return (f"this machine: CPU ({torch.get_num_threads()} threads): no fused kernel runs on a CPU (the lossless patch "
+            "keeps the modules' native ops there), so the lossless row can show no speedup beyond timing noise; what a "
+            "CPU can show is caching (blocks skipped: wall time saved) and quantization's weight memory (above; its "
+            "CPU path dequantizes per call, so it is slower here). Kernel speed needs a GPU (`python -m bench.e2e`, "
+            "`make bench` there).")
 
 
 def run_demo(
