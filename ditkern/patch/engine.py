@@ -2,7 +2,8 @@
 
 Patches are instance-level forward replacements installed through diffusers' public hook machinery
 (``diffusers.hooks.HookRegistry`` + ``ModelHook.new_forward``), so they compose with diffusers' own hooks (cache
-hooks, offloading) and are removed by ``unpatch`` without touching any class.
+hooks, offloading, context parallelism's split and gather) and are removed by ``unpatch`` without touching any class.
+On a module that already carries another party's hooks, ditkern's go under them (:func:`_insert_inner`).
 """
 
 from __future__ import annotations
