@@ -102,9 +102,10 @@ _SCALED_GRID = {"flux": (8, 8), "sd35": (8, 8), "wan": (2, 8, 8), "qwen": (8, 8)
 
 def scaled(model: Model) -> Model:
     """The CPU stand-in of ``model``: 2 (+2) blocks, width 32, an 8x8 grid (2x8x8 for Wan), 8 text tokens."""
-    return dataclasses.replace(model, config={**model.config, **_SCALED[model.name]}, grid=_SCALED_GRID[model.name],
-                               text=8, geometry=f"{model.geometry}, SCALED DOWN for the CPU (2+2 blocks, width 32, "
-                                                f"{'x'.join(map(str, _SCALED_GRID[model.name]))} grid, 8 text tokens)")  # fmt: skip
+    grid = _SCALED_GRID[model.name]
+    where = f"SCALED DOWN for the CPU (2+2 blocks, width 32, {'x'.join(map(str, grid))} grid, 8 text tokens)"
+    return dataclasses.replace(model, config={**model.config, **_SCALED[model.name]}, grid=grid, text=8,
+                               geometry=f"{model.geometry}, {where}")
 
 
 def build(model: Model, device, dtype) -> torch.nn.Module:
@@ -241,8 +242,9 @@ def run_model(model: Model, steps: int, rows=ROWS, images: int = 1, backend: str
     results: dict[str, dict] = {}
     ran: set[str] = set()
     for row in rows:
+        label = LABELS[row] + (f" ({str(dtype).replace('torch.', '')})" if row == "eager" else "")
         out = {"model": model.name, "geometry": model.geometry, "tokens": model.tokens(), "steps": steps, "row": row,
-               "label": LABELS[row] + (f" ({str(dtype).replace('torch.', '')})" if row == "eager" else ""), "seconds": None, "peak_GiB": None, "block_fraction": None, "note": ""}  # fmt: skip
+               "label": label, "seconds": None, "peak_GiB": None, "block_fraction": None, "note": ""}
         results[row] = out
         compiled = row.endswith("compile") or (row == "+all" and "compile" in ran)
         if compiled and device == "cpu" and not compile_on_cpu:

@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--settings", type=_csv, default=list(DEFAULT_SETTINGS),
                       help=f"comma-separated rows, of: {', '.join(f'{k} ({v})' for k, v in SETTINGS.items())} "
                            f"(default: {','.join(DEFAULT_SETTINGS)})")  # fmt: skip
-    demo.add_argument("--seeds", type=int, default=10, help="images per pipeline; image i shows digit i %% 10 (default: 10)")
+    demo.add_argument("--seeds", type=int, default=10,
+                      help="images per pipeline; image i shows digit i %% 10 (default: 10)")
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="denoising steps (default: %(default)s)")
     demo.add_argument("--pipeline", type=_csv, help=f"comma-separated zoo pipelines, of: {', '.join(zoo_names)} "
                                                     f"(default: {','.join(FAST_NAMES)})")  # fmt: skip
@@ -74,16 +75,18 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for bench.run, or e2e and bench.e2e's")
     cmp = sub.add_parser(
         "compare", help="one zoo pipeline, unpatched vs patched with any options: the fidelity table",
-        description="Generate digits with a zoo pipeline unpatched, then patched with the options given, and "
-                    "print the fidelity table (time, speedup, PSNR, max error, class accuracy) and the patch report.")  # fmt: skip
+        description="Generate digits with a zoo pipeline unpatched, then patched with the options given, and print "
+                    "the fidelity table (time, speedup, PSNR, max error, class accuracy) and the patch report.")
     cmp.add_argument("--pipeline", default="digits-flux", choices=zoo_names, help="(default: %(default)s)")
     cmp.add_argument("--seeds", type=int, default=10, help="images; image i shows digit i %% 10 (default: 10)")
     cmp.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's own, 12)")
-    cmp.add_argument("--cache", metavar="K=V,...", help="a Taylor cache: ditkern.TaylorCache fields, e.g. order=2,interval=3")
+    cmp.add_argument("--cache", metavar="K=V,...",
+                     help="a Taylor cache: ditkern.TaylorCache fields, e.g. order=2,interval=3")
     cmp.add_argument("--quant", metavar="PRESET|K=V,...",
                      help="weight quantization: a preset (int4, fp4, fp6, w4a8, ...) or QuantConfig fields, e.g. "
                           "format=int4,group_size=32")  # fmt: skip
-    cmp.add_argument("--attention", metavar="K=V,...", help="window attention: ditkern.WindowAttention fields, e.g. window=5")
+    cmp.add_argument("--attention", metavar="K=V,...",
+                     help="window attention: ditkern.WindowAttention fields, e.g. window=5")
     cmp.add_argument("--backend", choices=["auto", "cuda", "triton", "torch"], help="force the fused ops' backend")
     cmp.add_argument("--no-fused-norms", action="store_true", help="leave the adaLN norms unfused")
     cmp.add_argument("--report", action="store_true", help="print the whole patch report, not only its summary")

@@ -1,4 +1,5 @@
-"""``python -m ditkern info | demo | bench | compare``: the help matches the commands, the flags reach what they name."""
+"""``python -m ditkern info | demo | bench | compare``: the help matches the commands, the flags reach what they
+name."""
 
 import pytest
 
@@ -14,8 +15,9 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("info", "demo", "bench", "compare"):
         assert f"\n    {cmd} " in out, cmd
-    for cmd, flags in {"demo": ["--settings", "--seeds", "--steps", "--pipeline", "--out"],
-                       "compare": ["--pipeline", "--cache", "--quant", "--attention", "--backend"]}.items():  # fmt: skip
+    flags_of = {"demo": ["--settings", "--seeds", "--steps", "--pipeline", "--out"],
+                "compare": ["--pipeline", "--cache", "--quant", "--attention", "--backend"]}
+    for cmd, flags in flags_of.items():
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         text = capsys.readouterr().out
@@ -59,7 +61,8 @@ def test_compare_prints_the_fidelity_table(capsys):
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is as fast and does not stall on a busy core (tests/zoo)
     try:
-        assert main(["compare", "--pipeline", "digits-dit", "--seeds", "1", "--steps", "2", "--cache", "order=1,interval=2",
+        assert main(["compare", "--pipeline", "digits-dit", "--seeds", "1", "--steps", "2",
+                     "--cache", "order=1,interval=2",
                      "--backend", "torch"]) == 0  # the torch path: the Triton interpreter (conftest) is slow here
     finally:
         torch.set_num_threads(n)

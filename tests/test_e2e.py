@@ -21,7 +21,8 @@ def test_full_configs_have_the_published_size(name):
         net = getattr(diffusers, model.cls)(**model.config)
     billions = sum(p.numel() for p in net.parameters()) / 1e9
     assert abs(billions - PUBLISHED_B[name]) / PUBLISHED_B[name] < 0.05, billions
-    assert model.tokens() == {"flux": 4096 + 512, "sd35": 4096 + 333, "wan": 21 * 45 * 80 + 512, "qwen": 4096 + 128}[name]
+    tokens = {"flux": 4096 + 512, "sd35": 4096 + 333, "wan": 21 * 45 * 80 + 512, "qwen": 4096 + 128}
+    assert model.tokens() == tokens[name]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the scaled CPU run")

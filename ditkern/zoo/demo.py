@@ -190,7 +190,8 @@ def _facts_line(name: str, label: str, fact: dict, base_bytes: int) -> str:
     parts = []
     if "weight_bytes" in fact:
         after = fact["weight_bytes"]
-        parts.append(f"transformer weights {base_bytes / 2**20:.2f} -> {after / 2**20:.2f} MiB ({after / base_bytes:.2f}x)")
+        parts.append(f"transformer weights {base_bytes / 2**20:.2f} -> {after / 2**20:.2f} MiB "
+                     f"({after / base_bytes:.2f}x)")
     if "cache" in fact:
         parts.append(f"blocks executed {fact['cache']['block_fraction']:.0%} "
                      f"({fact['cache']['blocks_run']}/{fact['cache']['blocks_total']})")
@@ -198,9 +199,12 @@ def _facts_line(name: str, label: str, fact: dict, base_bytes: int) -> str:
 
 
 def main(argv=None):
+    """``python -m ditkern.zoo.demo [flags]`` = ``python -m ditkern demo [flags]``."""
+    import sys
+
     from ditkern.__main__ import main as cli
 
-    return cli(["demo", *(argv if argv is not None else __import__("sys").argv[1:])])
+    return cli(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
