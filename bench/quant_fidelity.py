@@ -69,6 +69,98 @@ def ablations(model, base_qc=None, tag="fp4_e2m1"):
     return out
 
 
+def headline_settings(cal):
+    """Every block linear quantized (4.5 / 6.5 bits per block weight): the layers outside the blocks kept."""
+    from ditkern import QuantConfig
+
+    g32 = dict(group_size=32, scale_dtype="bf16", keep_edge_adaln=False)
+    gptq = dict(g32, method="gptq", calibration=cal)
+    return [
+        ("fp4_e2m1 g32 bf16 blocks", QuantConfig(format="fp4_e2m1", **g32)),
+        ("int4 g32 bf16 blocks", QuantConfig(format="int4", **g32)),
+        ("fp4_e2m1 g32 bf16 gptq blocks", QuantConfig(format="fp4_e2m1", **gptq)),
+        ("int4 g32 bf16 gptq blocks", QuantConfig(format="int4", **gptq)),
+        ("fp6_e2m3 g32 bf16 blocks", QuantConfig(format="fp6_e2m3", **g32)),
+        ("fp6_e2m3 g32 bf16 gptq blocks", QuantConfig(format="fp6_e2m3", **gptq)),
+    ]
+
+
+def calibrated_settings(cal):
+    from ditkern import QuantConfig
+
+    g32 = dict(group_size=32, scale_dtype="bf16", method="gptq", calibration=cal)
+    return [
+        ("fp4_e2m1 awq", QuantConfig(format="fp4_e2m1", method="awq", calibration=cal)),
+        ("fp4_e2m1 g32 bf16 gptq", QuantConfig(format="fp4_e2m1", **g32)),
+        ("int4 g32 bf16 gptq", QuantConfig(format="int4", **g32)),
+        ("auto4 g32 bf16 gptq", QuantConfig(format="auto4", **g32)),
+        ("int4 g32 bf16 A8 gptq", QuantConfig(format="int4", activations="fp8", **g32)),
+        ("fp6_e2m3 A8 gptq", QuantConfig(format="fp6_e2m3", activations="fp8", method="gptq", calibration=cal)),
+        ("int4 g32 bf16 gptq budget=0.35", QuantConfig(format="int4", memory_budget=0.35, **g32)),
+    ]
+
+
+def backfill_bits(path: Path, calib_seeds: int) -> None:
+    """Add the bit-count columns to the rows of an earlier run (``path``: its fidelity.json) without generating
+    images again: each setting is patched as it was then, with the skip list of that run (the family's patterns as
+    written: ``*embed*`` also keeping DiT's per-block embedders), and counted; torchao rows get their nominal bits
+    at their scope. GPTQ / AWQ / budget rows are calibrated on the same seeds as then (deterministic)."""
+    import dataclasses
+    import fnmatch
+
+    import ditkern
+    from ditkern import QuantConfig, zoo
+    from ditkern.patch.engine import family_of
+    from ditkern.quant import calibrate
+    from ditkern.quant.feature import bit_counts
+
+    torch.set_num_threads(1)
+    rows = json.loads(path.read_text())
+    for name in sorted({r["pipeline"] for r in rows}):
+        pipe = zoo.load(name)
+        model = pipe.transformer
+        fam = family_of(model)
+        old = fam.quant.default_skip(model, fam.stack if not isinstance(fam.stack, str) else None)
+        seeds = list(range(1000, 1000 + calib_seeds))
+        cal = calibrate(pipe, lambda: [zoo.generate(pipe, [s % 10], [s]) for s in seeds])
+        groups = {"embedders": [p for p in old if "embed" in p or "caption" in p or "adaln_single" in p],
+                  "final proj/norm": [p for p in old if p.startswith(("proj_out", "norm_out"))],
+                  "first/last adaLN": [p for p in old if ".norm*" in p]}  # fmt: skip
+        settings = ditkern_settings(False) + calibrated_settings(cal)
+        settings += [(f"fp4_e2m1 quantize {g}", QuantConfig(format="fp4_e2m1", skip=[p for p in old if p not in pats]))
+                     for g, pats in groups.items() if pats]  # fmt: skip
+        settings = {n: (dataclasses.replace(q, skip=old) if q.skip is None else q) for n, q in settings}
+        linears = {f: m for f, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        for r in rows:
+            if r["pipeline"] != name or r.get("psnr_db") is None:
+                continue
+            st = r["setting"]
+            if st in settings:
+                if settings[st].skip == tuple(old):
+                    r["note"] = "; ".join(x for x in (r.get("note"), "skip list of that run: *embed* also in blocks") if x)
+                ditkern.patch(pipe, quant=settings[st], fused_norms=False, backend="torch")
+                b = bit_counts(model)
+                ditkern.unpatch(pipe)
+            elif st.startswith("torchao"):
+                nominal = r["bits_per_quantized_weight"]
+                if st.endswith("(default skip)"):
+                    kept = {f for f in linears if any(fnmatch.fnmatchcase(f, p) for p in old)}
+                else:  # NVFP4 keeps layers whose dims are not multiples of 16 (the run's note lists them)
+                    kept = {f for f, m in linears.items() if "NVFP4" in st and (m.weight.shape[0] % 16 or
+                                                                                m.weight.shape[1] % 16)}  # fmt: skip
+                b = _nominal_bits(model, kept, nominal)
+            elif st.startswith("bf16 pipeline"):
+                b = dict.fromkeys(("quantized", "blocks", "blocks_bf16", "all"), 16.0) | {"blocks_kept": 1.0}
+            else:
+                continue
+            r.update(bits_per_quantized_weight=round(b["quantized"], 3), bits_blocks=round(b["blocks"], 3),
+                     bits_blocks_bf16=round(b["blocks_bf16"], 3), bits_all_linears=round(b["all"], 3),
+                     blocks_kept_fraction=round(b["blocks_kept"], 3))  # fmt: skip
+            print(name, st, r["bits_blocks_bf16"], flush=True)
+    _write(rows, path.parent)
+    _plot(rows, path.parent)
+
+
 def _fnmatch_any(path, patterns) -> bool:
     import fnmatch
 
@@ -126,7 +218,15 @@ def main(argv=None):
     p.add_argument("--only", help="regex: run only the ditkern settings whose name matches (and no torchao rows)")
     p.add_argument("--skip-study", action="store_true",
                    help="only the skip-list study (fp4_e2m1 absmax and int4 g32 bf16 gptq: what each kept group buys)")
+    p.add_argument("--headline", action="store_true",
+                   help="only the settings at <= 4.6 (4-bit) / 6.6 (FP6) bits per block linear weight "
+                        "(keep_edge_adaln=False), and torchao on all layers: the issue's equal-scope comparison")
+    p.add_argument("--backfill-bits", action="store_true",
+                   help="add the bit-count columns to --out's fidelity.json rows (no image generated) and exit")
     a = p.parse_args(argv)
+    if a.backfill_bits:
+        backfill_bits(Path(a.out) / "fidelity.json", a.calib_seeds)
+        return
     if a.merge:
         merged: dict = {}
         for path in a.merge:
@@ -183,26 +283,16 @@ def main(argv=None):
         record(name, "fp32 (reference)", ref, ref, time.perf_counter() - t0, note="unquantized")
         cal = calibrate(pipe, lambda: [zoo.generate(pipe, [s % 10], [s]) for s in calib_seeds])
         settings = ditkern_settings(a.quick)
-        if a.skip_study:
+        if a.headline:
+            settings = headline_settings(cal)
+        elif a.skip_study:
             from ditkern import QuantConfig
 
             g32 = dict(group_size=32, scale_dtype="bf16", method="gptq", calibration=cal)
             settings = ablations(pipe.transformer) + ablations(
                 pipe.transformer, QuantConfig(format="int4", **g32), "int4 g32 bf16 gptq")
         elif not a.quick:
-            from ditkern import QuantConfig
-
-            settings += ablations(pipe.transformer)[1:]
-            g32 = dict(group_size=32, scale_dtype="bf16", method="gptq", calibration=cal)
-            settings += [
-                ("fp4_e2m1 awq", QuantConfig(format="fp4_e2m1", method="awq", calibration=cal)),
-                ("fp4_e2m1 g32 bf16 gptq", QuantConfig(format="fp4_e2m1", **g32)),
-                ("int4 g32 bf16 gptq", QuantConfig(format="int4", **g32)),
-                ("auto4 g32 bf16 gptq", QuantConfig(format="auto4", **g32)),
-                ("int4 g32 bf16 A8 gptq", QuantConfig(format="int4", activations="fp8", **g32)),
-                ("fp6_e2m3 A8 gptq", QuantConfig(format="fp6_e2m3", activations="fp8", method="gptq", calibration=cal)),
-                ("int4 g32 bf16 gptq budget=0.35", QuantConfig(format="int4", memory_budget=0.35, **g32)),
-            ]
+            settings += ablations(pipe.transformer)[1:] + calibrated_settings(cal)
         if a.only:
             settings = [(n, q) for n, q in settings if re.search(a.only, n)]
         for setting, qc in settings:
@@ -226,18 +316,23 @@ def main(argv=None):
         if a.only or a.skip_study:
             _write(rows, out_dir)
             continue
+        scopes = ("blocks only", "all layers") if a.headline else ("default skip", "all layers")
         if tao_note:
             rows.append(dict(pipeline=name, setting="torchao (all configs)", note=tao_note))
         from ditkern.quant.feature import default_skip
 
         skip = default_skip(pipe.transformer)
-        for (setting, make, bits), scope in [(t, sc) for t in tao for sc in ("default skip", "all layers")]:
+        # "blocks only": every linear outside the block stack kept (ditkern's headline rows keep those too)
+        outside = [f for f in skip if "*" not in f]
+        for (setting, make, bits), scope in [(t, sc) for t in tao for sc in scopes]:
             original = pipe.transformer
             nvfp4 = "NVFP4" in setting
             note = "nominal bits"
 
             def keep_hp(fqn, m):
                 if scope == "default skip" and _fnmatch_any(fqn, skip):
+                    return True
+                if scope == "blocks only" and fqn in outside:
                     return True
                 # NVFP4 needs both weight dims divisible by 16: other layers stay in fp32
                 return nvfp4 and (m.weight.shape[0] % 16 or m.weight.shape[1] % 16)

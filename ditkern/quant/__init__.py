@@ -1,12 +1,15 @@
 """FP4 / FP6 / int4 quantized linear layers for DiTs: formats, quantizer, calibration, patch feature, checkpoints.
 
 ``ditkern.patch(model, quant="fp4" | "fp6" | "int4" | "w4a8" | "w6a8" | "w4a6" | ditkern.QuantConfig(...))``;
-``ditkern.save_quantized`` / ``ditkern.load_quantized``. See docs/quant.md.
+``ditkern.save_quantized`` / ``ditkern.load_quantized``; ``ditkern.quant.fuse_lora`` (peft LoRA merged into quantized
+layers, re-quantized); ``ditkern.quant.bit_counts`` (bits per weight over the quantized layers, the blocks, all
+linears). See docs/quant.md.
 """
 
 from ditkern.quant.calibrate import Calibration, calibrate
 from ditkern.quant.checkpoint import load_quantized, save_quantized
 from ditkern.quant.config import PRESETS, QuantConfig
+from ditkern.quant.lora import fuse_lora
 from ditkern.formats import FORMATS, QuantizedWeight, dequantize, quantize
 
 __all__ = [
@@ -20,4 +23,14 @@ __all__ = [
     "Calibration",
     "save_quantized",
     "load_quantized",
+    "fuse_lora",
+    "bit_counts",
 ]
+
+
+def __getattr__(name):  # bit_counts lives with the patch feature, which imports the patch engine: loaded on use
+    if name == "bit_counts":
+        from ditkern.quant.feature import bit_counts  # noqa: PLC0415
+
+        return bit_counts
+    raise AttributeError(f"module 'ditkern.quant' has no attribute {name!r}")
