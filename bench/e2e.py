@@ -8,8 +8,9 @@ guidance pass: one transformer call per step), in bf16 on a GPU, synchronised, a
 autotuning and the cache's first generation stay out of it). Rows (:data:`ROWS`): unpatched bf16 eager,
 ``torch.compile``, ditkern lossless, lossless + compile, + W4A8, + Taylor cache (fixed schedule: the block fraction
 is deterministic), + window attention, + all compatible together (every feature whose own row ran, compiled if the
-compile row ran). Columns: seconds per image, speedup over eager and over ``torch.compile``, peak GPU memory. A row
-that cannot run on this device says why instead of a number.
+compile row ran and the cache is not among them: under torch.compile the cache recompiles at every generation).
+Columns: seconds per image, speedup over eager and over ``torch.compile``, peak GPU memory. A row that cannot run on
+this device says why instead of a number.
 
 On a CPU the same code runs at a scaled-down geometry (:func:`scaled`: 2+2 blocks, width 32, an 8x8 token grid) and
 every output says so: it tests the harness (CI runs it in seconds), the numbers are no claim. Results: JSON + a
@@ -260,6 +261,11 @@ def run_model(model: Model, steps: int, rows=ROWS, images: int = 1, backend: str
                 out["note"] = "no feature row ran here"
                 continue
             opts = {**base, **{k: v for f in chosen for k, v in feats[f].items()}}
+            if compiled and "cache" in chosen:
+                # not compatible: dynamo guards on the cache's Python step state (calls, last timestep, slots), so
+                # every generation recompiles (TORCH_LOGS=recompiles on the scaled FLUX model: 7-10 s per image)
+                compiled = False
+                out["note"] = "without torch.compile: the Taylor cache recompiles at every generation under it"
             out["label"] = f"{LABELS[row]} ({' + '.join(chosen)}{' + compile' if compiled else ''})"
         else:
             opts = {**base, **feats[row[1:]]}
