@@ -14,8 +14,9 @@ this device says why instead of a number.
 
 On a CPU the same code runs at a scaled-down geometry (:func:`scaled`: 2+2 blocks, width 32, an 8x8 token grid) and
 every output says so: it tests the harness (CI runs it in seconds), the numbers are no claim. Results: JSON + a
-markdown table under ``bench/results/<device>/e2e_<date>_<sha>`` (never overwritten; CPU runs go to the git-ignored
-``bench/results/cpu/``); the paths are printed.
+markdown table under ``bench/results/<device>/e2e_<date>_<sha>``, rewritten after every row (a run cut short keeps
+what it measured; never overwritten by another run; CPU runs go to the git-ignored ``bench/results/cpu/``); the paths
+are printed.
 """
 
 from __future__ import annotations
@@ -229,9 +230,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def run_model(model: Model, steps: int, rows=ROWS, images: int = 1, backend: str | None = None,
-              compile_on_cpu: bool = False, progress: bool = True) -> list[dict]:
+              compile_on_cpu: bool = False, progress: bool = True, on_row: Callable | None = None) -> list[dict]:
     """Every row of ``rows`` for one model: {row, label, seconds, speedup_vs_eager, speedup_vs_compile, peak_GiB,
-    block_fraction, note}."""
+    block_fraction, note}. ``on_row(rows so far)`` after each timed row (so that a run cut short keeps them)."""
     import ditkern
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -290,12 +291,19 @@ def run_model(model: Model, steps: int, rows=ROWS, images: int = 1, backend: str
             ditkern.unpatch(net)
             if compiled:
                 torch._dynamo.reset()
+        if on_row is not None:
+            on_row(_with_speedups(results))
+    rows_out = _with_speedups(results)
+    del net
+    _peak_reset(device)
+    return rows_out
+
+
+def _with_speedups(results: dict[str, dict]) -> list[dict]:
     for out in results.values():
         for b in ("eager", "compile"):
             bs = results.get(b, {}).get("seconds")
             out[f"speedup_vs_{b}"] = round(bs / out["seconds"], 3) if bs and out["seconds"] else None
-    del net
-    _peak_reset(device)
     return list(results.values())
 
 
@@ -341,9 +349,13 @@ def run(models=("flux",), steps: int | None = None, rows=ROWS, images: int = 1, 
     try:
         for name in models:
             model = MODELS[name] if device == "cuda" else scaled(MODELS[name])
-            result["rows"] += run_model(model, steps, rows, images, backend, compile_on_cpu, progress)
-            if stem is not None:
-                _write(result, out_dir, stem)
+            done = list(result["rows"])
+
+            def partial(rows_so_far, done=done):
+                if stem is not None:
+                    _write({**result, "rows": done + rows_so_far}, out_dir, stem)
+
+            result["rows"] = done + run_model(model, steps, rows, images, backend, compile_on_cpu, progress, partial)
     finally:
         torch.set_num_threads(threads)
     if stem is not None:

@@ -47,3 +47,16 @@ def test_scaled_run_on_cpu(tmp_path, capsys):
     assert all(r["seconds"] is not None or r["note"] for r in rows.values())  # no number says why
     e2e.main(["--models", "flux", "--steps", "1", "--rows", "eager", "--out", str(tmp_path)])
     assert len(list(tmp_path.glob("e2e_*.json"))) == 2  # a second run writes new files
+
+
+def test_rows_are_reported_as_they_finish():
+    seen = []
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run() does on the CPU: tiny tensors, threads only stall on a busy core
+    try:
+        rows = e2e.run_model(e2e.scaled(e2e.MODELS["qwen"]), steps=1, rows=("eager", "lossless"), backend="torch",
+                             progress=False, on_row=lambda so_far: seen.append([r["row"] for r in so_far]))
+    finally:
+        torch.set_num_threads(n)
+    assert seen == [["eager"], ["eager", "lossless"]]
+    assert rows[1]["speedup_vs_eager"] == pytest.approx(rows[0]["seconds"] / rows[1]["seconds"], rel=1e-2)
