@@ -5,9 +5,9 @@
 Loads a reference pipeline (``ditkern.zoo``), optionally patches it with the default (lossless) options, and
 generates ``--images`` digits with ``--steps`` denoising steps at the pipeline's real token count (16x16 latent
 tokens, plus the class tokens for FLUX), after one untimed warm-up generation. It prints the patch report and the
-seconds per generation. Time it as a whole process (``/usr/bin/time -v``), the patched run against the unpatched one
+CPU seconds of the process per generation (one torch thread unless ``--threads``). Time it as a whole process (``/usr/bin/time -v``), the patched run against the unpatched one
 in alternation, or pass ``--ab``: the same process then times unpatched and patched generations in turn
-(``--repeats`` pairs) and prints the median ratio, a same-run baseline.
+(``--repeats`` pairs, the order alternating within them) and prints the median ratio, a same-run baseline.
 
 ``--pipeline tiny-flux`` / ``tiny-dit`` use the random tiny transformers of the tests (``tests/patch/tiny.py``
 geometry, rebuilt here so the benchmark does not import the tests), one forward per step.
@@ -73,9 +73,11 @@ def build(name: str, steps: int, images: int):
 
 
 def _seconds(run) -> float:
-    t0 = time.perf_counter()
+    """CPU seconds of this process for one ``run()`` (one torch thread by default: compute time, less disturbed by
+    other processes on a shared machine than wall time)."""
+    t0 = time.process_time()
     run()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def main(argv=None) -> None:
@@ -101,21 +103,29 @@ def main(argv=None) -> None:
         ditkern.unpatch(target)
         run()  # warm-up
         ratios, base, fused = [], [], []
-        for _ in range(args.repeats):
-            base.append(_seconds(run))
+
+        def patched_run():
             with ditkern.patched(target, backend=args.backend):
                 run()  # a patched warm-up: the first call of a patched forward pays its one-off costs
-                fused.append(_seconds(run))
+                return _seconds(run)
+
+        for i in range(args.repeats):  # the order alternates within the pairs, so neither side always goes first
+            if i % 2:
+                fused.append(patched_run())
+                base.append(_seconds(run))
+            else:
+                base.append(_seconds(run))
+                fused.append(patched_run())
             ratios.append(base[-1] / fused[-1])
         print(f"{args.pipeline}: unpatched {statistics.median(base):.3f} s, patched {statistics.median(fused):.3f} s "
-              f"per run (median of {args.repeats}); speed ratio unpatched/patched median {statistics.median(ratios):.3f} "
+              f"CPU per run (median of {args.repeats}); speed ratio unpatched/patched median {statistics.median(ratios):.3f} "
               f"(min {min(ratios):.3f}, max {max(ratios):.3f})")  # fmt: skip
         return
     if args.patch:
         print(ditkern.patch(target, backend=args.backend))
     run()  # warm-up
     times = [_seconds(run) for _ in range(args.repeats)]
-    print(f"{args.pipeline} {'patched' if args.patch else 'unpatched'}: {statistics.median(times):.3f} s per run "
+    print(f"{args.pipeline} {'patched' if args.patch else 'unpatched'}: {statistics.median(times):.3f} s CPU per run "
           f"(median of {args.repeats})")  # fmt: skip
 
 

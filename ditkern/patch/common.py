@@ -71,8 +71,9 @@ def adaln_plan(name: str, what: str, forward: Callable, module: nn.Module, norm:
 
     In auto mode (no ``backend`` asked for, no ``DITKERN_BACKEND``), where no fused backend (cuda, triton) can run on
     the module's device and dtype, the op would land on its fp32 torch reference: more ops and fp32 upcasts than the
-    module's own native torch ops, so slower than unpatched (measured on CPU: 0.57x-0.81x, ``bench/cpu_lossless.py``)
-    for no gain. The module is then left unpatched, bit-identical to unpatched and as fast, and the report row says
+    module's own native torch ops, so slower than unpatched for no gain (measured on 2 shared CPU cores with
+    ``python -m bench.cpu_lossless --ab --backend torch``: 0.81x-0.94x on the zoo pipelines, 0.72x on the tiny test
+    models). The module is then left unpatched, bit-identical to unpatched and as fast, and the report row says
     so (:data:`~ditkern.patch.report.NATIVE_REASON`). A backend asked for by name is honoured: ``backend="torch"``
     installs the fused forward on the fp32 reference (the oracle the tests compare kernels with).
     """
