@@ -91,16 +91,16 @@ def save_figure(table: FidelityTable, out_path: str) -> str:
     return out_path
 
 
-def machine_line() -> str:
-    """What this machine can and cannot show about ditkern."""
+def machine_line(threads: int | None = None) -> str:
+    """What this machine can and cannot show about ditkern (``threads``: the intra-op threads the demo ran on)."""
     if torch.cuda.is_available():
         return (f"this machine: GPU ({torch.cuda.get_device_name()}): the kernel speed shows in every row; these "
                 "reference models are tiny (launch-bound), so for speed at real model size run `python -m bench.e2e`.")
-    return (f"this machine: CPU ({torch.get_num_threads()} threads): no fused kernel runs on a CPU (the lossless patch "
-            "keeps the modules' native ops there), so the lossless row can show no speedup beyond timing noise; what a "
-            "CPU can show is caching (blocks skipped: wall time saved) and quantization's weight memory (above; its "
-            "CPU path dequantizes per call, so it is slower here). Kernel speed needs a GPU (`python -m bench.e2e`, "
-            "`make bench` there).")
+    return (f"this machine: CPU ({threads or torch.get_num_threads()} thread(s)): no fused kernel runs on a CPU (the "
+            "lossless patch keeps the modules' native ops there), so the lossless row can show no speedup beyond "
+            "timing noise; what a CPU can show is caching (blocks skipped: wall time saved) and quantization's "
+            "weight memory (above; its CPU path dequantizes per call, so it is slower here). Kernel speed needs a GPU "
+            "(`python -m bench.e2e`, `make bench` there).")
 
 
 def run_demo(
@@ -116,6 +116,7 @@ def run_demo(
     progress: bool = True,
     verbose: bool = True,
     warmup: bool | int | None = None,
+    threads: int | None = None,
 ) -> FidelityTable:
     """Run the demo and return its :class:`~ditkern.zoo.fidelity.FidelityTable` (one row per pipeline x setting).
 
@@ -126,11 +127,10 @@ def run_demo(
     sampler: overrides of :data:`ditkern.zoo.DEFAULTS` (e.g. ``{"num_inference_steps": 8}``).
     warmup: the untimed run before each timed one (see :func:`~ditkern.zoo.fidelity.compare`); default: the full
         sampler on a GPU (kernels compile, autotune), 2 steps on the CPU (torch paths: nothing compiles).
+    threads: torch's intra-op threads for the run (restored after); default 1 on the CPU, where these models are
+        tiny: a second thread adds synchronisation, not speed, and stalls whenever the other core is busy (measured
+        on a busy 2-core machine: ten digits-dit images at 8 steps in 4.8 s on one thread, 11.0 s on two).
     """
-    from tqdm.auto import tqdm
-
-    from . import load
-
     seeds = list(range(10 * rows)) if seeds is None else list(seeds)
     if warmup is None:
         warmup = True if torch.cuda.is_available() else 2
@@ -138,6 +138,31 @@ def run_demo(
         label = ",".join(f"{k}={v}" for k, v in (patch_options or {}).items()) or (
             getattr(apply, "__name__", "patched") if apply is not None else "default")
         settings = {label: dict(patch_options or {})}
+    if threads is None and not torch.cuda.is_available():
+        threads = 1
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        table, lines = _run(seeds, pipelines, settings, apply, undo, sampler, progress, verbose, warmup)
+    finally:
+        torch.set_num_threads(saved_threads)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    save_figure(table, out_path)
+    if verbose:
+        print()
+        print(table)
+        print("\n".join(lines))
+        print(machine_line(threads or saved_threads))
+        print(f"wrote {out_path} (every setting beside the unpatched samples, and the speed-vs-PSNR plot)")
+    return table
+
+
+def _run(seeds, pipelines, settings, apply, undo, sampler, progress, verbose, warmup):
+    from tqdm.auto import tqdm
+
+    from . import load
+
     table = FidelityTable()
     facts: dict[tuple[str, str], dict] = {}
     lines: list[str] = []
@@ -175,15 +200,7 @@ def run_demo(
                     if report is not None and hasattr(report, "summary"):
                         first = label == next(iter(settings))
                         tqdm.write(f"\n{name} [{label}]:\n{report if first else report.summary()}")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    save_figure(table, out_path)
-    if verbose:
-        print()
-        print(table)
-        print("\n".join(lines))
-        print(machine_line())
-        print(f"wrote {out_path} (every setting beside the unpatched samples, and the speed-vs-PSNR plot)")
-    return table
+    return table, lines
 
 
 def _facts_line(name: str, label: str, fact: dict, base_bytes: int) -> str:
