@@ -215,14 +215,5 @@ def _facts_line(name: str, label: str, fact: dict, base_bytes: int) -> str:
     return f"  {name} [{label}]: " + ("; ".join(parts) or "no memory or cache figures")
 
 
-def main(argv=None):
-    """``python -m ditkern.zoo.demo [flags]`` = ``python -m ditkern demo [flags]``."""
-    import sys
-
-    from ditkern.__main__ import main as cli
-
-    return cli(["demo", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()
+# The command line is ``python -m ditkern demo`` (ditkern/__main__.py); this module is the library it calls, so it
+# imports nothing of the CLI (no import circle: __main__ -> demo -> zoo.demo).
