@@ -137,7 +137,8 @@ def backfill_bits(path: Path, calib_seeds: int) -> None:
             st = r["setting"]
             if st in settings:
                 if settings[st].skip == tuple(old):
-                    r["note"] = "; ".join(x for x in (r.get("note"), "skip list of that run: *embed* also in blocks") if x)
+                    why = "skip list of that run: *embed* also in blocks"
+                    r["note"] = "; ".join(x for x in (r.get("note"), why) if x)
                 ditkern.patch(pipe, quant=settings[st], fused_norms=False, backend="torch")
                 b = bit_counts(model)
                 ditkern.unpatch(pipe)
@@ -310,7 +311,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         try:
             record(name, "bf16 pipeline (no quantization)", gen(zoo.load(name, torch_dtype=torch.bfloat16)), ref,
-                   time.perf_counter() - t0, bits=dict.fromkeys(("quantized", "blocks", "blocks_bf16", "all"), 16.0))  # fmt: skip
+                   time.perf_counter() - t0,
+                   bits=dict.fromkeys(("quantized", "blocks", "blocks_bf16", "all"), 16.0))  # fmt: skip
         except Exception as exc:  # noqa: BLE001
             rows.append(dict(pipeline=name, setting="bf16 pipeline", note=f"failed: {type(exc).__name__}: {exc}"))
         if a.only or a.skip_study:

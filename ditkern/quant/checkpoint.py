@@ -77,8 +77,9 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
 
 def save_quantized(model_or_pipeline, path: str | os.PathLike, max_shard_size: int = DEFAULT_SHARD_BYTES) -> str:
     """Write the quantized (``ditkern.patch(model, quant=...)``) transformer to ``path``: a directory (diffusers
-    layout: ``config.json``, safetensors shard(s) of at most ``max_shard_size`` bytes each, ``ditkern_quantization.json``;
-    created if missing) or a single ``.safetensors`` file. For a pipeline, its ``transformer`` is written."""
+    layout: ``config.json``, safetensors shard(s) of at most ``max_shard_size`` bytes each,
+    ``ditkern_quantization.json``; created if missing) or a single ``.safetensors`` file. For a pipeline, its
+    ``transformer`` is written."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
     from ditkern._version import __version__  # noqa: PLC0415
@@ -167,7 +168,7 @@ def _checkpoint_dir(path: str) -> str:
         return sub
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         raise ValueError(f"{path!r} is a model directory but not a ditkern quantized checkpoint (no "
-                         f"{QUANT_CONFIG_NAME}); load it with from_pretrained, quantize it with ditkern.patch")  # fmt: skip
+                         f"{QUANT_CONFIG_NAME}); load it with from_pretrained, quantize: ditkern.patch")  # fmt: skip
     raise ValueError(f"{path!r} is not a ditkern quantized checkpoint: it has no {QUANT_CONFIG_NAME} (nor a "
                      f"transformer/{QUANT_CONFIG_NAME})")  # fmt: skip
 
