@@ -6,7 +6,8 @@
 #                        (tests/ops, one process and log per file, all files at once), compute-sanitizer memcheck
 #                        on the CUDA op tests
 #   b (done by 6 min):   one bench shape per op against its baselines (`python -m bench.run --tier b`)
-#   c (done by 8 min):   the rest of the test suite, the rest of the benchmarks (--tier c), racecheck
+#   c (done by 8 min):   the end-to-end table (bench.e2e, FLUX.1-dev 1024x1024, 8 steps), the rest of the test suite,
+#                        the rest of the benchmarks (--tier c), racecheck
 # The deadlines are cumulative (time a leaves is b's), every step runs under `timeout`, and a failing step never
 # stops the next. $OUT/SUMMARY.md (status and seconds per step and tier, GPU, date, git sha) is rewritten after
 # every step.
@@ -19,7 +20,7 @@
 # Device call: timeout_s >= 540; carry [".whl"] when it holds wheels (bench/fetch_wheels.sh fetches them: diffusers
 # is not on the GPU machine). Results in $OUT (at most 8 files come back):
 #   SUMMARY.md, logs.tar.gz (every log, re-packed after each step), bench/<date>_<sha>.{json,csv,md} (tier b,
-#   rewritten after every case), bench_c.md + bench_c.json (tier c)
+#   rewritten after every case), e2e.md, bench_c.md + bench_c.json (tier c)
 set -uo pipefail
 
 DRY=${GPU_SUITE_DRY_RUN:-0}
@@ -223,6 +224,16 @@ rc=\$?
 for f in \$(ls -t $STAGE/bench_c/*.md 2>/dev/null | head -1); do cp \$f $OUT/bench_c.md; cp \${f%.md}.json $OUT/bench_c.json; done
 exit \$rc"
 
+# the end-to-end table (issue 16): FLUX.1-dev at 1024x1024 with random weights, the rows that say most per second of
+# lease first (8 steps, one timed image each; the full 28-step table with compile needs a lease of its own: ~6-9 min).
+# Only the markdown comes back ($OUT holds at most 8 files); the JSON goes into logs.tar.gz with the stage.
+E2E_CMD="timeout -k 5 \$BUDGET $PY -m bench.e2e --models flux --steps 8 --rows eager,lossless,+cache,+window,+w4a8,+all \
+  --out $STAGE/e2e
+rc=\$?
+for f in \$(ls -t $STAGE/e2e/*.md 2>/dev/null | head -1); do cp \$f $OUT/e2e.md; cp \${f%.md}.json $LOGS/e2e.json; done
+exit \$rc"
+e2e_detail() { grep -E '^bench.e2e: wrote' "$1" | tail -2; }
+
 # ---- the plan -----------------------------------------------------------------------------------------------------------
 if ((!DRY)); then
   rm -rf "$STAGE" && mkdir -p "$LOGS" "$OUT" || exit 1
@@ -245,6 +256,7 @@ tier b "$BUDGET_B"
 step bench 150 "$BENCH_B_CMD" bench_detail
 
 tier c "$BUDGET_C"
+step e2e 110 "$E2E_CMD" e2e_detail
 step tests 150 "$TESTS_C_CMD" pytest_counts
 step bench 300 "$BENCH_C_CMD" bench_detail
 step racecheck 60 "$RACE_CMD" san_detail

@@ -34,7 +34,7 @@ def test_dry_run_plans_every_tier_and_every_command_parses(tmp_path):
     out = r.stdout
     for line in ("== tier a: ends by 210 s", "== tier b: ends by 360 s", "== tier c: ends by 480 s"):
         assert line in out
-    for step in ("[a] env", "[a] install", "[a] info", "[a] ops", "[a] memcheck", "[b] bench", "[c] tests", "[c] bench"):
+    for step in ("[a] env", "[a] install", "[a] info", "[a] ops", "[a] memcheck", "[b] bench", "[c] e2e", "[c] tests", "[c] bench"):
         assert step in out, step
     assert "-m bench.run --tier b" in out and "compute-sanitizer --tool memcheck" in out
     assert re.search(r"bench tier b: \d+ cases", out) and "dry run: ok (tiers a+b end by 360 s, all by 480 s)" in out
