@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+import torch
+
 from ditkern.cache.config import TaylorCache
 
 __all__ = ["TaylorCache", "calibrate", "reset", "reset_stats", "stats"]
@@ -58,12 +60,14 @@ def reset_stats(model_or_pipeline) -> None:
     _state(model_or_pipeline).reset_stats()
 
 
-def calibrate(model_or_pipeline, run: Callable[[], object]) -> TaylorCache:
+def calibrate(model_or_pipeline, run: Callable[[], object], *, measure: bool = True) -> TaylorCache:
     """Calibrate the cache patched on this model from the generations ``run()`` makes (a few seeds, the sampler and
     step count to be used): they run uncached while the feature change of every step is recorded. A ``budget`` cache
-    gets the schedule that meets its budget with the least predicted forecast error; a ``gate`` cache gets per-step
-    scales that make its threshold the predicted relative error of the skipped blocks. The calibrated config is
-    installed on the model and returned: ``.save(path)`` it, and later ``ditkern.patch(pipe,
+    gets a schedule of as many full steps as its budget pays for; a ``gate`` cache gets per-step
+    scales that make its threshold the predicted relative error of the skipped blocks. When ``run()`` returns its
+    result as a tensor or array (the images) and ``measure`` is true, a budget calibration runs each candidate
+    schedule once more (about five runs) and keeps the one whose result is closest to the uncached one. The
+    calibrated config is installed on the model and returned: ``.save(path)`` it, and later ``ditkern.patch(pipe,
     cache=TaylorCache.load(path))``. ::
 
         ditkern.patch(pipe, cache=ditkern.TaylorCache(budget=0.25))
@@ -80,9 +84,13 @@ def calibrate(model_or_pipeline, run: Callable[[], object]) -> TaylorCache:
     st.reset()
     st.records, st._rec, st.recording, st.manual = [], {}, True, True
     try:
-        run()
+        ref = run()
         st._end_generation()
-        st.config = solve_budget(st) if cfg.mode == "budget" else solve_gate(st)
+        if cfg.mode == "budget":
+            arr = measure and (isinstance(ref, torch.Tensor) or type(ref).__name__ == "ndarray")
+            st.config = solve_budget(st, run, ref) if arr else solve_budget(st)
+        else:
+            st.config = solve_gate(st)
     except BaseException:
         st.config = cfg
         raise

@@ -137,7 +137,7 @@ class TaylorCache:
         ) + (f", max_skip={self.max_skip}" if self.max_skip is not None else "")
 
     @classmethod
-    def end_anchored(cls, num_steps: int, interval: int, *, warmup: int = 2, **kwargs) -> TaylorCache:
+    def end_anchored(cls, num_steps: int, interval: int, *, warmup: int = 1, **kwargs) -> TaylorCache:
         """A fixed schedule counted back from the last step: steps ``0 .. warmup-1`` and ``num_steps-1``,
         ``num_steps-1-interval``, ... run the full stack (the last step is always computed)."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:

@@ -491,27 +491,38 @@ def _step_weights(t: torch.Tensor, rises: bool) -> torch.Tensor:
     return w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(w))
 
 
-def plan_schedule(t: torch.Tensor, feats: torch.Tensor, n_compute: int, order: int, rises: bool = False) -> tuple[int, ...]:
+def _forecast_error(x: torch.Tensor, tt: torch.Tensor, a: int, b: int, ks: torch.Tensor, order: int) -> torch.Tensor:
+    """[len(ks)] mean over items of the RMS error of forecasting ``x[ks]`` from the computed steps a < b (a = -1:
+    b is the first one, the forecast is reuse), as the cache forecasts (order >= 1: Newton through a and b)."""
+    fc = x[b].expand(len(ks), *x[b].shape)
+    if order >= 1 and a >= 0:
+        slope = (x[b] - x[a]) / float(tt[b] - tt[a])
+        fc = fc + slope * (tt[ks] - tt[b]).float().view(-1, 1, 1)
+    return (x[ks] - fc).pow(2).mean(-1).sqrt().mean(-1).double()
+
+
+def plan_schedule(t: torch.Tensor, feats: torch.Tensor, n_compute: int, order: int, rises: bool = False,
+                  weights: torch.Tensor | None = None, must: tuple[int, ...] = ()) -> tuple[int, ...]:  # fmt: skip
     """The ``n_compute`` steps (step 0 among them) to run in full so that the Taylor forecasts of the others are
     closest to ``feats`` [N, I, m] (the stack residual of uncached runs, I items): dynamic programming over the last
-    two computed steps, each forecast step costing its step weight times the mean over items of the forecast's RMS
-    error. Order 2 is planned with the order-1 error model (its three-point state would make the search N^4)."""
+    two computed steps, each forecast step costing its weight (``weights``; default :func:`_step_weights`) times the
+    mean over items of the forecast's RMS error; the steps in ``must`` are computed. Order 2 is planned with the
+    order-1 error model (its three-point state would make the search N^4)."""
     n = len(t)
     if n_compute >= n:
         return tuple(range(n))
     tt = t.double()
-    w = _step_weights(tt, rises)
+    w = _step_weights(tt, rises) if weights is None else weights.double()
     x = feats.float()
     cost = torch.zeros(n + 1, n, n + 1, dtype=torch.float64)  # [a + 1, b, c]: forecast cost of steps b < k < c
     for b in range(n - 1):
         ks = torch.arange(b + 1, n)
         for a in range(-1, b):
-            fc = x[b].expand(len(ks), *x[b].shape)
-            if order >= 1 and a >= 0:
-                slope = (x[b] - x[a]) / float(tt[b] - tt[a])
-                fc = fc + slope * (tt[ks] - tt[b]).float().view(-1, 1, 1)
-            err = (x[ks] - fc).pow(2).mean(-1).sqrt().mean(-1).double() * w[ks]
-            cost[a + 1, b, b + 2 :] = err.cumsum(0)
+            cost[a + 1, b, b + 2 :] = (_forecast_error(x, tt, a, b, ks, order) * w[ks]).cumsum(0)
+    for m in must:  # a computed step may not jump over a step that must be computed
+        if 0 < m < n:
+            for b in range(m):
+                cost[:, b, m + 1 :] = math.inf
     inf = math.inf
     f = torch.full((n + 1, n), inf, dtype=torch.float64)  # best cost with j computed steps, the last two (a, b)
     f[0, 0] = 0.0
@@ -539,22 +550,92 @@ def plan_schedule(t: torch.Tensor, feats: torch.Tensor, n_compute: int, order: i
     return tuple(sorted(steps))
 
 
-def solve_budget(state: CacheState):
-    """The calibrated config: the schedule that spends ``budget`` of the block executions with the least predicted
-    error (the blocks outside the cached chain run on every call; they come out of the budget first)."""
-    cfg = state.config
+def _rms(x) -> float:
+    x = torch.as_tensor(x).double()
+    return float(x.pow(2).mean().sqrt())
+
+
+def spaced_schedule(n_steps: int, n_compute: int, power: float = 1.0) -> tuple[int, ...]:
+    """End-anchored: step 0, the last step, and the others at ``(n_steps - 1) * (i / (n_compute - 1)) ** power``
+    (power 1: evenly spaced; above 1 denser at the start, below 1 denser at the end), nudged apart where they meet."""
+    if n_compute >= n_steps:
+        return tuple(range(n_steps))
+    if n_compute <= 1:
+        return (0,)
+    out = [0]
+    for i in range(1, n_compute):
+        want = round((n_steps - 1) * (i / (n_compute - 1)) ** power)
+        out.append(min(max(want, out[-1] + 1), n_steps - 1 - (n_compute - 1 - i)))
+    return tuple(out)
+
+
+SPACINGS = (0.6, 0.8, 1.0, 1.25, 1.6)  # the powers of spaced_schedule a measured calibration tries
+
+
+def candidate_schedules(state: CacheState, n_compute: int) -> dict[str, tuple]:
+    """The schedules a measured calibration chooses among: end-anchored spacings (:data:`SPACINGS`) and the one
+    planned from the recorded feature change (:func:`plan_schedule`)."""
     t, feats = _calibration_set(state)
-    n_steps, n, a = len(t), state.n_blocks, state.n_always
-    floor = a / (n + a)
+    n = len(t)
+    cands = {f"spaced power={p:g}": spaced_schedule(n, n_compute, p) for p in SPACINGS}
+    cands["planned"] = plan_schedule(t, feats["full"], n_compute, state.config.order, state.rises)
+    return cands
+
+
+def _score(out, ref) -> float:
+    """Mean plus worst per-item PSNR (peak 1) of ``out`` against ``ref`` [I, ...], each capped at 100 dB."""
+    a, b = torch.as_tensor(out).double(), torch.as_tensor(ref).double()
+    mse = (a - b).pow(2).flatten(1).mean(1) if a.dim() > 1 else (a - b).pow(2).mean().view(1)
+    p = (-10 * torch.log10(mse.clamp_min(1e-10))).clamp(max=100.0)
+    return float(p.mean() + p.min())
+
+
+def measure_schedules(state: CacheState, run, reference, n_compute: int) -> tuple[tuple[int, ...], dict]:
+    """Run every candidate schedule (``run()`` once each) and keep the one whose result is closest to the uncached
+    ``reference`` (mean + worst item PSNR): the offline error model ignores how errors compound through the
+    sampler, a measurement does not."""
+    cfg = state.config
+    t, _ = _calibration_set(state)
+    scores = {}
+    recording, state.recording = state.recording, False
+    try:
+        for name, sched in candidate_schedules(state, n_compute).items():
+            state.config = replace(cfg, schedule=sched, timesteps=tuple(float(v) for v in t))
+            state.reset()
+            scores[sched] = (_score(run(), reference), name)
+    finally:
+        state.config, state.recording = cfg, recording
+        state.reset()
+    best = max(scores, key=lambda k: scores[k][0])
+    return best, {v[1]: (k, round(v[0], 2)) for k, v in scores.items()}
+
+
+def budget_steps(state: CacheState, n_steps: int) -> int:
+    """How many of ``n_steps`` steps run in full for the config's budget (the blocks outside the cached chain run on
+    every call and come out of the budget first); warns when the budget is below what the model can reach."""
+    cfg, n, a = state.config, state.n_blocks, state.n_always
     n_compute = round(n_steps * (cfg.budget * (n + a) - a) / n)
     if n_compute < 1:
         warnings.warn(
             f"TaylorCache.budget={cfg.budget:g} is below what this model can reach at {n_steps} steps "
-            f"({floor + n / (n_steps * (n + a)):.3f}: step 0 and the {a} block(s) outside the cached chain always "
+            f"({(a + n / n_steps) / (n + a):.3f}: step 0 and the {a} block(s) outside the cached chain always "
             "run): computing step 0 only",
-            stacklevel=3,
+            stacklevel=4,
         )
-    sched = plan_schedule(t, feats["full"], max(1, min(n_steps, n_compute)), cfg.order, state.rises)
+    return max(1, min(n_steps, n_compute))
+
+
+def solve_budget(state: CacheState, run=None, reference=None):
+    """The calibrated config for the budget: with a ``run`` and its uncached ``reference`` result, the candidate
+    schedule that measures best (:func:`measure_schedules`); without (the self-calibration on the first generation),
+    the evenly spaced end-anchored schedule, which measured best on the deep reference pipelines (docs/cache.md)."""
+    cfg = state.config
+    t, _ = _calibration_set(state)
+    n_compute = budget_steps(state, len(t))
+    if run is not None:
+        sched, _ = measure_schedules(state, run, reference, n_compute)
+    else:
+        sched = spaced_schedule(len(t), n_compute)
     return replace(cfg, schedule=sched, timesteps=tuple(float(v) for v in t))
 
 

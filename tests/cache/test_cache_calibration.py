@@ -138,6 +138,10 @@ def test_calibrated_budget_json_round_trip_and_timestep_mismatch(tmp_path):
 def test_end_anchored_schedule_computes_the_last_step():
     cfg = TaylorCache.end_anchored(28, 5, warmup=2)
     assert cfg.schedule == (0, 1, 2, 7, 12, 17, 22, 27) and cfg.mode == "schedule"
+    from ditkern.cache.feature import spaced_schedule
+
+    assert spaced_schedule(28, 5) == (0, 7, 14, 20, 27) and spaced_schedule(28, 28) == tuple(range(28))
+    assert spaced_schedule(10, 9, 1.6) == (0, 1, 2, 3, 4, 5, 6, 7, 9)  # pushed apart, still 9 steps
     model, inputs = _tiny_dit()
     ditkern.patch(model, cache=TaylorCache.end_anchored(len(TS), 3, warmup=1), backend="torch")
     _denoise(model, "dit", inputs)
@@ -165,3 +169,52 @@ def test_configurations_that_never_forecast_warn_naming_the_setting():
         ditkern.patch(model, cache=TaylorCache(interval=2), backend="torch")
         ditkern.cache.calibrate(model, lambda: None)
     ditkern.unpatch(model)
+
+
+def test_measured_calibration_keeps_the_candidate_closest_to_uncached():
+    from ditkern.cache import feature
+
+    model, inputs = _tiny_dit()
+    ditkern.patch(model, cache=TaylorCache(order=1, budget=0.45), backend="torch")
+
+    def run():
+        return torch.stack([o.detach() for o in _denoise(model, "dit", inputs)])
+
+    seen = {}
+    measure = feature.measure_schedules
+
+    def spy(*a, **k):
+        best, info = measure(*a, **k)
+        seen.update(best=best, info=info)
+        return best, info
+
+    feature.measure_schedules = spy
+    try:
+        cal = ditkern.cache.calibrate(model, run)
+    finally:
+        feature.measure_schedules = measure
+    assert cal.schedule == seen["best"] and len(cal.schedule) == 4  # round(9 * 0.45)
+    scores = [s for _, s in seen["info"].values()]
+    assert len(scores) >= 2 and max(scores) == dict(seen["info"].values())[cal.schedule]
+    ditkern.unpatch(model)
+
+
+def test_budget_is_met_on_a_zoo_pipeline():
+    """digits-dit-deep at 20 steps: a budget of 0.25 calibrated on one seed runs 0.25 +- 0.03 of the block executions
+    on two others, counted independently (a pre-hook on each block's attention) and by ditkern.cache.stats."""
+    import ditkern.zoo as zoo
+
+    pipe = zoo.load("digits-dit-deep")
+    ditkern.patch(pipe, cache=TaylorCache(order=1, budget=0.25), backend="torch")
+    ditkern.cache.calibrate(pipe, lambda: zoo.generate(pipe, [3], [1000], num_inference_steps=20), measure=False)
+    runs = []
+    hooks = [b.attn1.register_forward_pre_hook(lambda *a: runs.append(1)) for b in pipe.transformer.transformer_blocks]
+    ditkern.cache.reset_stats(pipe)
+    zoo.generate(pipe, [0, 1], [0, 1], num_inference_steps=20)
+    for h in hooks:
+        h.remove()
+    st = ditkern.cache.stats(pipe)
+    n = len(pipe.transformer.transformer_blocks)
+    assert st["calls"] == 20 and st["generations"] == 1 and st["calibrated"], st  # cond + uncond: one batch
+    assert abs(len(runs) / (20 * n) - 0.25) <= 0.03 and st["block_fraction"] == len(runs) / (20 * n), (len(runs), st)
+    ditkern.unpatch(pipe)
