@@ -1,6 +1,11 @@
-"""Block caching on the reference pipelines: ditkern's TaylorCache (fixed and gated) vs diffusers' own cache hooks.
+"""Block caching on the reference pipelines: ditkern's TaylorCache (fixed, end-anchored, calibrated budget, gated and
+calibrated gate) vs diffusers' own cache hooks.
 
 ``python -m bench.cache_sweep [--steps 50] [--seeds 20] [--pipelines digits-dit,digits-flux] [--quick]``
+
+The calibrated rows (``ditkern budget``, ``ditkern gated o1 calibrated``) are calibrated with
+``ditkern.cache.calibrate`` on their own seeds (``CALIB_SEEDS``, never the measured ones) before they are measured; the
+block fraction counts only the measured generations.
 
 For each pipeline: generate the seeds uncached (the reference), then once per setting, same seeds, same run, and
 report the wall-time speedup over uncached, the fraction of transformer blocks actually executed (counted by a
@@ -20,8 +25,10 @@ import argparse
 import contextlib
 import json
 import math
+import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -109,19 +116,29 @@ def _calibrate_magcache(pipe, classes, seeds, steps):
     return None
 
 
+CALIB_SEEDS = (1000, 1001)  # the calibration's seeds (classes seed % 10), apart from the measured 0..n-1
+
+
 def settings(name: str, steps: int, quick: bool):
-    """(method, label, kind, config) tuples; kind is "ditkern" or "diffusers"."""
+    """(method, label, kind, config) tuples; kind is "ditkern", "ditkern-cal" (calibrated first) or "diffusers"."""
     from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig  # noqa: PLC0415
 
     from ditkern import TaylorCache  # noqa: PLC0415
 
     block_ids = ["transformer_blocks\\.\\d+", "single_transformer_blocks\\.\\d+"]
     out = []
-    intervals = (2, 4) if quick else (2, 3, 4, 6)
+    intervals = (3, 6) if quick else (2, 3, 4, 6)
     gates = (0.02, 0.08) if quick else (0.01, 0.02, 0.04, 0.08)
     for order in (1, 2):
         for n in intervals:
             out.append((f"ditkern fixed o{order}", f"interval={n}", "ditkern", TaylorCache(order=order, interval=n)))
+    for n in (4, 5, 6) if quick else (2, 3, 4, 5, 6):
+        out.append(("ditkern end-anchored o1", f"interval={n}", "ditkern", TaylorCache.end_anchored(steps, n, order=1)))
+    for b in (0.15, 0.18, 0.2, 0.25):
+        out.append(("ditkern budget o1", f"budget={b}", "ditkern-cal", TaylorCache(order=1, budget=b)))
+    for g in ((0.1, 0.3) if quick else (0.05, 0.1, 0.2, 0.4)):
+        out.append(("ditkern gated o1 calibrated", f"gate={g},max_skip=3", "ditkern-cal",
+                    TaylorCache(order=1, gate=g, warmup=2, max_skip=3)))  # fmt: skip
     for order in (0, 1, 2):
         for g in gates:
             out.append((f"ditkern gated o{order}", f"gate={g},max_skip=3", "ditkern",
@@ -145,7 +162,6 @@ def run(pipelines, steps, n_seeds, quick, out_dir: Path, progress=True, methods=
     from ditkern.zoo import classifier  # noqa: PLC0415
     from ditkern.zoo.fidelity import psnr  # noqa: PLC0415
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     for name in pipelines:
         pipe = zoo.load(name)
@@ -174,21 +190,31 @@ def run(pipelines, steps, n_seeds, quick, out_dir: Path, progress=True, methods=
         ref, t_ref, runs_ref = gen()
         acc_ref = classifier.accuracy(ref, classes)
         rows.append(dict(pipeline=name, method="uncached", setting="", speedup=1.0, block_fraction=1.0,
-                         psnr_db=math.inf, psnr_worst_db=math.inf, psnr_mean_db=100.0, accuracy=acc_ref, seconds=t_ref, error=""))  # fmt: skip
+                         psnr_db=math.inf, psnr_worst_db=math.inf, psnr_mean_db=100.0, accuracy=acc_ref, seconds=t_ref,
+                         error="", steps=steps))  # fmt: skip
         for method, label, kind, cfg in tqdm(sett, desc=name, disable=not progress, file=sys.stderr):
+            detail = ""
             try:
-                if kind == "ditkern":
+                if kind.startswith("ditkern"):
                     ditkern.patch(pipe, cache=cfg)
+                    if kind == "ditkern-cal":
+                        cal = [s % 10 for s in CALIB_SEEDS]
+                        run_cal = lambda: zoo.generate(pipe, cal, list(CALIB_SEEDS), num_inference_steps=steps)  # noqa: E731
+                        with warnings.catch_warnings(record=True) as said:
+                            warnings.simplefilter("always")
+                            done = ditkern.cache.calibrate(pipe, run_cal)
+                        detail = f"schedule={list(done.schedule)}" if done.schedule else ""
+                        detail += "; ".join(str(w.message)[:120] for w in said if "TaylorCache" in str(w.message))
                 else:
                     _enable_diffusers_cache(pipe, cfg)
                 try:
                     imgs, secs, runs = gen()
                 finally:
-                    ditkern.unpatch(pipe) if kind == "ditkern" else _disable_diffusers_cache(pipe)
+                    ditkern.unpatch(pipe) if kind.startswith("ditkern") else _disable_diffusers_cache(pipe)
             except Exception as exc:  # a baseline that fails on this model is reported, not fatal
                 rows.append(dict(pipeline=name, method=method, setting=label, speedup=None, block_fraction=None,
                                  psnr_db=None, psnr_worst_db=None, psnr_mean_db=None, accuracy=None, seconds=None,
-                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))  # fmt: skip
+                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", steps=steps))  # fmt: skip
                 continue
             p = psnr(imgs, ref)
             mse = ((imgs - ref) ** 2).mean().item()
@@ -196,12 +222,13 @@ def run(pipelines, steps, n_seeds, quick, out_dir: Path, progress=True, methods=
                 pipeline=name, method=method, setting=label, speedup=t_ref / secs, block_fraction=runs / runs_ref,
                 psnr_db=math.inf if mse == 0 else -10 * math.log10(mse), psnr_worst_db=float(p.min()),
                 psnr_mean_db=float(p.clamp(max=100.0).mean()),
-                accuracy=classifier.accuracy(imgs, classes), seconds=secs, error="",
+                accuracy=classifier.accuracy(imgs, classes), seconds=secs, error="", detail=detail, steps=steps,
             ))  # fmt: skip
         counter.remove()
         for r in rows[first:]:
             r["seeds"] = n_seeds
-    write(rows, dict(steps=steps, seeds=n_seeds, torch=torch.__version__, date=time.strftime("%Y-%m-%d")), out_dir)
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    write(rows, dict(steps=steps, seeds=n_seeds, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), sha=sha), out_dir)
     return rows
 
 
@@ -219,12 +246,22 @@ def write(rows, meta, out_dir: Path):
 
     out_dir.mkdir(parents=True, exist_ok=True)
     prev = out_dir / "cache_sweep.json"
-    if prev.exists():  # keep earlier rows that this run did not redo (same pipeline, method and setting)
-        done = {(r["pipeline"], r["method"], r["setting"]) for r in rows}
+    def key(r):
+        return (r["pipeline"], r.get("steps"), r["method"], r["setting"])
+
+    if prev.exists():  # keep earlier rows that this run did not redo (same pipeline, steps, method and setting)
         old = json.loads(prev.read_text())
-        rows = [r for r in old["rows"] if (r["pipeline"], r["method"], r["setting"]) not in done] + rows
-    order = {m: i for i, m in enumerate(["uncached"] + [x[0] for x in settings("", meta["steps"], False)] + ["diffusers MagCache"])}
-    rows = sorted(rows, key=lambda r: (r["pipeline"], order.get(r["method"], 99), r["setting"]))
+        for r in old["rows"]:  # rows from before the per-row step count: the file's
+            r.setdefault("steps", old["meta"]["steps"])
+            r.setdefault("date", old["meta"].get("date", ""))
+            r.setdefault("sha", old["meta"].get("sha", ""))
+        done = {key(r) for r in rows}
+        rows = [r for r in old["rows"] if key(r) not in done] + rows
+    for r in rows:
+        r.setdefault("date", meta["date"])
+        r.setdefault("sha", meta.get("sha", ""))
+    order = {m: i for i, m in enumerate(dict.fromkeys(["uncached"] + [x[0] for x in settings("", meta["steps"], False)] + ["diffusers MagCache"]))}
+    rows = sorted(rows, key=lambda r: (r["pipeline"], r["steps"], order.get(r["method"], 99), r["setting"]))
     (out_dir / "cache_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     with open(out_dir / "cache_sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
@@ -232,7 +269,10 @@ def write(rows, meta, out_dir: Path):
         w.writerows(rows)
     seeds = {r["pipeline"]: r.get("seeds", 10) for r in rows}
     desc = ", ".join(f"{p}: {n} seeds" for p, n in sorted(seeds.items()))
-    lines = [f"# Block caching on the reference pipelines ({meta['steps']} sampling steps; {desc}; CPU; {meta['date']})", ""]
+    lines = [f"# Block caching on the reference pipelines ({desc}; CPU; last run {meta['date']} at {meta.get('sha', '?')})", ""]
+    lines.append("Each row says its sampling steps and the date and git sha it was measured at; rows of one pipeline and "
+                 "step count come from one run (same seeds, same process).")
+    lines.append("")
     lines.append("Wall-time speedups were measured on a 2-core machine shared with other jobs: they are noisy (the tiny "
                  "models take seconds per set), so 'blocks run' (deterministic) is the speed measure to compare.")
     lines.append("")
@@ -240,45 +280,40 @@ def write(rows, meta, out_dir: Path):
                  "mean = of the per-image PSNRs (each capped at 100 dB); worst = the lowest image's. "
                  "'blocks run' = block executions / uncached block executions.")
     lines.append("")
-    lines.append("| pipeline | method | setting | speedup | blocks run | PSNR pooled | PSNR mean | PSNR worst | accuracy | note |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| pipeline | steps | method | setting | speedup | blocks run | PSNR pooled | PSNR mean | PSNR worst | accuracy | date, sha | note |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        lines.append("| " + " | ".join([r["pipeline"], r["method"], r["setting"], _fmt(r["speedup"]) + ("x" if r["speedup"] else ""),
+        lines.append("| " + " | ".join([r["pipeline"], str(r["steps"]), r["method"], r["setting"], _fmt(r["speedup"]) + ("x" if r["speedup"] else ""),
                                         _fmt(r["block_fraction"]), _fmt(r["psnr_db"], 1), _fmt(r.get("psnr_mean_db"), 1),
                                         _fmt(r["psnr_worst_db"], 1),
-                                        _fmt(r["accuracy"]), r["error"]]) + " |")  # fmt: skip
+                                        _fmt(r["accuracy"]), f"{r['date']} {r['sha']}".strip(),
+                                        r["error"] or r.get("detail", "")]) + " |")  # fmt: skip
     (out_dir / "cache_sweep.md").write_text("\n".join(lines) + "\n")
     plot(rows, out_dir / "cache_sweep.png")
 
 
 def plot(rows, path: Path):
-    """Mean PSNR against speedup, one curve per method: wall time (same run; noisy here) and 1 / blocks run."""
+    """Per pipeline and step count: mean and worst-image PSNR against the fraction of blocks run, one curve per
+    method (the issue's frontier: up and to the left is better)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    pipes = sorted({r["pipeline"] for r in rows})
-    fig, axes = plt.subplots(len(pipes), 2, figsize=(13, 4.8 * len(pipes)), squeeze=False)
-    for row_axes, name in zip(axes, pipes):
-        methods = sorted({r["method"] for r in rows if r["pipeline"] == name and r["method"] != "uncached"})
-        for ax, key, xlabel in (
-            (row_axes[0], "speedup", "wall-time speedup over uncached (same run; shared CPU, noisy)"),
-            (row_axes[1], "block_fraction", "block-execution speedup = 1 / fraction of blocks run (deterministic)"),
-        ):
-            for m in methods:
-                pts = sorted(
-                    ((r[key] if key == "speedup" else 1 / r[key]), min(r["psnr_mean_db"], 60.0))
-                    for r in rows
-                    if r["pipeline"] == name and r["method"] == m and r["speedup"]
-                )
-                if pts:
-                    style = "-o" if m.startswith("ditkern") else "--s"
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=m, markersize=4)
-            ax.axhline(35, color="grey", lw=0.8, ls=":")
-            ax.set_xlabel(xlabel, fontsize=8)
-            ax.set_ylabel("mean PSNR vs uncached, dB (capped at 60)", fontsize=8)
-            ax.set_title(name)
+    cases = sorted({(r["pipeline"], r["steps"]) for r in rows})
+    fig, axes = plt.subplots(len(cases), 2, figsize=(13, 4.8 * len(cases)), squeeze=False)
+    for row_axes, (name, steps) in zip(axes, cases):
+        sel = [r for r in rows if (r["pipeline"], r["steps"]) == (name, steps) and r["method"] != "uncached" and r["speedup"]]
+        for ax, key, goal in ((row_axes[0], "psnr_mean_db", 36), (row_axes[1], "psnr_worst_db", 30)):
+            for m in sorted({r["method"] for r in sel}):
+                pts = sorted((r["block_fraction"], min(r[key], 60.0)) for r in sel if r["method"] == m)
+                style = "-o" if m.startswith("ditkern") else "--s"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=m, markersize=4)
+            ax.axhline(goal, color="grey", lw=0.8, ls=":")
+            ax.axvline(0.2, color="grey", lw=0.8, ls=":")
+            ax.set_xlabel("fraction of block executions (deterministic)", fontsize=8)
+            ax.set_ylabel(("mean" if key == "psnr_mean_db" else "worst-image") + " PSNR vs uncached, dB (capped at 60)", fontsize=8)
+            ax.set_title(f"{name}, {steps} steps")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
     fig.tight_layout()
@@ -295,7 +330,10 @@ def main(argv=None):
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--methods", help="comma-separated method names to (re)run, e.g. 'ditkern gated o2'")
     p.add_argument("--rewrite", action="store_true", help="only rewrite the CSV, markdown and plot from the JSON")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on a shared 2-core machine two threads spin-wait ~20x the CPU time)")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     if a.rewrite:
         saved = json.loads((Path(a.out) / "cache_sweep.json").read_text())
         write(saved["rows"], saved["meta"], Path(a.out))
