@@ -14,7 +14,9 @@ class PatchConfig:
 
     fused_norms: fuse adaLN norm + modulate, and the gated residual add with the next norm + modulate.
     backend:     None (``DITKERN_BACKEND`` or auto: cuda -> triton -> torch), "auto", "cuda", "triton" or "torch".
-                 A named backend that cannot run raises at call time with its reason.
+                 A named backend that cannot run raises at call time with its reason. In auto mode, where no fused
+                 kernel can run (a CPU), the lossless adaLN rules leave each module to its own native forward (the
+                 report says why); "torch" asked for by name installs the fused forwards on the fp32 reference.
     cache, quant, attention, moe: the lossy features, each validated by the feature that owns it; None = off.
     """
 

@@ -308,6 +308,7 @@ def patch(model_or_pipeline, config: PatchConfig | None = None, **options) -> Pa
                            f"ditkern patches {', '.join(supported_models())}"))  # fmt: skip
             continue
         state = _State(config=config)
+        rows_before = len(report.rows)
         try:
             rules = rules_for(family, model, config)
             for path, module in model.named_modules():
@@ -332,7 +333,7 @@ def patch(model_or_pipeline, config: PatchConfig | None = None, **options) -> Pa
             if isinstance(exc, BackendUnavailable):
                 raise RuntimeError(f"ditkern.patch: {exc}") from exc
             raise
-        if not state.installed:
+        if not state.installed and len(report.rows) == rows_before:  # no rule spoke: not even a skip with its reason
             report.note(f"{label}: no module of {type(model).__name__} matched a ditkern rule")
         state.report = report
         setattr(model, STATE_ATTR, state)
