@@ -1,6 +1,6 @@
 """Cached-block Taylor extrapolation: ``ditkern.patch(model, cache=ditkern.TaylorCache(...))``.
 
-Two schedules share one engine (ditkern/cache/feature.py):
+Four schedules share one engine (ditkern/cache/feature.py; the user's guide is docs/cache.md):
 
 * fixed (TaylorSeer, arXiv 2503.06923, applied at block-stack level): every ``interval``-th step runs the whole
   block stack and refreshes the Taylor state of the stack's residual (output - input); the steps between skip every
@@ -8,7 +8,10 @@ Two schedules share one engine (ditkern/cache/feature.py):
 * gated (confidence-gated Taylor, "Forecasting When to Forecast", arXiv 2508.02240): every step runs the first block
   and compares its residual with the Taylor forecast of it; if the relative error is below ``gate`` the rest of the
   stack is skipped and the forecast of its residual is added, otherwise everything runs and both states refresh.
-  ``order=0`` forecasts by reuse: that is the FirstBlockCache rule.
+  ``order=0`` forecasts by reuse: that is the FirstBlockCache rule. :func:`calibrate` scales the signal per step
+  into the predicted relative error of the skipped blocks, so one threshold means the same on every model.
+* schedule: the listed steps run the whole stack (``TaylorCache.end_anchored`` counts them back from the last step).
+* budget: a fraction of the block executions; :func:`calibrate` (or the first generation) chooses the schedule.
 
 Derivatives are Newton divided differences over the real timesteps the model receives, so non-uniform schedules (FLUX's
 shifted sigmas) are handled exactly for polynomial trajectories. State is kept per call slot (the k-th call with the

@@ -409,8 +409,8 @@ class CacheState:
         sc = self.config.gate_scale
         if not sc:
             return 1.0
-        k = call.slot.step
-        if k < len(sc) and self.on_calibration(call):
+        k, ts = call.slot.step, self.config.timesteps
+        if ts is not None and k < min(len(sc), len(ts)) and abs(float(call.t[0]) - ts[k]) <= 1e-4 * max(1.0, abs(ts[k])):
             return sc[k]
         return sorted(sc)[len(sc) // 2]
 

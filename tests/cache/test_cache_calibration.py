@@ -218,3 +218,26 @@ def test_budget_is_met_on_a_zoo_pipeline():
     assert st["calls"] == 20 and st["generations"] == 1 and st["calibrated"], st  # cond + uncond: one batch
     assert abs(len(runs) / (20 * n) - 0.25) <= 0.03 and st["block_fraction"] == len(runs) / (20 * n), (len(runs), st)
     ditkern.unpatch(pipe)
+
+
+def test_calibrated_gate_scales_the_signal_per_step():
+    """After calibrate, the gate signal is the first block's relative error times the per-step factor: a gate that
+    accepted everything raw still decides from the scaled signal, and off the calibrated timesteps the median factor
+    is used without a warning (the gate keeps forecasting)."""
+    model, inputs = _tiny_dit()
+    ditkern.patch(model, cache=TaylorCache(order=1, gate=0.3, warmup=1), backend="torch")
+    cal = ditkern.cache.calibrate(model, lambda: _denoise(model, "dit", inputs))
+    assert len(cal.gate_scale) == len(TS) and all(v > 0 for v in cal.gate_scale) and cal.timesteps == tuple(TS)
+    state = model.__dict__["_ditkern_cache_state"]
+    assert state.config == cal
+    raw = TaylorCache(order=1, gate=0.3, warmup=1)
+    ditkern.patch(model, cache=raw, backend="torch")
+    _denoise(model, "dit", inputs)
+    raw_min = stats(model)["signal_min"]
+    ditkern.patch(model, cache=cal, backend="torch")
+    _denoise(model, "dit", inputs)
+    assert stats(model)["signal_min"] != raw_min
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _denoise(model, "dit", inputs, [990.0, 900.0, 800.0, 650.0])
+    ditkern.unpatch(model)
