@@ -4,7 +4,9 @@ The fused adaLN kernel (``ditkern.ops.adaln_modulate_fp8``) emits a norm's outpu
 quantized linear layers that consume that tensor (FLUX: q, k, v and the single-stream MLP) look it up instead of
 quantizing it again. An entry is keyed by the tensor object (identity, checked through a weak reference) and its
 version counter (an in-place change invalidates it), and it disappears with the tensor. Inside ``torch.compile``
-nothing is attached or looked up (every layer quantizes its own input, which is the same function).
+nothing is attached or looked up (every layer quantizes its own input, which is the same function). Neither for an
+inference tensor (made under ``torch.inference_mode()``): it has no version counter, so an in-place change could not
+be told apart, and its layers quantize their input themselves (same outputs, one activation quantization per layer).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def _compiling() -> bool:
 
 
 def attach(t: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor, grid: str) -> None:
-    if _compiling():
+    if _compiling() or t.is_inference():
         return
     key = id(t)
     ref = weakref.ref(t, lambda _, key=key: _ENTRIES.pop(key, None))
@@ -29,7 +31,7 @@ def attach(t: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor, grid: str) -> No
 
 
 def lookup(t: torch.Tensor, grid: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if _compiling():
+    if _compiling() or t.is_inference():
         return None
     e = _ENTRIES.get(id(t))
     if e is None or e[0]() is not t or e[1] != t._version or e[2] != grid:
