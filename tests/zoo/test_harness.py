@@ -119,3 +119,17 @@ def test_compare_rejects_a_reference_of_other_seeds(dit):
     with pytest.raises(ValueError, match="reference has 3 images but 2 seeds"):
         fidelity.compare(dit, seeds=[0, 1], sampler=FAST, apply=lambda p: None, undo=lambda p: None, reference=ref,
                          progress=False)
+
+
+def test_timing_repeats_keep_the_first_images_and_count_each_run(monkeypatch):
+    """repeats=n runs each side n times (the seconds are the fastest run's); the images are those of one run."""
+    pipe = zoo.load("digits-dit")
+    calls = []
+    real = zoo.generate
+    monkeypatch.setattr(zoo, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    once = fidelity.unpatched_run(pipe, [0, 1], sampler=FAST, warmup=False, progress=False)
+    assert len(calls) == 1
+    thrice = fidelity.unpatched_run(pipe, [0, 1], sampler=FAST, warmup=False, progress=False, repeats=3)
+    assert len(calls) == 4 and torch.equal(thrice[0], once[0]) and thrice[1] > 0
+    with pytest.raises(ValueError, match="repeats must be an int >= 1"):
+        fidelity.unpatched_run(pipe, [0, 1], sampler=FAST, warmup=False, progress=False, repeats=0)
