@@ -101,9 +101,10 @@ def save_quantized(model_or_pipeline, path: str | os.PathLike, max_shard_size: i
         raise ValueError(f"save_quantized: {path!r} is an existing file that does not end in .safetensors; give a "
                          "directory (diffusers layout) or a .safetensors file")  # fmt: skip
     tensors = {}
+    placeholders = {f"{p}.weight" for p in layers}
     for k, v in model.state_dict().items():
-        if k.endswith(".qweight_inv_smooth"):
-            continue  # derived from qweight_smooth at load time, bit for bit
+        if k.endswith(".qweight_inv_smooth") or k in placeholders:
+            continue  # derived from qweight_smooth at load time, bit for bit; the weight's placeholder
         tensors[k] = v.detach().cpu().contiguous()
     meta_layers = {}
     for p, qw in layers.items():

@@ -22,7 +22,7 @@ from ditkern._backend import BackendUnavailable, choose
 from ditkern.formats import QuantizedWeight, inv_smooth, quantize
 from ditkern.patch.engine import Feature, Plan, device_dtype, family_of, register_feature
 from ditkern.patch.family import COMMON_SKIP, Family, QuantLayout, Stack
-from ditkern.quant import fp8_companion
+from ditkern.quant import fp8_companion, lora
 from ditkern.quant.config import QuantConfig, as_quant_config
 
 UPGRADE = "fp6_e2m3"  # the format a layer moves to first under a memory budget
@@ -291,9 +291,13 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
             module.register_buffer("qweight_inv_smooth", _int_view(inv_smooth(qw.smooth).to(dev)))
         # a placeholder with the weight's shape, dtype and device, 1 element of storage
         module.__dict__["weight"] = torch.zeros((), dtype=p.dtype, device=dev).expand(N, K)
+        module._ditkern_quant["hooks"] = (module.register_state_dict_post_hook(_placeholder_to_state_dict),
+                                          module.register_load_state_dict_pre_hook(_placeholder_from_state_dict))
 
     def undo(module):
         st = module.__dict__.pop("_ditkern_quant")
+        for h in st["hooks"]:
+            h.remove()
         module.__dict__.pop("weight", None)
         for name in ("qweight_packed", "qweight_scales", "qweight_inv_smooth"):
             module._buffers.pop(name, None)
@@ -307,6 +311,19 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
         module._parameters.update(params)
 
     return Plan("quant", what, forward, apply, undo, detail, backend=gemm_backend)
+
+
+def _placeholder_to_state_dict(module, state_dict, prefix, local_metadata):
+    # diffusers' LoRA loader reads ``transformer.state_dict()[<layer>.weight]`` (its shape, device) as it does for
+    # bitsandbytes / torchao layers; save_quantized leaves it out
+    state_dict[prefix + "weight"] = module.__dict__["weight"]
+
+
+def _placeholder_from_state_dict(module, state_dict, prefix, *args):
+    # the placeholder of our own state_dict loads back as nothing; a real weight stays an unexpected key
+    w = state_dict.get(prefix + "weight")
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and w.stride() == (0, 0):
+        del state_dict[prefix + "weight"]
 
 
 # rows of the activation the GEMM is planned for: a DiT call multiplies thousands of tokens at once (the small-M CUDA
@@ -433,7 +450,13 @@ def _rules(family, model, config):
     def linear_rule(module, cfg):
         return plans.get(id(module))
 
-    rules = {"Linear": linear_rule}
+    def root_rule(module, cfg):  # the transformer's own fuse_lora / unfuse_lora (ditkern.quant.lora)
+        if module is not model or not any(isinstance(v, Plan) for v in plans.values()):
+            return None
+        return Plan("quant_lora", "fuse_lora / unfuse_lora re-quantize", apply=lora.install_fuse_methods,
+                    undo=lora.remove_fuse_methods)  # fmt: skip
+
+    rules = {"Linear": linear_rule, type(model).__name__: root_rule}
     p = next(model.parameters(), None)
     if qc.act_grid is not None and qc.fuse_adaln and p is not None and _fp8_reason(p.device) is None:
         rules.update(_norm_fp8_rules(family, qc.act_grid, config.backend))

@@ -5,13 +5,20 @@ quantized linear like any ``nn.Linear``: peft's ``lora.Linear`` calls the quanti
 ``scale * B(A(x))`` beside it, so ``set_adapters`` / ``disable_adapters`` / ``delete_adapters`` /
 ``unload_lora_weights`` behave as on the unquantized model (tests/quant/test_lora.py).
 
-Fusing: peft's ``merge`` (``pipe.fuse_lora()``) writes into ``base_layer.weight``, which a quantized layer does not
-hold (its ``weight`` is a one-element placeholder; torch refuses the in-place add). :func:`fuse_lora` merges instead:
+Fusing: peft's ``merge`` writes into ``base_layer.weight``, which a quantized layer does not hold (its ``weight`` is
+a one-element placeholder; torch refuses the in-place add). :func:`fuse_lora` merges instead:
 ``W' = W_hat + sum_a scaling_a * B_a @ A_a``, re-quantized with the layer's format, group size and scale dtype
-(absmax), and marks the adapters merged in peft, which then skips their runtime path.
+(absmax), and marks the adapters merged in peft, which then skips their runtime path; :func:`unfuse_lora` puts the
+layer's pre-fusion packed weight back (bit for bit). The quant patch gives the patched transformer instance its own
+``fuse_lora`` / ``unfuse_lora`` (diffusers' ``ModelMixin`` signatures) that do this for the quantized layers and what
+diffusers does for the others, so ``pipe.fuse_lora()`` and ``pipe.transformer.unfuse_lora()`` work; ``unpatch``
+removes them. ``pipe.unfuse_lora()`` does not go through the transformer (diffusers calls peft's ``unmerge`` on every
+layer, which writes into the placeholder): use ``pipe.transformer.unfuse_lora()`` or :func:`unfuse_lora`.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 from torch import nn
@@ -32,10 +39,16 @@ def _lora_layers(model: nn.Module):
             yield path, m, base
 
 
-def fuse_lora(model_or_pipeline, adapter_names: list[str] | None = None, lora_scale: float = 1.0) -> list[str]:
+_BUFFERS = ("qweight_packed", "qweight_scales", "qweight_inv_smooth")
+
+
+def fuse_lora(model_or_pipeline, adapter_names: list[str] | None = None, lora_scale: float = 1.0,
+              safe_fusing: bool = False) -> list[str]:  # fmt: skip
     """Merge the active (or the named) LoRA adapters into every ditkern-quantized layer they wrap, re-quantizing the
-    merged weight; returns the paths of the fused layers. Layers that are not quantized are left to peft
-    (``pipe.fuse_lora()`` / ``layer.merge()``). AWQ-smoothed layers are re-quantized without smoothing."""
+    merged weight; returns the paths of the fused layers. As diffusers' ``fuse_lora``: ``lora_scale`` multiplies the
+    active adapters' scaling first (peft ``scale_layer``), ``safe_fusing`` refuses a non-finite merged weight. Layers
+    that are not quantized are left to peft (``pipe.fuse_lora()`` / ``layer.merge()``). AWQ-smoothed layers are
+    re-quantized without smoothing."""
     from ditkern.quant.checkpoint import _transformer  # noqa: PLC0415
     from ditkern.quant.feature import _int_view  # noqa: PLC0415
 
@@ -44,6 +57,8 @@ def fuse_lora(model_or_pipeline, adapter_names: list[str] | None = None, lora_sc
     model = _transformer(model_or_pipeline)
     fused = []
     for path, layer, base in _lora_layers(model):
+        if lora_scale != 1.0:
+            layer.scale_layer(lora_scale)
         names = list(adapter_names) if adapter_names is not None else list(layer.active_adapters)
         names = [a for a in names if a in layer.lora_A and a not in layer.merged_adapters]
         if not names:
@@ -53,8 +68,12 @@ def fuse_lora(model_or_pipeline, adapter_names: list[str] | None = None, lora_sc
         with torch.no_grad():
             w = qw.dequantize(torch.float32)
             for a in names:
-                w = w + lora_scale * layer.get_delta_weight(a).float().to(w.device)
+                w = w + layer.get_delta_weight(a).float().to(w.device)
+            if safe_fusing and not torch.isfinite(w).all():
+                raise ValueError(f"fuse_lora: {path}: the merged weight is not finite; adapters {names} seem broken")
             new = quantize(w, qw.format, qw.group_size, _SCALE_NAME[qw.scales.dtype], name=path)
+        if "lora_unfused" not in st:  # the layer as patched, for unfuse_lora
+            st["lora_unfused"] = (qw, {k: base._buffers[k] for k in _BUFFERS if k in base._buffers})
         dev = base.qweight_packed.device
         base._buffers["qweight_packed"] = new.packed.to(dev)
         base._buffers["qweight_scales"] = _int_view(new.scales.to(dev))
@@ -63,3 +82,57 @@ def fuse_lora(model_or_pipeline, adapter_names: list[str] | None = None, lora_sc
         layer.merged_adapters.extend(names)
         fused.append(path)
     return fused
+
+
+def unfuse_lora(model_or_pipeline) -> list[str]:
+    """Undo :func:`fuse_lora` on every quantized layer: its packed weight as before the first fusion, bit for bit,
+    and no adapter marked merged (their runtime path runs again). Returns the paths of the restored layers."""
+    from ditkern.quant.checkpoint import _transformer  # noqa: PLC0415
+
+    restored = []
+    for path, layer, base in _lora_layers(_transformer(model_or_pipeline)):
+        st = base.__dict__["_ditkern_quant"]
+        if "lora_unfused" not in st:
+            continue
+        st["qweight"], buffers = st.pop("lora_unfused")
+        for k in _BUFFERS:
+            base._buffers.pop(k, None)
+        base._buffers.update(buffers)
+        layer.merged_adapters.clear()
+        restored.append(path)
+    return restored
+
+
+def _tuner_layers(model: nn.Module, quantized: bool):
+    quant_ids = {id(layer) for _, layer, _ in _lora_layers(model)}
+    for m in model.modules():
+        if hasattr(m, "merge") and hasattr(m, "merged_adapters") and (id(m) in quant_ids) == quantized:
+            yield m
+
+
+def _model_fuse_lora(model, lora_scale=1.0, safe_fusing=False, adapter_names=None):
+    """``ModelMixin.fuse_lora`` of a quantized transformer: the quantized layers re-quantized, peft's merge elsewhere."""
+    model.lora_scale, model._safe_fusing = lora_scale, safe_fusing  # what diffusers' fuse_lora records
+    fuse_lora(model, adapter_names, lora_scale, safe_fusing)
+    for m in _tuner_layers(model, quantized=False):
+        if lora_scale != 1.0:
+            m.scale_layer(lora_scale)
+        m.merge(safe_merge=safe_fusing, adapter_names=adapter_names)
+
+
+def _model_unfuse_lora(model):
+    """``ModelMixin.unfuse_lora`` of a quantized transformer."""
+    unfuse_lora(model)
+    for m in _tuner_layers(model, quantized=False):
+        m.unmerge()
+
+
+def install_fuse_methods(model: nn.Module) -> None:
+    """Give the transformer instance its own ``fuse_lora`` / ``unfuse_lora`` (removed by :func:`remove_fuse_methods`)."""
+    model.__dict__["fuse_lora"] = types.MethodType(_model_fuse_lora, model)
+    model.__dict__["unfuse_lora"] = types.MethodType(_model_unfuse_lora, model)
+
+
+def remove_fuse_methods(model: nn.Module) -> None:
+    model.__dict__.pop("fuse_lora", None)
+    model.__dict__.pop("unfuse_lora", None)
