@@ -9,8 +9,11 @@ CPU seconds of the process per generation (one torch thread unless ``--threads``
 in alternation, or pass ``--ab``: the same process then times unpatched and patched generations in turn
 (``--repeats`` pairs, the order alternating within them) and prints the median ratio, a same-run baseline.
 
-``--pipeline tiny-flux`` / ``tiny-dit`` use the random tiny transformers of the tests (``tests/patch/tiny.py``
-geometry, rebuilt here so the benchmark does not import the tests), one forward per step.
+``--pipeline tiny-flux`` / ``tiny-dit`` / ``tiny-nucleusmoe`` / ``tiny-hidream`` / ``tiny-sana`` use the random tiny
+transformers of the tests (``tests/patch/tiny.py``, ``tiny_image.py``, ``tests/moe/tiny_hidream.py``,
+``tests/attention/test_sana.py`` geometry, rebuilt here so the benchmark does not import the tests), one forward per
+step; ``--wide`` builds the MoE / Sana ones at width 512 (8-16 heads, 256-1024 image tokens, batch 1) instead.
+``--dtype bfloat16`` casts the tiny models (the dtype a DiT is served in).
 """
 
 from __future__ import annotations
@@ -21,14 +24,75 @@ import time
 
 import torch
 
-TINY = ("tiny-flux", "tiny-dit")
+TINY = ("tiny-flux", "tiny-dit", "tiny-nucleusmoe", "tiny-hidream", "tiny-sana")
 
 
-def _tiny(name: str):
-    """A random tiny transformer and one call's inputs (the geometry of ``tests/patch/tiny.py``)."""
+def _nucleusmoe(wide: bool):
+    from diffusers import NucleusMoEImageTransformer2DModel  # noqa: PLC0415
+
+    heads, head_dim, kv, text, rope, experts, hidden, ratio = (
+        (8, 64, 2, 64, (16, 24, 24), 8, 512, 4.0) if wide else (2, 16, 1, 24, (4, 6, 6), 4, 16, 8.0)
+    )  # fmt: skip
+    model = NucleusMoEImageTransformer2DModel(
+        patch_size=2, in_channels=16, num_layers=2 if wide else 3, attention_head_dim=head_dim,
+        num_attention_heads=heads, num_key_value_heads=kv, joint_attention_dim=text, axes_dims_rope=rope,
+        mlp_ratio=ratio, dense_moe_strategy="leave_first_block_dense", num_experts=experts,
+        moe_intermediate_dim=hidden, capacity_factors=2.0,
+    )  # fmt: skip
+    for p in model.parameters():  # SwiGLUExperts' packed weights are allocated with torch.empty
+        if p.dim() == 3:
+            torch.nn.init.normal_(p, std=p.shape[1] ** -0.5)
+    (h, w, T), B = ((16, 16, 16), 1) if wide else ((3, 5, 6), 2)
+    inputs = dict(
+        hidden_states=torch.randn(B, h * w, 16), img_shapes=[(1, h, w)] * B,
+        encoder_hidden_states=torch.randn(B, T, text), encoder_hidden_states_mask=torch.ones(B, T, dtype=torch.bool),
+        timestep=torch.tensor([0.3, 0.7][:B]),
+    )  # fmt: skip
+    return model, inputs
+
+
+def _hidream(wide: bool):
+    from diffusers import HiDreamImageTransformer2DModel  # noqa: PLC0415
+
+    heads, head_dim, t5, llama, temb, rope, size, B = (
+        (8, 64, 64, 64, 64, (32, 16, 16), 32, 1) if wide else (2, 16, 24, 20, 16, (8, 4, 4), 8, 2)
+    )  # fmt: skip
+    model = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=head_dim,
+        num_attention_heads=heads, caption_channels=[t5, llama], text_emb_dim=temb, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=rope, max_resolution=(2 * size, 2 * size), llama_layers=[0, 1],
+    )  # fmt: skip
+    inputs = dict(
+        hidden_states=torch.randn(B, 4, size, size), timesteps=torch.tensor([300.0, 700.0][:B]),
+        encoder_hidden_states_t5=torch.randn(B, 5, t5), encoder_hidden_states_llama3=torch.randn(2, B, 3, llama),
+        pooled_embeds=torch.randn(B, temb),
+    )  # fmt: skip
+    return model, inputs
+
+
+def _sana(wide: bool):
+    from diffusers import SanaTransformer2DModel  # noqa: PLC0415
+
+    heads, head_dim, cross, caption, size, B = (16, 32, 512, 64, 32, 1) if wide else (2, 16, 32, 24, 8, 2)
+    model = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=2,
+        num_cross_attention_heads=heads, cross_attention_head_dim=head_dim, cross_attention_dim=cross,
+        caption_channels=caption, sample_size=size, patch_size=1,
+    )  # fmt: skip
+    inputs = dict(hidden_states=torch.randn(B, 4, size, size), encoder_hidden_states=torch.randn(B, 5, caption),
+                  timestep=torch.tensor([300, 700][:B]))  # fmt: skip
+    return model, inputs
+
+
+def _tiny(name: str, wide: bool = False):
+    """A random tiny transformer and one call's inputs (the geometry of the tests' tiny models, or ``wide``)."""
     from diffusers import DiTTransformer2DModel, FluxTransformer2DModel  # noqa: PLC0415
 
     torch.manual_seed(0)
+    families = {"tiny-nucleusmoe": _nucleusmoe, "tiny-hidream": _hidream, "tiny-sana": _sana}
+    if name in families:
+        model, inputs = families[name](wide)
+        return model.eval(), inputs
     if name == "tiny-flux":
         model = FluxTransformer2DModel(
             patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -50,10 +114,12 @@ def _tiny(name: str):
     return model, inputs
 
 
-def build(name: str, steps: int, images: int):
+def build(name: str, steps: int, images: int, wide: bool = False, dtype: torch.dtype = torch.float32):
     """``(target to patch, run())``: ``run`` does one timed unit of work (a generation, or ``steps`` forwards)."""
     if name in TINY:
-        model, inputs = _tiny(name)
+        model, inputs = _tiny(name, wide)
+        model = model.to(dtype)
+        inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
 
         def run():
             with torch.no_grad():
@@ -93,10 +159,16 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--images", type=int, default=2, help="digits per generation (zoo pipelines)")
     ap.add_argument("--repeats", type=int, default=5, help="timed generations (--ab: pairs)")
+    ap.add_argument("--wide", action="store_true", help="tiny-nucleusmoe / tiny-hidream / tiny-sana at width 512")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the tiny models' dtype")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (the zoo's measured setting)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    target, run = build(args.pipeline, args.steps, args.images)
+    if (args.wide or args.dtype != "float32") and args.pipeline not in TINY:
+        ap.error(f"--wide / --dtype apply to the tiny models ({', '.join(TINY)}), not --pipeline {args.pipeline}")
+    if args.wide and args.pipeline in ("tiny-flux", "tiny-dit"):
+        ap.error("--wide applies to tiny-nucleusmoe / tiny-hidream / tiny-sana")
+    target, run = build(args.pipeline, args.steps, args.images, args.wide, getattr(torch, args.dtype))
     if args.ab:
         report = ditkern.patch(target, backend=args.backend)
         print(report)

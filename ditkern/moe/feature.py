@@ -4,17 +4,28 @@ On by default, because it computes the same function (fp32 arithmetic, same rout
 (``MoEConfig``, or False to keep the layers as they are). The family says which layer classes are MoE layers and how
 each becomes a ``SparseMoE`` (``MoELayer.build``, with its own structure and source checks); this module does the
 rest for all of them: the swap at patch time, the training fallback, the device check, the report row.
+
+In auto mode (no ``backend`` asked for, no ``DITKERN_BACKEND``), where no fused MoE backend (cuda, triton) can run on
+the layer's device and dtype, the layer keeps its own forward (report: :data:`~ditkern.patch.report.NATIVE_REASON`):
+the ops would land on their fp32 torch references, slower than the layer's native ops. Measured with the previous
+default (SparseMoE / ExpertChoiceMoE on the references, adaLN native), whole-model forwards, unpatched / patched
+CPU seconds, one thread on 2 shared cores, median of 7 in-process pairs in alternating order: NucleusMoE 0.75x fp32
+/ 0.88x bf16 on the tests' tiny model, 0.97x / 0.78x at width 512 (8 experts, 256 tokens); HiDream 0.77x / 0.92x
+tiny, 0.99x / 0.66x at width 512 (4 experts top-2, 256 tokens). ``python -m bench.cpu_lossless --ab --pipeline
+tiny-nucleusmoe`` (or ``tiny-hidream``; ``--wide``, ``--dtype bfloat16``) times the default against unpatched.
+``backend="torch"`` still installs ``SparseMoE`` on the references.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ditkern._backend import choose
+from ditkern._backend import choose, explain, requested_backend
 from ditkern.moe.config import resolve
 from ditkern.ops.moe import BACKENDS
 from ditkern.patch.engine import Feature, Plan, device_dtype, register_feature
 from ditkern.patch.family import MoELayer
+from ditkern.patch.report import native_reason
 
 WHAT = "MoE dispatch fused: route + align + grouped SwiGLU + combine, no host sync (SparseMoE)"
 ATTR = "_ditkern_sparse_moe"  # in the layer's __dict__, not a submodule: the model's state_dict is unchanged
@@ -22,10 +33,14 @@ ATTR = "_ditkern_sparse_moe"  # in the layer's __dict__, not a submodule: the mo
 
 def _layer_rule(decl: MoELayer, block_m: int):
     def rule(m, cfg):
+        device, dtype = device_dtype(m)
+        sample = torch.empty(1, 1, device=device, dtype=dtype)  # the backends check device and dtype only
+        if requested_backend(cfg.backend) == "auto" and choose("moe_grouped_swiglu", BACKENDS, sample) == "torch":
+            why = explain({k: v for k, v in BACKENDS.items() if k != "torch"}, sample)
+            return native_reason(device.type, str(dtype).removeprefix("torch."), why)  # before build: no stacking
         sparse = decl.build(m, block_m, cfg.backend)
         if isinstance(sparse, str):
             return sparse
-        device, dtype = device_dtype(m)
         backend = choose("moe_grouped_swiglu", BACKENDS, torch.empty(1, sparse.dim, device=device, dtype=dtype),
                          backend=cfg.backend)  # fmt: skip
         mib = sparse.stacked_bytes() / 2**20

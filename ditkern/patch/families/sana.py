@@ -3,6 +3,12 @@
 - ``Attention`` modules whose processor is ``SanaLinearAttnProcessor2_0`` get :class:`LinearAttnProcessor`: the same
   projections and (optional) QK-norm, then :func:`ditkern.ops.linear_attention` in place of the eager fp32 matmuls on a
   padded value tensor. Lossless like the fused norms (fp32 state), so it is on by default; undone by ``unpatch``.
+  In auto mode where no fused linear-attention backend can run (a CPU), the processor is left as it is (report:
+  ``NATIVE_REASON``, as ``adaln_plan`` does): the fp32 torch reference is never faster than diffusers' own eager
+  processor there. Measured with the previous default (the reference installed, adaLN native), whole-model forwards,
+  unpatched / patched CPU seconds, one thread on 2 shared cores, median of 7 in-process pairs in alternating order:
+  0.86x fp32 / 0.88x bf16 on the tests' tiny model, 1.00x / 1.00x at width 512 (16 heads, 32x32 tokens).
+  ``python -m bench.cpu_lossless --ab --pipeline tiny-sana [--wide] [--dtype bfloat16]`` times the default.
 - ``SanaTransformerBlock``: ``norm1`` + the attention modulation fused (``adaln_modulate``), and the cross-attention
   residual add fused with ``norm2`` + the MLP modulation (``gated_residual_adaln`` without a gate). The gated
   self-attention residual is followed by cross-attention, not a norm, and the MLP residual ends the block, so those
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ditkern._backend import choose
+from ditkern._backend import choose, explain, requested_backend
 from ditkern.ops.linear_attention import BACKENDS as LINEAR_BACKENDS
 from ditkern.ops.linear_attention import linear_attention
 from ditkern.patch.common import (
@@ -24,6 +30,7 @@ from ditkern.patch.common import (
 )  # fmt: skip
 from ditkern.patch.engine import Plan, device_dtype
 from ditkern.patch.family import COMMON_SKIP, SINGLE, Family, QuantLayout, Stack
+from ditkern.patch.report import native_reason
 
 # source fingerprints (ditkern.patch.common.source_fingerprint) of the forwards mirrored here
 FINGERPRINTS = {
@@ -71,6 +78,9 @@ def sana_linear_attention_rule(attn, cfg):
     head_dim = attn.to_q.out_features // attn.heads
     sample = torch.empty(1, attn.heads, 1, head_dim, device=device, dtype=dtype)
     chosen = choose("linear_attention", LINEAR_BACKENDS, sample, backend=backend)
+    if chosen == "torch" and requested_backend(backend) == "auto":
+        why = explain({k: v for k, v in LINEAR_BACKENDS.items() if k != "torch"}, sample)
+        return native_reason(device.type, str(dtype).removeprefix("torch."), why)
     saved = {}
 
     def apply(m):
