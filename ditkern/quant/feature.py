@@ -256,6 +256,12 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
             with torch.no_grad():
                 out = forward(module, input)
             return _InferenceOnly.apply(out, fmt, input, *module.parameters())
+        if module.__dict__["weight"].stride() != (0, 0):
+            # something wrote a full weight into the placeholder (peft's merge(safe_merge=True) does, then skips the
+            # adapter's runtime path): the packed GEMM below would silently drop what was written
+            raise RuntimeError("a ditkern-quantized linear's weight placeholder was overwritten (peft merge() / "
+                               "merge_and_unload() on a quantized layer?); merge LoRA adapters with pipe.fuse_lora(), "
+                               "model.fuse_lora() or ditkern.quant.fuse_lora(), which re-quantize")  # fmt: skip
         # the float buffers are stored as integer views so that model.to(dtype) cannot round them
         scales = module.qweight_scales.view(scale_dtype)
         inv = module._buffers.get("qweight_inv_smooth")

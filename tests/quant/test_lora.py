@@ -144,3 +144,16 @@ def test_pipeline_load_fuse_unfuse_and_unload_lora_weights(tmp_path):
     assert "fuse_lora" in pipe.transformer.__dict__
     ditkern.unpatch(pipe)
     assert "fuse_lora" not in pipe.transformer.__dict__
+
+
+def test_peft_merge_on_a_quantized_layer_says_what_to_use(quantized):
+    """peft's own merge cannot re-quantize: unsafe, torch refuses the in-place add on the placeholder; safe_merge
+    replaces the placeholder's data (the packed GEMM would drop it), so the next forward says what to use."""
+    model, inputs, base = quantized
+    model.add_adapter(_lora(5), adapter_name="a")
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A") and "_ditkern_quant" in m.get_base_layer().__dict__)
+    with pytest.raises(RuntimeError):
+        layer.merge()
+    layer.merge(safe_merge=True)
+    with pytest.raises(RuntimeError, match="pipe.fuse_lora"):
+        _run(model, inputs)
