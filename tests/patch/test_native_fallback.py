@@ -111,6 +111,22 @@ def test_no_usable_backend_on_the_device_is_the_same_as_cpu(monkeypatch):
     ditkern.unpatch(model)
 
 
+@pytest.mark.parametrize(("family", "op"), [("hidream", "moe"), ("sana", "linear_attention")])
+def test_no_usable_moe_or_linear_attention_backend_keeps_the_layer(family, op, monkeypatch):
+    """The same for the MoE and linear-attention rules: with triton unable (the interpreter on), the layer keeps its
+    own forward / processor in auto mode, and is installed on the reference when ``backend='torch'`` is asked for."""
+    ops = importlib.import_module(f"ditkern.ops.{op}")
+    monkeypatch.setitem(ops.BACKENDS, "triton", lambda *t: "disabled by the test")
+    monkeypatch.delenv("DITKERN_BACKEND", raising=False)
+    model, _ = _build(family)
+    with ditkern.patched(model) as report:
+        rows = [r for r in report.skipped if r.cls in OTHER_OPS[family]]
+        assert rows and all("triton: disabled by the test" in r.reason for r in rows), str(report)
+        assert {r.cls for r in report.patched}.isdisjoint(OTHER_OPS[family]), str(report)
+    with ditkern.patched(model, backend="torch") as report:
+        assert {r.cls for r in report.patched if r.backend == "torch"} >= OTHER_OPS[family], str(report)
+
+
 class _Ops(TorchDispatchMode):
     """Counts the aten ops a call runs (inside ditkern's custom ops too), and the fp32 upcasts among them (a cast of
     a bf16 / fp16 tensor to float32)."""
