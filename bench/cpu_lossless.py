@@ -5,8 +5,9 @@
 Loads a reference pipeline (``ditkern.zoo``), optionally patches it with the default (lossless) options, and
 generates ``--images`` digits with ``--steps`` denoising steps at the pipeline's real token count (16x16 latent
 tokens, plus the class tokens for FLUX), after one untimed warm-up generation. It prints the patch report and the
-CPU seconds of the process per generation (one torch thread unless ``--threads``). Time it as a whole process (``/usr/bin/time -v``), the patched run against the unpatched one
-in alternation, or pass ``--ab``: the same process then times unpatched and patched generations in turn
+CPU seconds of the process per generation (one torch thread unless ``--threads``). Time it as a whole process
+(``/usr/bin/time -v``), the patched run against the unpatched one in alternation, or pass ``--ab``: the same
+process then times unpatched and patched generations in turn
 (``--repeats`` pairs, the order alternating within them) and prints the median ratio, a same-run baseline.
 
 ``--pipeline tiny-flux`` / ``tiny-dit`` / ``tiny-nucleusmoe`` / ``tiny-hidream`` / ``tiny-sana`` use the random tiny
