@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import torch
 
-from ditkern._backend import choose, explain, requested_backend
+from ditkern._backend import choose
 from ditkern.moe.config import resolve
 from ditkern.ops.moe import BACKENDS
 from ditkern.patch.engine import Feature, Plan, device_dtype, register_feature
 from ditkern.patch.family import MoELayer
-from ditkern.patch.report import native_reason
+from ditkern.patch.report import native_fallback
 
 WHAT = "MoE dispatch fused: route + align + grouped SwiGLU + combine, no host sync (SparseMoE)"
 ATTR = "_ditkern_sparse_moe"  # in the layer's __dict__, not a submodule: the model's state_dict is unchanged
@@ -35,9 +35,9 @@ def _layer_rule(decl: MoELayer, block_m: int):
     def rule(m, cfg):
         device, dtype = device_dtype(m)
         sample = torch.empty(1, 1, device=device, dtype=dtype)  # the backends check device and dtype only
-        if requested_backend(cfg.backend) == "auto" and choose("moe_grouped_swiglu", BACKENDS, sample) == "torch":
-            why = explain({k: v for k, v in BACKENDS.items() if k != "torch"}, sample)
-            return native_reason(device.type, str(dtype).removeprefix("torch."), why)  # before build: no stacking
+        native = native_fallback("moe_grouped_swiglu", BACKENDS, sample, cfg.backend)
+        if native is not None:
+            return native  # before build: no stacking
         sparse = decl.build(m, block_m, cfg.backend)
         if isinstance(sparse, str):
             return sparse

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ditkern._backend import choose, explain, requested_backend
+from ditkern._backend import choose
 from ditkern.config import PatchConfig
 from ditkern.ops.adaln_modulate import BACKENDS as ADALN_BACKENDS
 from ditkern.ops.adaln_modulate import adaln_modulate, gated_residual_adaln
 from ditkern.patch.engine import Plan, device_dtype
-from ditkern.patch.report import native_reason
+from ditkern.patch.report import native_fallback
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,10 @@ def adaln_plan(name: str, what: str, forward: Callable, module: nn.Module, norm:
     installs the fused forward on the fp32 reference (the oracle the tests compare kernels with).
     """
     sample = _adaln_sample(module, norm)
-    backend = choose("adaln_modulate", ADALN_BACKENDS, sample, backend=cfg.backend)
-    if backend == "torch" and requested_backend(cfg.backend) == "auto":
-        why = explain({k: v for k, v in ADALN_BACKENDS.items() if k != "torch"}, sample)
-        return native_reason(sample.device.type, str(sample.dtype).removeprefix("torch."), why)
-    return Plan(name, what, forward, backend=backend)
+    native = native_fallback("adaln_modulate", ADALN_BACKENDS, sample, cfg.backend)
+    if native is not None:
+        return native
+    return Plan(name, what, forward, backend=choose("adaln_modulate", ADALN_BACKENDS, sample, backend=cfg.backend))
 
 
 def _promoted(out: torch.Tensor, *others: torch.Tensor | None) -> torch.Tensor:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+import torch
+
+from ditkern._backend import choose, explain, requested_backend
 
 
 # windowed attention under grad (grad mode on, an input or parameter requiring grad): WindowProcessor steps aside
@@ -15,6 +20,16 @@ NATIVE_NOTE = (
     "runs there, and the fp32 torch reference would be slower than the module's native ops; backend='torch' "
     "installs the fused forwards on that reference anyway"
 )
+
+
+def native_fallback(op: str, backends: Mapping, sample: torch.Tensor, backend: str | None) -> str | None:
+    """The native-ops skip reason of a lossless rule whose ``op`` would land on its torch reference for ``sample``
+    (the module's device and dtype) in auto mode - no fused backend (cuda, triton) can run there - else None (a
+    fused backend runs, or a backend was asked for by name: ``backend="torch"`` installs the reference)."""
+    if requested_backend(backend) != "auto" or choose(op, backends, sample) != "torch":
+        return None
+    why = explain({k: v for k, v in backends.items() if k != "torch"}, sample)
+    return native_reason(sample.device.type, str(sample.dtype).removeprefix("torch."), why)
 
 
 def native_reason(device: str, dtype: str, why: dict[str, str | None]) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ditkern._backend import choose, explain, requested_backend
+from ditkern._backend import choose
 from ditkern.ops.linear_attention import BACKENDS as LINEAR_BACKENDS
 from ditkern.ops.linear_attention import linear_attention
 from ditkern.patch.common import (
@@ -30,7 +30,7 @@ from ditkern.patch.common import (
 )  # fmt: skip
 from ditkern.patch.engine import Plan, device_dtype
 from ditkern.patch.family import COMMON_SKIP, SINGLE, Family, QuantLayout, Stack
-from ditkern.patch.report import native_reason
+from ditkern.patch.report import native_fallback
 
 # source fingerprints (ditkern.patch.common.source_fingerprint) of the forwards mirrored here
 FINGERPRINTS = {
@@ -77,10 +77,10 @@ def sana_linear_attention_rule(attn, cfg):
     device, dtype = device_dtype(attn)
     head_dim = attn.to_q.out_features // attn.heads
     sample = torch.empty(1, attn.heads, 1, head_dim, device=device, dtype=dtype)
+    native = native_fallback("linear_attention", LINEAR_BACKENDS, sample, backend)
+    if native is not None:
+        return native
     chosen = choose("linear_attention", LINEAR_BACKENDS, sample, backend=backend)
-    if chosen == "torch" and requested_backend(backend) == "auto":
-        why = explain({k: v for k, v in LINEAR_BACKENDS.items() if k != "torch"}, sample)
-        return native_reason(device.type, str(dtype).removeprefix("torch."), why)
     saved = {}
 
     def apply(m):
