@@ -12,6 +12,7 @@ quantized model runs everywhere. The report row of each layer shows its format a
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections import OrderedDict
 
@@ -452,17 +453,23 @@ def _rules(family, model, config):
         return None
     qc = as_quant_config(config.quant)
     plans = plan_model(model, qc, config.backend, family)
+    own = {id(m) for m in model.modules()}
 
     def linear_rule(module, cfg):
-        return plans.get(id(module))
+        plan = plans.get(id(module))
+        if not isinstance(plan, Plan):
+            return plan
+        # each quantized layer also (re)installs the transformer's own fuse_lora / unfuse_lora (ditkern.quant.lora),
+        # and the first one undone removes them (unpatch undoes them all); a deep copy's layers leave the original's
+        # alone (on the copy, once unpatched, they hand over to diffusers' own)
+        def undo(m):
+            plan.undo(m)
+            if id(m) in own:
+                lora.remove_fuse_methods(model)
 
-    def root_rule(module, cfg):  # the transformer's own fuse_lora / unfuse_lora (ditkern.quant.lora)
-        if module is not model or not any(isinstance(v, Plan) for v in plans.values()):
-            return None
-        return Plan("quant_lora", "fuse_lora / unfuse_lora re-quantize", apply=lora.install_fuse_methods,
-                    undo=lora.remove_fuse_methods)  # fmt: skip
+        return dataclasses.replace(plan, apply=lambda m: (plan.apply(m), lora.install_fuse_methods(model)), undo=undo)
 
-    rules = {"Linear": linear_rule, type(model).__name__: root_rule}
+    rules = {"Linear": linear_rule}
     p = next(model.parameters(), None)
     if qc.act_grid is not None and qc.fuse_adaln and p is not None and _fp8_reason(p.device) is None:
         rules.update(_norm_fp8_rules(family, qc.act_grid, config.backend))

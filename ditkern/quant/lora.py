@@ -24,19 +24,30 @@ import torch
 from torch import nn
 
 from ditkern.formats import quantize
+from ditkern.patch.engine import is_patched, targets
 
 _SCALE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.uint8: "e8m0"}
 
 
-def _lora_layers(model: nn.Module):
-    """(path, peft LoRA layer, its quantized base layer) for each LoRA layer wrapping a ditkern-quantized linear."""
+def _lora_layers(model_or_pipeline, caller: str = "fuse_lora"):
+    """(path, peft LoRA layer, its quantized base layer) for each LoRA layer wrapping a ditkern-quantized linear of
+    the module, or of the pipeline's transformer(s)."""
+    found = targets(model_or_pipeline)
+    if not found:
+        raise TypeError(f"{caller}: expected a diffusers transformer or a pipeline with a `transformer`, got "
+                        f"{type(model_or_pipeline).__name__}")  # fmt: skip
+    for prefix, model in found:
+        yield from _model_lora_layers(model, prefix)
+
+
+def _model_lora_layers(model: nn.Module, prefix: str):
     for path, m in model.named_modules():
         get_base = getattr(m, "get_base_layer", None)
         if get_base is None or not hasattr(m, "lora_A") or not hasattr(m, "get_delta_weight"):
             continue
         base = get_base()
         if "_ditkern_quant" in base.__dict__:
-            yield path, m, base
+            yield ".".join(p for p in (prefix, path) if p), m, base
 
 
 _BUFFERS = ("qweight_packed", "qweight_scales", "qweight_inv_smooth")
@@ -49,14 +60,10 @@ def fuse_lora(model_or_pipeline, adapter_names: list[str] | None = None, lora_sc
     active adapters' scaling first (peft ``scale_layer``), ``safe_fusing`` refuses a non-finite merged weight. Layers
     that are not quantized are left to peft (``pipe.fuse_lora()`` / ``layer.merge()``). AWQ-smoothed layers are
     re-quantized without smoothing."""
-    from ditkern.quant.checkpoint import _transformer  # noqa: PLC0415
-    from ditkern.quant.feature import _int_view  # noqa: PLC0415
-
     if not isinstance(lora_scale, (int, float)) or isinstance(lora_scale, bool):
         raise TypeError(f"fuse_lora: lora_scale must be a number, got {lora_scale!r}")
-    model = _transformer(model_or_pipeline)
     fused = []
-    for path, layer, base in _lora_layers(model):
+    for path, layer, base in _lora_layers(model_or_pipeline, "fuse_lora"):
         if lora_scale != 1.0:
             layer.scale_layer(lora_scale)
         names = list(adapter_names) if adapter_names is not None else list(layer.active_adapters)
@@ -76,7 +83,8 @@ def fuse_lora(model_or_pipeline, adapter_names: list[str] | None = None, lora_sc
             st["lora_unfused"] = (qw, {k: base._buffers[k] for k in _BUFFERS if k in base._buffers})
         dev = base.qweight_packed.device
         base._buffers["qweight_packed"] = new.packed.to(dev)
-        base._buffers["qweight_scales"] = _int_view(new.scales.to(dev))
+        # stored as the integer view the patch chose for this scale dtype (the same as before: same format)
+        base._buffers["qweight_scales"] = new.scales.to(dev).view(base._buffers["qweight_scales"].dtype)
         base._buffers.pop("qweight_inv_smooth", None)
         st["qweight"] = new
         layer.merged_adapters.extend(names)
@@ -87,10 +95,8 @@ def fuse_lora(model_or_pipeline, adapter_names: list[str] | None = None, lora_sc
 def unfuse_lora(model_or_pipeline) -> list[str]:
     """Undo :func:`fuse_lora` on every quantized layer: its packed weight as before the first fusion, bit for bit,
     and no adapter marked merged (their runtime path runs again). Returns the paths of the restored layers."""
-    from ditkern.quant.checkpoint import _transformer  # noqa: PLC0415
-
     restored = []
-    for path, layer, base in _lora_layers(_transformer(model_or_pipeline)):
+    for path, layer, base in _lora_layers(model_or_pipeline, "unfuse_lora"):
         st = base.__dict__["_ditkern_quant"]
         if "lora_unfused" not in st:
             continue
@@ -104,14 +110,16 @@ def unfuse_lora(model_or_pipeline) -> list[str]:
 
 
 def _tuner_layers(model: nn.Module, quantized: bool):
-    quant_ids = {id(layer) for _, layer, _ in _lora_layers(model)}
+    quant_ids = {id(layer) for _, layer, _ in _model_lora_layers(model, "")}
     for m in model.modules():
         if hasattr(m, "merge") and hasattr(m, "merged_adapters") and (id(m) in quant_ids) == quantized:
             yield m
 
 
 def _model_fuse_lora(model, lora_scale=1.0, safe_fusing=False, adapter_names=None):
-    """``ModelMixin.fuse_lora`` of a quantized transformer: the quantized layers re-quantized, peft's merge elsewhere."""
+    """``ModelMixin.fuse_lora`` of a quantized transformer: quantized layers re-quantized, peft's merge elsewhere."""
+    if not is_patched(model):  # an unpatched deep copy of a patched transformer: diffusers' own
+        return type(model).fuse_lora(model, lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
     model.lora_scale, model._safe_fusing = lora_scale, safe_fusing  # what diffusers' fuse_lora records
     fuse_lora(model, adapter_names, lora_scale, safe_fusing)
     for m in _tuner_layers(model, quantized=False):
@@ -122,13 +130,15 @@ def _model_fuse_lora(model, lora_scale=1.0, safe_fusing=False, adapter_names=Non
 
 def _model_unfuse_lora(model):
     """``ModelMixin.unfuse_lora`` of a quantized transformer."""
+    if not is_patched(model):
+        return type(model).unfuse_lora(model)
     unfuse_lora(model)
     for m in _tuner_layers(model, quantized=False):
         m.unmerge()
 
 
 def install_fuse_methods(model: nn.Module) -> None:
-    """Give the transformer instance its own ``fuse_lora`` / ``unfuse_lora`` (removed by :func:`remove_fuse_methods`)."""
+    """Give the transformer instance its own ``fuse_lora`` / ``unfuse_lora`` (:func:`remove_fuse_methods` undoes)."""
     model.__dict__["fuse_lora"] = types.MethodType(_model_fuse_lora, model)
     model.__dict__["unfuse_lora"] = types.MethodType(_model_unfuse_lora, model)
 
