@@ -1,15 +1,15 @@
 """FP4 / FP6 / int4 quantized linear layers for DiTs: formats, quantizer, calibration, patch feature, checkpoints.
 
 ``ditkern.patch(model, quant="fp4" | "fp6" | "int4" | "w4a8" | "w6a8" | "w4a6" | ditkern.QuantConfig(...))``;
-``ditkern.save_quantized`` / ``ditkern.load_quantized``; ``ditkern.quant.fuse_lora`` (peft LoRA merged into quantized
-layers, re-quantized); ``ditkern.quant.bit_counts`` (bits per weight over the quantized layers, the blocks, all
-linears). See docs/quant.md.
+``ditkern.save_quantized`` / ``ditkern.load_quantized``; ``ditkern.quant.fuse_lora`` / ``unfuse_lora`` (peft LoRA
+merged into quantized layers, re-quantized; and back); ``ditkern.quant.bit_counts`` (bits per weight over the
+quantized layers, the blocks, all linears). See docs/quant.md.
 """
 
 from ditkern.quant.calibrate import Calibration, calibrate
 from ditkern.quant.checkpoint import load_quantized, save_quantized
 from ditkern.quant.config import PRESETS, QuantConfig
-from ditkern.quant.lora import fuse_lora
+from ditkern.quant.lora import fuse_lora, unfuse_lora
 from ditkern.formats import FORMATS, QuantizedWeight, dequantize, quantize
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "save_quantized",
     "load_quantized",
     "fuse_lora",
+    "unfuse_lora",
     "bit_counts",
 ]
 
