@@ -101,6 +101,11 @@ class _Call:
     probe: dict | None = None  # calibration: the first block's residual, by stream
 
 
+def _calibrated_at(timesteps: tuple[float, ...], k: int, t: float) -> bool:
+    """Whether step ``k`` of this generation has the timestep the calibration recorded at step ``k``."""
+    return k < len(timesteps) and abs(t - timesteps[k]) <= 1e-4 * max(1.0, abs(timesteps[k]))
+
+
 class CacheState:
     def __init__(self, config: TaylorCache, model: nn.Module, n_blocks: int, stack: Stack, backend, n_always: int = 0):
         self.config = config
@@ -273,7 +278,7 @@ class CacheState:
         if cfg.timesteps is None or slot.off_calibration:
             return not slot.off_calibration
         t, k = float(call.t[0]), slot.step
-        if k < len(cfg.timesteps) and abs(t - cfg.timesteps[k]) <= 1e-4 * max(1.0, abs(cfg.timesteps[k])):
+        if _calibrated_at(cfg.timesteps, k, t):
             return True
         slot.off_calibration = True
         if not self._warned_off:
@@ -410,7 +415,7 @@ class CacheState:
         if not sc:
             return 1.0
         k, ts = call.slot.step, self.config.timesteps
-        if ts is not None and k < min(len(sc), len(ts)) and abs(float(call.t[0]) - ts[k]) <= 1e-4 * max(1.0, abs(ts[k])):
+        if ts is not None and k < len(sc) and _calibrated_at(ts, k, float(call.t[0])):
             return sc[k]
         return sorted(sc)[len(sc) // 2]
 
