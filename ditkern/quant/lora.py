@@ -23,10 +23,8 @@ import types
 import torch
 from torch import nn
 
-from ditkern.formats import quantize
+from ditkern.formats import SCALE_DTYPES, quantize, scale_kind
 from ditkern.patch.engine import is_patched, targets
-
-_SCALE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.uint8: "e8m0"}
 
 
 def _lora_layers(model_or_pipeline, caller: str = "fuse_lora"):
@@ -78,7 +76,7 @@ def fuse_lora(model_or_pipeline, adapter_names: list[str] | None = None, lora_sc
                 w = w + layer.get_delta_weight(a).float().to(w.device)
             if safe_fusing and not torch.isfinite(w).all():
                 raise ValueError(f"fuse_lora: {path}: the merged weight is not finite; adapters {names} seem broken")
-            new = quantize(w, qw.format, qw.group_size, _SCALE_NAME[qw.scales.dtype], name=path)
+            new = quantize(w, qw.format, qw.group_size, SCALE_DTYPES[scale_kind(qw.scales)], name=path)
         if "lora_unfused" not in st:  # the layer as patched, for unfuse_lora
             st["lora_unfused"] = (qw, {k: base._buffers[k] for k in _BUFFERS if k in base._buffers})
         dev = base.qweight_packed.device
