@@ -1,0 +1,66 @@
+"""The ditkern rows of ``python -m bench.cache_sweep``: one place that lists the TaylorCache variants the sweep measures,
+how each is built and whether it is calibrated first (the sweep owns the measuring, the baselines and the tables).
+
+``ditkern_rows(pipeline, steps, quick)`` -> list of :class:`Row`. ``apply(pipe, row, steps)`` patches the pipeline with
+the row's config, calibrates it on ``CALIB_SEEDS`` (never the measured seeds) when the row says so, and returns the
+note for the table (the calibrated schedule, the cache's warnings); the caller measures and then ``ditkern.unpatch``es.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+CALIB_SEEDS = (1000, 1001)  # the calibration's seeds (classes seed % 10), apart from the measured 0..n-1
+
+
+class Row(NamedTuple):
+    method: str  # the curve in the plot / table
+    setting: str  # the point on it
+    build: Callable[[], object]  # -> ditkern.TaylorCache
+    calibrate: bool = False  # calibrate on CALIB_SEEDS before measuring
+
+
+def ditkern_rows(pipeline: str, steps: int, quick: bool = False) -> list[Row]:
+    """The ditkern settings measured on ``pipeline`` at ``steps`` sampling steps (``quick``: fewer)."""
+    from ditkern import TaylorCache  # noqa: PLC0415
+
+    out = []
+    intervals = (3, 6) if quick else (2, 3, 4, 6)
+    gates = (0.02, 0.08) if quick else (0.01, 0.02, 0.04, 0.08)
+    for order in (1, 2):
+        for n in intervals:
+            out.append(Row(f"ditkern fixed o{order}", f"interval={n}", lambda o=order, n=n: TaylorCache(order=o, interval=n)))
+    for n in (4, 5, 6) if quick else (2, 3, 4, 5, 6):
+        out.append(Row("ditkern end-anchored o1", f"interval={n}", lambda n=n: TaylorCache.end_anchored(steps, n, order=1)))
+    for b in (0.15, 0.18, 0.2, 0.25):
+        out.append(Row("ditkern budget o1", f"budget={b}", lambda b=b: TaylorCache(order=1, budget=b), calibrate=True))
+    for g in (0.1, 0.3) if quick else (0.05, 0.1, 0.2, 0.4):
+        out.append(Row("ditkern gated o1 calibrated", f"gate={g},max_skip=3",
+                       lambda g=g: TaylorCache(order=1, gate=g, warmup=2, max_skip=3), calibrate=True))  # fmt: skip
+    for order in (0, 1, 2):
+        for g in gates:
+            out.append(Row(f"ditkern gated o{order}", f"gate={g},max_skip=3",
+                           lambda o=order, g=g: TaylorCache(order=o, gate=g, warmup=2, max_skip=3)))  # fmt: skip
+    return out
+
+
+def apply(pipe, row: Row, steps: int) -> str:
+    """Patch ``pipe`` with ``row``'s cache (calibrated first if the row says so); returns the note for the table."""
+    import ditkern  # noqa: PLC0415
+    import ditkern.zoo as zoo  # noqa: PLC0415
+
+    ditkern.patch(pipe, cache=row.build())
+    if not row.calibrate:
+        return ""
+    cal = [s % 10 for s in CALIB_SEEDS]
+    try:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            done = ditkern.cache.calibrate(pipe, lambda: zoo.generate(pipe, cal, list(CALIB_SEEDS), num_inference_steps=steps))
+    except BaseException:
+        ditkern.unpatch(pipe)
+        raise
+    detail = f"schedule={list(done.schedule)}" if done.schedule else ""
+    return detail + "; ".join(str(w.message)[:120] for w in said if "TaylorCache" in str(w.message))
