@@ -34,8 +34,11 @@ def ditkern_rows(pipeline: str, steps: int, quick: bool = False) -> list[Row]:
             out.append(Row(f"ditkern fixed o{order}", f"interval={n}", lambda o=order, n=n: TaylorCache(order=o, interval=n)))
     for n in (4, 5, 6) if quick else (2, 3, 4, 5, 6):
         out.append(Row("ditkern end-anchored o1", f"interval={n}", lambda n=n: TaylorCache.end_anchored(steps, n, order=1)))
-    for b in (0.15, 0.18, 0.2, 0.25):
+    for b in (0.15, 0.18, 0.2, 0.25):  # correct=True (default): the calibration may pick per-step gains
         out.append(Row("ditkern budget o1", f"budget={b}", lambda b=b: TaylorCache(order=1, budget=b), calibrate=True))
+    for b in (0.18, 0.2):  # ablation: schedule only
+        out.append(Row("ditkern budget o1 uncorrected", f"budget={b}",
+                       lambda b=b: TaylorCache(order=1, budget=b, correct=False), calibrate=True))  # fmt: skip
     for g in (0.1, 0.3) if quick else (0.05, 0.1, 0.2, 0.4):
         out.append(Row("ditkern gated o1 calibrated", f"gate={g},max_skip=3",
                        lambda g=g: TaylorCache(order=1, gate=g, warmup=2, max_skip=3), calibrate=True))  # fmt: skip
@@ -63,4 +66,5 @@ def apply(pipe, row: Row, steps: int) -> str:
         ditkern.unpatch(pipe)
         raise
     detail = f"schedule={list(done.schedule)}" if done.schedule else ""
+    detail += ", corrected" if done.step_gain else ""
     return detail + "; ".join(str(w.message)[:120] for w in said if "TaylorCache" in str(w.message))

@@ -83,7 +83,7 @@ def calibrate(model_or_pipeline, run: Callable[[], object], *, measure: bool = T
     cfg = st.config
     if cfg.mode not in ("budget", "gated"):
         raise ValueError(f"calibrate needs a TaylorCache with budget= or gate=, this model's runs mode {cfg.mode!r}")
-    st.config = replace(cfg, schedule=None, timesteps=None) if cfg.mode == "budget" else replace(cfg, gate_scale=None, timesteps=None)
+    st.config = replace(cfg, schedule=None, timesteps=None, step_gain=None) if cfg.mode == "budget" else replace(cfg, gate_scale=None, timesteps=None)
     st.reset()
     st.records, st._rec, st.recording, st.manual = [], {}, True, True
     try:

@@ -32,6 +32,11 @@ class TaylorCache:
     timesteps:   the timesteps the schedule / gate scales were calibrated on (item 0's, one per step); a generation
                  whose timesteps differ runs uncached from the first mismatch on and warns.
     gate_scale:  per-step factors of the gate signal (from the calibration; None: the raw first-block error).
+    correct:     budget: the calibration also fits per-step forecast gains (``step_gain``) from the recorded feature
+                 change and keeps them when the measured result is closer to uncached with them than without.
+    step_gain:   per step ``(mu, lam)``: a forecast step returns ``base + mu * d0 + lam * (Taylor increment)`` instead
+                 of ``base + d0 + increment`` (the least-squares fit over the calibration's items of the forecast to
+                 the uncached feature; 1, 1 on computed steps). Used on the calibrated timesteps only.
     warmup:      full steps at the start of each generation (a step without any state is always full).
     full_below:  run every step whose timestep is at most this fraction of the generation's first timestep (the
                  last steps, where detail forms; for a family whose timestep rises to 1, every step whose way left to
@@ -53,6 +58,8 @@ class TaylorCache:
     schedule: tuple[int, ...] | None = None
     timesteps: tuple[float, ...] | None = None
     gate_scale: tuple[float, ...] | None = None
+    correct: bool = True
+    step_gain: tuple[tuple[float, float], ...] | None = None
     warmup: int = 1
     full_below: float = 0.0
     max_skip: int | None = None
@@ -93,6 +100,18 @@ class TaylorCache:
                 if not all(math.isfinite(x) for x in v):
                     raise ValueError(f"TaylorCache.{name} must be finite numbers, got {getattr(self, name)!r}")
                 object.__setattr__(self, name, v)
+        if not isinstance(self.correct, bool):
+            raise ValueError(f"TaylorCache.correct must be True or False, got {self.correct!r}")
+        if self.step_gain is not None:
+            try:
+                gains = tuple((float(m), float(g)) for m, g in self.step_gain)
+            except (TypeError, ValueError):
+                raise ValueError(f"TaylorCache.step_gain must be (mu, lam) pairs, one per step, got {self.step_gain!r}") from None
+            if not all(math.isfinite(x) for pair in gains for x in pair):
+                raise ValueError(f"TaylorCache.step_gain must be finite numbers, got {self.step_gain!r}")
+            if self.schedule is None:
+                raise ValueError("TaylorCache.step_gain needs a schedule (budget or explicit): the gains are per step")
+            object.__setattr__(self, "step_gain", gains)
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"TaylorCache.warmup must be an int >= 0, got {self.warmup!r}")
         if not isinstance(self.full_below, (int, float)) or not 0 <= self.full_below <= 1:
@@ -129,8 +148,9 @@ class TaylorCache:
             "fixed": lambda: f"interval={self.interval}",
             "gated": lambda: f"gate={self.gate:g}" + (", calibrated" if self.gate_scale else ""),
             "budget": lambda: f"budget={self.budget:g}"
-            + (f", {len(self.schedule)} of {len(self.timesteps or ())} steps" if self.schedule else ", uncalibrated"),
-            "schedule": lambda: f"schedule={list(self.schedule)}",
+            + (f", {len(self.schedule)} of {len(self.timesteps or ())} steps" if self.schedule else ", uncalibrated")
+            + (", corrected" if self.step_gain else ""),
+            "schedule": lambda: f"schedule={list(self.schedule)}" + (", corrected" if self.step_gain else ""),
         }[self.mode]()
         return f"Taylor order {self.order}, {sched}, warmup={self.warmup}" + (
             f", full_below={self.full_below:g}" if self.full_below else ""
@@ -154,6 +174,8 @@ class TaylorCache:
         for k in ("schedule", "timesteps", "gate_scale"):
             if d[k] is not None:
                 d[k] = list(d[k])
+        if d["step_gain"] is not None:
+            d["step_gain"] = [list(g) for g in d["step_gain"]]
         return d
 
     @classmethod

@@ -326,11 +326,24 @@ class CacheState:
         rec["probe"].append(torch.cat([self._sample(s, v) for s, v in sorted(probe.items())], 1) if probe else None)
 
     # ---- Taylor helpers ----
-    def _forecast(self, feats: dict[str, _Taylor], idx: str, base, call: _Call):
+    def _forecast(self, feats: dict[str, _Taylor], idx: str, base, call: _Call, gain: tuple[float, float] | None = None):
+        """``base + d0 + increment``; with ``gain = (mu, lam)``: ``base + mu * d0 + lam * increment``."""
         f = feats[idx]
         a1, a2 = call.slot.forecast_coeffs(call.t, f.d[0].device)
         out_dtype = base.dtype if base is not None else torch.float32
-        return taylor_forecast(*f.d, a1, a2, base=base, order=self.config.order, out_dtype=out_dtype, backend=self.backend)
+        if gain is not None:
+            a1, a2 = a1 * gain[1], a2 * gain[1]
+        out = taylor_forecast(*f.d, a1, a2, base=base, order=self.config.order, out_dtype=out_dtype, backend=self.backend)
+        if gain is not None and gain[0] != 1.0:
+            out = out.add_(f.d[0].to(out.dtype), alpha=gain[0] - 1.0)
+        return out
+
+    def step_gain(self, call: _Call) -> tuple[float, float] | None:
+        """The calibrated forecast gains of this step (None: none, or off the calibrated timesteps)."""
+        g, ts, k = self.config.step_gain, self.config.timesteps, call.slot.step
+        if not g or k >= len(g) or (ts is not None and not _calibrated_at(ts, k, float(call.t[0]))):
+            return None
+        return g[k]
 
     def _update(self, feats: dict[str, _Taylor], idx: str, x, base, mask: torch.Tensor, call: _Call):
         f = feats.setdefault(idx, _Taylor())
@@ -434,9 +447,10 @@ class CacheState:
         slot = call.slot
         if call.skip_all or call.skip_rest:
             outs = dict(streams_in)  # streams the model does not read after the stack pass through
+            gain = self.step_gain(call)
             for s in self.out_streams:
                 if s in slot.rest:
-                    outs[s] = self._forecast(slot.rest, s, streams_in[s], call)
+                    outs[s] = self._forecast(slot.rest, s, streams_in[s], call, gain)
             self._commit(call, torch.zeros(slot.batch, dtype=torch.bool))
             return sig.join(outs)
         out = inner(*args, **kwargs)
@@ -595,24 +609,60 @@ def _score(out, ref) -> float:
     return float(p.mean() + p.min())
 
 
-def measure_schedules(state: CacheState, run, reference, n_compute: int) -> tuple[tuple[int, ...], dict]:
-    """Run every candidate schedule (``run()`` once each) and keep the one whose result is closest to the uncached
-    ``reference`` (mean + worst item PSNR): the offline error model ignores how errors compound through the
-    sampler, a measurement does not."""
+def fit_gains(t: torch.Tensor, feats: torch.Tensor, schedule: tuple[int, ...], order: int) -> tuple[tuple[float, float], ...]:
+    """Per step ``(mu, lam)`` so that ``mu * d0 + lam * increment`` (the last computed step's feature and the Taylor
+    increment through the last ``order + 1`` computed steps, as the cache forecasts) is the least-squares fit, over
+    every item and element of ``feats`` [N, I, m] (uncached features), of the feature at each forecast step; (1, 1) on
+    computed steps. After one computed step only ``mu`` is fitted (the forecast is reuse). Clamped to mu in
+    [0.5, 1.5], lam in [0, 3] (a fit outside says the recording is not representative)."""
+    tl = [float(v) for v in t]
+    x = feats.double()
+    out = []
+    for k in range(len(tl)):
+        prev = [j for j in schedule if j < k][-(order + 1) :]
+        if k in schedule or not prev:
+            out.append((1.0, 1.0))
+            continue
+        d0 = x[prev[-1]].flatten()
+        y = x[k].flatten()
+        inc = (_newton([tl[j] for j in prev], [x[j] for j in prev], tl[k]) - x[prev[-1]]).flatten() if len(prev) > 1 else None
+        if inc is None or float(inc.abs().max()) == 0.0:
+            mu, lam = float(y @ d0) / max(float(d0 @ d0), 1e-300), 1.0
+        else:
+            a = torch.stack([d0, inc], 1)
+            gram = a.T @ a
+            if float(torch.linalg.det(gram)) <= 1e-12 * float(gram.diagonal().prod()):
+                mu, lam = 1.0, 1.0
+            else:
+                mu, lam = (float(v) for v in torch.linalg.solve(gram, a.T @ y))
+        out.append((min(max(mu, 0.5), 1.5), min(max(lam, 0.0), 3.0)))
+    return tuple(out)
+
+
+def measure_schedules(state: CacheState, run, reference, n_compute: int):
+    """Run every candidate schedule (``run()`` once each; with ``correct``, once more with its fitted
+    :func:`fit_gains`) and keep the one whose result is closest to the uncached ``reference`` (mean + worst item
+    PSNR): the offline error model ignores how errors compound through the sampler, a measurement does not.
+    Returns ``(schedule, step_gain or None, {candidate name: (schedule, score)})``."""
     cfg = state.config
-    t, _ = _calibration_set(state)
+    t, feats = _calibration_set(state)
+    ts = tuple(float(v) for v in t)
     scores = {}
     recording, state.recording = state.recording, False
     try:
         for name, sched in candidate_schedules(state, n_compute).items():
-            state.config = replace(cfg, schedule=sched, timesteps=tuple(float(v) for v in t))
-            state.reset()
-            scores[sched] = (_score(run(), reference), name)
+            tries = [(name, None)]
+            if cfg.correct and len(sched) < len(t):
+                tries.append((f"{name} corrected", fit_gains(t, feats["full"], sched, cfg.order)))
+            for label, gains in tries:
+                state.config = replace(cfg, schedule=sched, timesteps=ts, step_gain=gains)
+                state.reset()
+                scores[label] = (_score(run(), reference), sched, gains)
     finally:
         state.config, state.recording = cfg, recording
         state.reset()
     best = max(scores, key=lambda k: scores[k][0])
-    return best, {v[1]: (k, round(v[0], 2)) for k, v in scores.items()}
+    return scores[best][1], scores[best][2], {k: (v[1], round(v[0], 2)) for k, v in scores.items()}
 
 
 def budget_steps(state: CacheState, n_steps: int) -> int:
@@ -637,11 +687,12 @@ def solve_budget(state: CacheState, run=None, reference=None):
     cfg = state.config
     t, _ = _calibration_set(state)
     n_compute = budget_steps(state, len(t))
+    gains = None
     if run is not None:
-        sched, _ = measure_schedules(state, run, reference, n_compute)
+        sched, gains, _ = measure_schedules(state, run, reference, n_compute)
     else:
         sched = spaced_schedule(len(t), n_compute)
-    return replace(cfg, schedule=sched, timesteps=tuple(float(v) for v in t))
+    return replace(cfg, schedule=sched, timesteps=tuple(float(v) for v in t), step_gain=gains)
 
 
 def _newton(ts: list[float], vs: list[torch.Tensor], t: float) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 import ditkern
 from ditkern.cache import TaylorCache, stats
-from ditkern.cache.feature import _step_weights, plan_schedule
+from ditkern.cache.feature import _step_weights, fit_gains, plan_schedule
 from tests.cache.test_taylor_cache import TS, _denoise
 from tests.patch import tiny
 
@@ -184,18 +184,20 @@ def test_measured_calibration_keeps_the_candidate_closest_to_uncached():
     measure = feature.measure_schedules
 
     def spy(*a, **k):
-        best, info = measure(*a, **k)
-        seen.update(best=best, info=info)
-        return best, info
+        best, gains, info = measure(*a, **k)
+        seen.update(best=best, gains=gains, info=info)
+        return best, gains, info
 
     feature.measure_schedules = spy
     try:
         cal = ditkern.cache.calibrate(model, run)
     finally:
         feature.measure_schedules = measure
-    assert cal.schedule == seen["best"] and len(cal.schedule) == 4  # round(9 * 0.45)
-    scores = [s for _, s in seen["info"].values()]
-    assert len(scores) >= 2 and max(scores) == dict(seen["info"].values())[cal.schedule]
+    assert cal.schedule == seen["best"] and cal.step_gain == seen["gains"] and len(cal.schedule) == 4  # round(9 * 0.45)
+    info = seen["info"]
+    assert any(k.endswith(" corrected") for k in info) and any(not k.endswith(" corrected") for k in info)
+    chosen = max(info, key=lambda k: info[k][1])
+    assert info[chosen][0] == cal.schedule and chosen.endswith(" corrected") == (cal.step_gain is not None)
     ditkern.unpatch(model)
 
 
@@ -241,3 +243,21 @@ def test_calibrated_gate_scales_the_signal_per_step():
         warnings.simplefilter("error")
         _denoise(model, "dit", inputs, [990.0, 900.0, 800.0, 650.0])
     ditkern.unpatch(model)
+
+
+def test_fit_gains_recovers_the_scale_of_the_reused_feature_and_of_the_increment():
+    """Features linear in t on the computed steps; on each forecast step mu * x_last + lam * (t - t_last) * slope
+    with known (mu, lam): the fit returns them (after the first computed step alone: mu only, lam 1)."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.linspace(1.0, 0.1, 9, dtype=torch.float64)
+    a, b = torch.randn(3, 50, generator=g, dtype=torch.float64), torch.randn(3, 50, generator=g, dtype=torch.float64)
+    sched = (0, 3, 6)
+    want = {1: (1.2, 1.0), 2: (0.9, 1.0), 4: (1.1, 0.5), 5: (0.95, 1.7), 7: (1.05, 2.0), 8: (1.0, 0.3)}
+    x = torch.stack([a + float(v) * b for v in t])
+    for k, (mu, lam) in want.items():
+        last = max(j for j in sched if j < k)
+        x[k] = mu * x[last] + lam * (t[k] - t[last]) * b if last else mu * x[last]
+    got = fit_gains(t, x, sched, order=1)
+    for k in range(9):
+        exp = want.get(k, (1.0, 1.0))
+        assert got[k] == pytest.approx(exp, abs=1e-6), (k, got[k], exp)

@@ -344,3 +344,29 @@ def test_stack_chain_declarations(monkeypatch):
         out = model(**inputs, attention_kwargs={}, return_dict=False)[0]
     assert torch.equal(out, fused) and stats(model)["calls"] == 0
     ditkern.unpatch(model)
+
+
+def test_step_gain_scales_the_reused_feature_and_the_taylor_increment():
+    """schedule + step_gain: a forecast step returns input + mu * r_last + lam * (order-1 Newton increment)."""
+    model, inputs = tiny.FAMILIES["dit"](batch=1)
+    model.eval()
+    blocks = list(model.transformer_blocks)
+    rec = {"in": [], "out": []}
+    h1 = blocks[0].register_forward_pre_hook(lambda m, a, k: rec["in"].append(k.get("hidden_states", a[0] if a else None).clone()), with_kwargs=True)
+    h2 = blocks[-1].register_forward_hook(lambda m, a, k, o: rec["out"].append(o.clone()), with_kwargs=True)
+    gains = ((1.0, 1.0), (1.0, 1.0), (1.0, 1.0), (1.3, 0.4), (0.8, 2.0))
+    ditkern.patch(model, cache=TaylorCache(order=1, schedule=(0, 1, 2), step_gain=gains), backend="torch")
+    _denoise(model, "dit", inputs, TS[:5])
+    h1.remove(), h2.remove()
+    t = [v / 1000 for v in TS[:5]]
+    r1, r2 = ((rec["out"][k] - rec["in"][k]).double() for k in (1, 2))
+    slope = (r2 - r1) / (t[2] - t[1])
+    for k in (3, 4):
+        mu, lam = gains[k]
+        expected = rec["in"][k].double() + mu * r2 + lam * slope * (t[k] - t[2])
+        torch.testing.assert_close(rec["out"][k].double(), expected, atol=1e-4, rtol=1e-4)
+    ditkern.unpatch(model)
+    with pytest.raises(ValueError, match="step_gain needs a schedule"):
+        TaylorCache(interval=2, step_gain=((1.0, 1.0),))
+    with pytest.raises(ValueError, match="step_gain must be"):
+        TaylorCache(schedule=(0,), step_gain=((1.0,),))
