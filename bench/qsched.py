@@ -66,9 +66,9 @@ def run_pipeline(name, a, out_dir: Path) -> list[dict]:
 
     def record(steps, setting, images, **extra):
         per = fidelity.psnr(images, ref[steps])
-        row = dict(pipeline=name, steps=steps, setting=setting, psnr_db=round(fidelity.pooled_psnr(images, ref[steps]), 3),
-                   psnr_worst_db=round(per.min().item(), 3), accuracy=round(classifier.accuracy(images, classes), 3),
-                   jaq=round(qsched.jaq(images, classes), 4),
+        row = dict(pipeline=name, steps=steps, setting=setting,
+                   psnr_db=round(fidelity.pooled_psnr(images, ref[steps]), 3), psnr_worst_db=round(per.min().item(), 3),
+                   accuracy=round(classifier.accuracy(images, classes), 3), jaq=round(qsched.jaq(images, classes), 4),
                    mse=(images.double() - ref[steps].double()).pow(2).mean().item(), **extra)  # fmt: skip
         rows.append(row)
         print({k: v for k, v in row.items() if k not in ("c_x", "c_eps")}, flush=True)
