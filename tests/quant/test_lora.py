@@ -1,9 +1,12 @@
-"""peft LoRA adapters on a ditkern-quantized transformer, with random low-rank adapters made here: the runtime path
-(peft's low-rank branch beside the quantized GEMM) computes what the same adapters compute on the model whose linear
-weights are the dequantized W_hat; set_adapters / disable / delete / unload behave as on that model; fuse_lora merges
-and re-quantizes. Needs peft (skipped without it: it is not a ditkern dependency)."""
+"""peft LoRA adapters on a ditkern-quantized transformer, with adapters made here (random low-rank ones, and one fitted
+on the digits by ``python -m ditkern.zoo.fit_lora``, in ``tests/quant/data``): ditkern's batched low-rank path
+(``lora_addmm_``, the shared-input groups) against float64 and against peft's own forward; set_adapters / disable /
+delete / unload as on the model whose linear weights are the dequantized W_hat and as on the unquantized model;
+fuse_lora re-quantizes, pipe.unfuse_lora() restores. Needs peft (skipped without it: it is not a ditkern
+dependency)."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -12,12 +15,14 @@ import ditkern
 import ditkern.quant.lora
 from ditkern.formats import quantize
 from ditkern.quant.feature import quantized_layers
+from ditkern.quant.lora import lora_addmm_, lora_addmm_ref
 from tests.patch import tiny
 from tests.quant.test_patch import _dequantized_copy
 
 peft = pytest.importorskip("peft", reason="peft is not installed (LoRA support is tested with it)")
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp"]
+DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 def _run(model, inputs):
@@ -43,25 +48,139 @@ def quantized():
     return model, inputs, _run(model, inputs)
 
 
-def test_runtime_adapters_match_the_dequantized_model(quantized):
+@pytest.fixture
+def peft_forwards(monkeypatch):
+    """The peft layers wrapping a quantized linear whose own (class) forward ran: ditkern's path did not serve them."""
+    calls = []
+    own = peft.tuners.lora.Linear.forward
+
+    def spy(self, x, *args, **kwargs):
+        if "_ditkern_quant" in self.get_base_layer().__dict__:
+            calls.append(self)
+        return own(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(peft.tuners.lora.Linear, "forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_addmm_batches_the_adapters_in_place(dtype):
+    """Three adapters (ranks 4, 2, 3) in two matmuls, accumulated into the GEMM output in place: its error against
+    float64 at most 2x that of peft's way in the same dtype (one matmul pair and one add per adapter) + a floor."""
+    g = torch.Generator().manual_seed(0)
+    M, K, N, ranks, scalings = 37, 45, 29, (4, 2, 3), (1.5, -0.3, 0.7)
+    x = torch.randn(M, 2 * K, generator=g)[:, ::2]  # not contiguous
+    a = [torch.randn(r, K, generator=g) / K**0.5 for r in ranks]
+    b = [torch.randn(N, r, generator=g) for r in ranks]
+    gemm = torch.randn(M, N, generator=g)
+    want = lora_addmm_ref(gemm, x, a, b, list(scalings))
+    peft_way = gemm.to(dtype)
+    for ai, bi, s in zip(a, b, scalings):
+        peft_way = peft_way + (x.to(dtype) @ ai.to(dtype).T @ bi.to(dtype).T) * s
+    a_cat = torch.cat(a).to(dtype)
+    b_cat = torch.cat([bi * s for bi, s in zip(b, scalings)], dim=1).to(dtype)
+    out = gemm.to(dtype)
+    got = lora_addmm_(out, x.to(dtype), a_cat, b_cat)
+    assert got is out  # in place
+    err, peft_err = ((t.double() - want).abs().max().item() for t in (got, peft_way))
+    assert err <= 2 * peft_err + 1e-6 * want.abs().max().item(), (err, peft_err)
+    # float32 adapters on a bf16 layer: summed in float32 and rounded once, as peft does (not in place)
+    out = gemm.bfloat16()
+    got = lora_addmm_(out, x.bfloat16(), a_cat.float(), b_cat.float())
+    exact = lora_addmm_ref(out, x.bfloat16(), [a_cat.float()], [b_cat.float()], [1.0])
+    assert got.dtype == torch.bfloat16 and got is not out
+    assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all()  # within half a bf16 step
+
+
+def _groups(model):
+    return {id(g): g for m in model.modules() if (g := m.__dict__.get("_ditkern_lora", {}).get("group"))}.values()
+
+
+def test_runtime_adapters_match_the_dequantized_model(quantized, peft_forwards):
+    """ditkern's path serves every quantized layer (peft's own forward never runs); its error against the float64
+    model with W_hat and the same adapters is at most 2x that of peft's forward on the float32 W_hat model (+ a
+    floor); the q/k/v of each attention share one low-rank matmul; new weights or scalings are taken up."""
     model, inputs, base = quantized
     model.add_adapter(_lora(1), adapter_name="a")
     model.add_adapter(_lora(2, r=2), adapter_name="b")
-    wrapped = [p for p, m in model.named_modules() if hasattr(m, "lora_A")]
-    assert len(wrapped) > 10 and any("_ditkern_quant" in m.get_base_layer().__dict__ for _, m in
-                                     [(p, dict(model.named_modules())[p]) for p in wrapped])  # fmt: skip
+    wrapped = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert len(wrapped) > 10 and all("_ditkern_quant" in m.get_base_layer().__dict__ for m in wrapped)
     ref = _reference(model)
+    ref64 = copy.deepcopy(ref).double()
+    inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     for adapters, weights in [(["a"], [1.0]), (["a"], [0.5]), (["a", "b"], [1.0, 0.3])]:
-        model.set_adapters(adapters, weights)
-        ref.set_adapters(adapters, weights)
+        for m in (model, ref, ref64):
+            m.set_adapters(adapters, weights)
         out = _run(model, inputs)
         assert not torch.allclose(out, base, atol=1e-3)  # the adapters change the output
-        torch.testing.assert_close(out, _run(ref, inputs), rtol=1e-5, atol=1e-5)
+        want = _run(ref64, inputs64)
+        err, peft_err = ((t.double() - want).abs().max().item() for t in (out, _run(ref, inputs)))
+        assert err <= 2 * peft_err + 1e-6 * want.abs().max().item(), (adapters, weights, err, peft_err)
+    groups = list(_groups(model))
+    assert len(groups) == 4 and all(len(g.members) == 3 for g in groups)  # to_q/k/v: 2 double + 2 single blocks
+    shared = sum(g.shared for g in groups)
+    _run(model, inputs)
+    assert sum(g.shared for g in groups) - shared == 2 * len(groups)  # to_k and to_v took to_q's product
+    path, attn = next((p, m) for p, m in model.named_modules() if "_ditkern_lora" in getattr(m, "to_q", m).__dict__)
+    ref_attn = dict(ref.named_modules())[path]
+    x1, x2 = (torch.randn(1, 7, attn.to_q.in_features) for _ in range(2))
+    with torch.no_grad():
+        attn.to_q(x1)
+        x1.mul_(2.0)
+        got_v = attn.to_v(x1)  # to_q's input, changed in place since: not to_q's product
+        x2.add_(1.0)  # the same version count as x1 now: only its identity tells it apart
+        got_k = attn.to_k(x2)  # another input than to_v's
+        torch.testing.assert_close(got_k, ref_attn.to_k(x2), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_v, ref_attn.to_v(x1), rtol=1e-5, atol=1e-5)
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A") and m.__dict__.get("_ditkern_lora"))
+    with torch.no_grad():
+        for m in (model, ref):  # new adapter weights in place: the cached stacks must not be used
+            next(x for x in m.modules() if hasattr(x, "lora_A") and x.lora_A["a"].weight.shape ==
+                 layer.lora_A["a"].weight.shape).lora_B["a"].weight.mul_(3.0)  # fmt: skip
+    torch.testing.assert_close(_run(model, inputs), _run(ref, inputs), rtol=1e-5, atol=1e-5)
+    assert peft_forwards == []
     model.disable_adapters()
     assert torch.equal(_run(model, inputs), base)
+    assert len(peft_forwards) == len(wrapped)  # disabled: peft's own forward, the quantized layer alone
+    peft_forwards.clear()
     model.enable_adapters()
     model.delete_adapters(["a", "b"])
     assert torch.equal(_run(model, inputs), base)
+    assert peft_forwards == []
+
+
+def test_peft_forward_where_the_batched_path_does_not_apply(quantized, peft_forwards):
+    """Dropout in training mode, lora_bias, grad mode and a mixed-batch call run peft's own forward (correct: it
+    calls the quantized layer and adds beside it); DoRA, which reads the base weight, refuses."""
+    model, inputs, base = quantized
+    torch.manual_seed(6)
+    model.add_adapter(peft.LoraConfig(r=2, target_modules=TARGETS, lora_dropout=0.5, init_lora_weights=False), "d")
+    model.train()
+    _run(model, inputs)
+    assert len(peft_forwards) > 10
+    model.eval()
+    peft_forwards.clear()
+    _run(model, inputs)
+    assert peft_forwards == []  # dropout is the identity in eval mode
+    with torch.enable_grad():
+        model(**inputs)
+    assert len(peft_forwards) > 10
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    peft_forwards.clear()
+    with torch.no_grad():
+        x = torch.randn(2, 3, layer.in_features)
+        mixed = layer(x, adapter_names=["d", "__base__"])
+        torch.testing.assert_close(mixed[1], layer.get_base_layer()(x[1]))
+    assert peft_forwards == [layer]
+    model.delete_adapters("d")
+    model.add_adapter(_lora(7).__class__(r=2, target_modules=TARGETS, lora_bias=True, init_lora_weights=False), "lb")
+    peft_forwards.clear()
+    assert not torch.allclose(_run(model, inputs), base, atol=1e-3)
+    assert len(peft_forwards) > 10
+    model.delete_adapters("lb")
+    model.add_adapter(peft.LoraConfig(r=2, target_modules=TARGETS, use_dora=True), "dora")
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        _run(model, inputs)
 
 
 def test_fuse_lora_requantizes_the_merged_weight(quantized):
