@@ -116,7 +116,7 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def write(rows, out_dir: Path, command: str) -> None:
+def write(rows, out_dir: Path, command: str, merged: list | None = None) -> None:
     (out_dir / "qsched.json").write_text(json.dumps(rows, indent=1) + "\n")
     head = ["pipeline", "steps", "setting", "PSNR dB", "worst dB", "class acc", "JAQ", "gain dB", "MSE removed",
             "c_x", "c_eps", "evals"]  # fmt: skip
@@ -128,14 +128,17 @@ def write(rows, out_dir: Path, command: str) -> None:
         lines.append("| " + " | ".join("" if x is None else str(x) for x in v) + " |")
     table = "\n".join(lines) + "\n"
     (out_dir / "qsched.md").write_text(table)
-    meta = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").is_file() else {}
-    meta.update(command=command, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                git_sha=_git_sha(), torch=torch.__version__, threads=torch.get_num_threads())  # fmt: skip
-    (out_dir / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    runs = merged or [dict(command=command, date=now, git_sha=_git_sha(), torch=torch.__version__,
+                           threads=torch.get_num_threads())]  # fmt: skip
+    (out_dir / "run.json").write_text(json.dumps(runs, indent=1) + "\n")
+    how = "; ".join(f"`{m['command']}`, {m['date']}, git {m['git_sha']}, torch {m['torch']}, {m['threads']} thread(s)"
+                    for m in runs)  # fmt: skip
+    if merged:
+        how += f"; merged by `{command}` ({now})"
     readme = [
         "# Q-Sched on the reference pipelines (CPU)", "",
-        f"Command: `{meta['command']}`; {meta['date']}; git {meta['git_sha']}; torch {meta['torch']}, "
-        f"{meta['threads']} thread(s). See `bench/qsched.py` and docs/qsched.md.", "",
+        f"Runs: {how}. See `bench/qsched.py` and docs/qsched.md.", "",
         "PSNR vs the fp32 images of the same seeds and step count (pooled over the measured images; worst image). "
         "Quantized settings cover every linear of the transformer blocks (`keep_edge_adaln=False`). "
         "\"Q-Sched (JAQ)\": coefficients from `ditkern.quant.qsched.calibrate` with its reference-free objective on "
@@ -146,6 +149,9 @@ def write(rows, out_dir: Path, command: str) -> None:
         table,
         "![PSNR per setting](qsched.png)", "",
     ]  # fmt: skip
+    notes = out_dir / "notes.md"  # the reading of the numbers, written by hand, kept across re-runs
+    if notes.is_file():
+        readme += [notes.read_text()]
     (out_dir / "README.md").write_text("\n".join(readme))
 
 
@@ -169,12 +175,17 @@ def plot(rows, out_dir: Path) -> None:
                 hit = [r["psnr_db"] for r in mine if r["steps"] == steps and r["setting"] == setting + suffix]
                 ys.append(hit[0] if hit else math.nan)
             ax.bar([i + (k - 1) * width for i in range(len(groups))], ys, width, label=label)
+            if k == 0:  # the goal: half the quantized setting's squared error removed
+                ax.hlines([y + 10 * math.log10(2) for y in ys], [i - 1.5 * width for i in range(len(groups))],
+                          [i + 1.5 * width for i in range(len(groups))], colors="k", linestyles="--", linewidth=1,
+                          label="goal (MSE halved, +3.01 dB)")  # fmt: skip
         ax.set_xticks(range(len(groups)), [f"{s}\n{n} steps" for n, s in groups], fontsize=7)
         ax.set_ylabel("PSNR vs fp32, dB (pooled)")
         lo = min((r["psnr_db"] for r in mine), default=0)
         ax.set_ylim(max(0, lo - 3), None)
         ax.set_title(p)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.set_ylim(None, max(r["psnr_db"] for r in mine) + 6)
+        ax.legend(fontsize=7, loc="upper right", ncol=2)
     fig.tight_layout()
     fig.savefig(out_dir / "qsched.png", dpi=120)
     plt.close(fig)
@@ -197,7 +208,15 @@ def main(argv=None):
     command = "python -m bench.qsched " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     if a.merge:
         rows = [r for path in a.merge for r in json.loads(Path(path).read_text())]
-        write(rows, out_dir, command)
+        runs = []
+        for path in a.merge:
+            meta = Path(path).parent / "run.json"
+            m = json.loads(meta.read_text()) if meta.is_file() else []
+            runs += m if isinstance(m, list) else [m]
+        write(rows, out_dir, command, runs)
+        for path in a.merge:  # the calibrated coefficients of each run
+            for f in Path(path).parent.glob("digits-*.json"):
+                (out_dir / f.name).write_text(f.read_text())
         plot(rows, out_dir)
         return
     if a.quick:
