@@ -155,6 +155,7 @@ def _calibrate_and_check(zoo):
     s = calibrate(pipe, classes, steps=2, seeds=seeds, max_evals=12, grid=(0.98, 1.0), delta=0.02, progress=False)
     assert pipe.scheduler is s.base  # calibration leaves the pipeline's scheduler as it was
     assert s.meta["evals"] <= 12
+    assert s.c_x[-1] == 1.0 and s.c_eps[-1] == 1.0  # the last step stays where the paper's ramps end
     assert s.meta["objective_best"] > s.meta["objective_identity"]
     pipe.scheduler = s
     again = qsched.jaq(zoo.generate(pipe, classes, seeds, num_inference_steps=2), classes)
