@@ -68,6 +68,7 @@ def test_a_tiny_case_end_to_end(tmp_path, monkeypatch, one_thread):
     def make(name, steps, quick):
         return [cs.Method("ditkern fixed o1", "interval=2", "ditkern", patch, ditkern.unpatch),
                 cs.Method("broken", "x", "diffusers", failing, lambda p: None),
+                cs.Method("no-op", "z", "cache-dit", lambda p: "", lambda p: None),
                 cs.Method("leaky", "y", "diffusers", patch, lambda p: None)]  # never undone
 
     pipe = zoo.load("digits-flux")
@@ -83,9 +84,10 @@ def test_a_tiny_case_end_to_end(tmp_path, monkeypatch, one_thread):
     assert math.isfinite(ours["psnr_mean_db"]) and ours["speedup"] > 0 and "differs" not in ours["note"]
     assert by["broken"]["error"].startswith("RuntimeError: this baseline")
     assert "differs from the reference" in by["leaky"]["note"]
+    assert by["no-op"]["note"].startswith("changed nothing") and "changed nothing" not in ours["note"]
     saved = json.loads((tmp_path / "cache_sweep.json").read_text())["rows"]
-    assert [r["method"] for r in saved] == ["uncached", "ditkern fixed o1", "broken", "leaky"]
+    assert [r["method"] for r in saved] == ["uncached", "ditkern fixed o1", "broken", "leaky", "no-op"]
     md = (tmp_path / "cache_sweep.md").read_text()
     assert "## digits-flux, 4 steps (2 seeds" in md and "this baseline does not apply" in md
     assert (tmp_path / "cache_sweep_digits-flux_4.png").stat().st_size > 0
-    assert (tmp_path / "cache_sweep.csv").read_text().count("\n") == 5
+    assert (tmp_path / "cache_sweep.csv").read_text().count("\n") == 6
