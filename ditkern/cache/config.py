@@ -34,6 +34,12 @@ class TaylorCache:
     gate_scale:  per-step factors of the gate signal (from the calibration; None: the raw first-block error).
     correct:     budget: the calibration also fits per-step forecast gains (``step_gain``) from the recorded feature
                  change and keeps them when the measured result is closer to uncached with them than without.
+    front:       schedule / budget: the first ``front`` blocks of the cached chain are a group of their own, with their
+                 own Taylor state and steps (``front_schedule``; the budget calibration chooses them, denser than the
+                 rest's when that measures better); the rest forecasts its own residual from the front's output
+                 (fresh or forecast). 0: one group. Needs 2 <= front <= chain blocks - 2.
+    front_schedule, front_step_gain: the front group's ``schedule`` and ``step_gain`` (None: the rest's schedule,
+                 no gains).
     step_gain:   per step ``(mu, lam)``: a forecast step returns ``base + mu * d0 + lam * (Taylor increment)`` instead
                  of ``base + d0 + increment`` (the least-squares fit over the calibration's items of the forecast to
                  the uncached feature; 1, 1 on computed steps). Used on the calibrated timesteps only.
@@ -60,6 +66,9 @@ class TaylorCache:
     gate_scale: tuple[float, ...] | None = None
     correct: bool = True
     step_gain: tuple[tuple[float, float], ...] | None = None
+    front: int = 0
+    front_schedule: tuple[int, ...] | None = None
+    front_step_gain: tuple[tuple[float, float], ...] | None = None
     warmup: int = 1
     full_below: float = 0.0
     max_skip: int | None = None
@@ -86,13 +95,20 @@ class TaylorCache:
             not isinstance(self.budget, (int, float)) or isinstance(self.budget, bool) or not 0 < self.budget <= 1
         ):
             raise ValueError(f"TaylorCache.budget must be a fraction of block executions in (0, 1], got {self.budget!r}")
-        if self.schedule is not None:
-            sched = tuple(self.schedule)
-            if not sched or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sched):
-                raise ValueError(f"TaylorCache.schedule must be step indices >= 0, got {self.schedule!r}")
-            if list(sched) != sorted(set(sched)) or sched[0] != 0:
-                raise ValueError(f"TaylorCache.schedule must be increasing and start at step 0, got {self.schedule!r}")
-            object.__setattr__(self, "schedule", sched)
+        for name in ("schedule", "front_schedule"):
+            if getattr(self, name) is not None:
+                sched = tuple(getattr(self, name))
+                if not sched or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sched):
+                    raise ValueError(f"TaylorCache.{name} must be step indices >= 0, got {getattr(self, name)!r}")
+                if list(sched) != sorted(set(sched)) or sched[0] != 0:
+                    raise ValueError(f"TaylorCache.{name} must be increasing and start at step 0, got {getattr(self, name)!r}")
+                object.__setattr__(self, name, sched)
+        if isinstance(self.front, bool) or not isinstance(self.front, int) or self.front < 0:
+            raise ValueError(f"TaylorCache.front must be an int >= 0 (blocks), got {self.front!r}")
+        if self.front and self.mode not in ("schedule", "budget"):
+            raise ValueError(f"TaylorCache.front={self.front} needs a schedule or a budget (mode {self.mode!r})")
+        if (self.front_schedule is not None or self.front_step_gain is not None) and not self.front:
+            raise ValueError("TaylorCache.front_schedule / front_step_gain need front > 0")
         for name in ("timesteps", "gate_scale"):
             v = getattr(self, name)
             if v is not None:
@@ -102,16 +118,17 @@ class TaylorCache:
                 object.__setattr__(self, name, v)
         if not isinstance(self.correct, bool):
             raise ValueError(f"TaylorCache.correct must be True or False, got {self.correct!r}")
-        if self.step_gain is not None:
-            try:
-                gains = tuple((float(m), float(g)) for m, g in self.step_gain)
-            except (TypeError, ValueError):
-                raise ValueError(f"TaylorCache.step_gain must be (mu, lam) pairs, one per step, got {self.step_gain!r}") from None
-            if not all(math.isfinite(x) for pair in gains for x in pair):
-                raise ValueError(f"TaylorCache.step_gain must be finite numbers, got {self.step_gain!r}")
-            if self.schedule is None:
-                raise ValueError("TaylorCache.step_gain needs a schedule (budget or explicit): the gains are per step")
-            object.__setattr__(self, "step_gain", gains)
+        for name, sched in (("step_gain", self.schedule), ("front_step_gain", self.front_schedule or self.schedule)):
+            if getattr(self, name) is not None:
+                try:
+                    gains = tuple((float(m), float(g)) for m, g in getattr(self, name))
+                except (TypeError, ValueError):
+                    raise ValueError(f"TaylorCache.{name} must be (mu, lam) pairs, one per step, got {getattr(self, name)!r}") from None
+                if not all(math.isfinite(x) for pair in gains for x in pair):
+                    raise ValueError(f"TaylorCache.{name} must be finite numbers, got {getattr(self, name)!r}")
+                if sched is None:
+                    raise ValueError(f"TaylorCache.{name} needs a schedule (budget or explicit): the gains are per step")
+                object.__setattr__(self, name, gains)
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"TaylorCache.warmup must be an int >= 0, got {self.warmup!r}")
         if not isinstance(self.full_below, (int, float)) or not 0 <= self.full_below <= 1:
@@ -154,7 +171,10 @@ class TaylorCache:
         }[self.mode]()
         return f"Taylor order {self.order}, {sched}, warmup={self.warmup}" + (
             f", full_below={self.full_below:g}" if self.full_below else ""
-        ) + (f", max_skip={self.max_skip}" if self.max_skip is not None else "")
+        ) + (f", max_skip={self.max_skip}" if self.max_skip is not None else "") + (
+            f", front {self.front} blocks" + (f" on {len(self.front_schedule)} steps" if self.front_schedule else "")
+            if self.front else ""
+        )
 
     @classmethod
     def end_anchored(cls, num_steps: int, interval: int, *, warmup: int = 1, **kwargs) -> TaylorCache:
@@ -171,11 +191,12 @@ class TaylorCache:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["state_dtype"] = None if self.state_dtype is None else str(self.state_dtype).replace("torch.", "")
-        for k in ("schedule", "timesteps", "gate_scale"):
+        for k in ("schedule", "front_schedule", "timesteps", "gate_scale"):
             if d[k] is not None:
                 d[k] = list(d[k])
-        if d["step_gain"] is not None:
-            d["step_gain"] = [list(g) for g in d["step_gain"]]
+        for k in ("step_gain", "front_step_gain"):
+            if d[k] is not None:
+                d[k] = [list(g) for g in d[k]]
         return d
 
     @classmethod

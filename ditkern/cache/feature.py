@@ -64,6 +64,7 @@ class _Slot:
     off_calibration: bool = False  # this generation's timesteps left the calibrated ones: run every block
     probe: dict[str, _Taylor] = field(default_factory=dict)  # first block's residual, per stream
     rest: dict[str, _Taylor] = field(default_factory=dict)  # stack residual after the anchor, per stream
+    front: _Slot | None = None  # TaylorCache.front: the front group's own times, counters and features (its rest)
 
     @classmethod
     def new(cls, batch: int) -> _Slot:
@@ -99,6 +100,9 @@ class _Call:
     anchor: dict | None = None  # the streams the stack residual is measured from, by name
     first_in: dict | None = None
     probe: dict | None = None  # calibration: the first block's residual, by stream
+    front_skip: bool = False  # TaylorCache.front: the front group is forecast on this call
+    front_anchor: dict | None = None  # the front group's input streams
+    front_res: dict | None = None  # calibration: the front group's residual, by stream
 
 
 def _calibrated_at(timesteps: tuple[float, ...], k: int, t: float) -> bool:
@@ -112,6 +116,7 @@ class CacheState:
         self.model = weakref.ref(model)  # the gate's sums are reduced over its context-parallel group
         self.n_blocks = n_blocks
         self.n_always = n_always  # blocks of the stack outside the cached chain: they run on every call
+        self.front = config.front  # blocks of the chain in the front group (0: one group)
         self.out_streams = tuple(stack.reads_after)
         self.latents, self.timestep, self.rises = stack.latents, stack.timestep, stack.timestep_rises
         self.uncached_if = tuple(stack.uncached_if)
@@ -316,7 +321,7 @@ class CacheState:
     def _record(self, call: _Call, full: dict) -> None:
         """One step of the calibration: the stack residual (``full``, what the fixed and budget modes forecast), the
         part after the first block (``rest``, what the gate forecasts) and the first block's residual (``probe``)."""
-        rec = self._rec.setdefault(self.slot_index, {"t": [], "full": [], "rest": [], "probe": []})
+        rec = self._rec.setdefault(self.slot_index, {"t": [], "full": [], "rest": [], "probe": [], "front": []})
         if len(rec["t"]) != call.slot.step or not full:  # a slot that skipped a step: its record stops there
             return
         probe = call.probe or {}
@@ -324,12 +329,16 @@ class CacheState:
         rec["full"].append(torch.cat([self._sample(s, v) for s, v in sorted(full.items())], 1))
         rec["rest"].append(torch.cat([self._sample(s, v - probe[s] if s in probe else v) for s, v in sorted(full.items())], 1))
         rec["probe"].append(torch.cat([self._sample(s, v) for s, v in sorted(probe.items())], 1) if probe else None)
+        front = {s: call.front_res[s] for s in full if call.front_res and s in call.front_res}  # same streams as full
+        rec["front"].append(torch.cat([self._sample(s, v) for s, v in sorted(front.items())], 1) if len(front) == len(full) else None)
 
     # ---- Taylor helpers ----
-    def _forecast(self, feats: dict[str, _Taylor], idx: str, base, call: _Call, gain: tuple[float, float] | None = None):
-        """``base + d0 + increment``; with ``gain = (mu, lam)``: ``base + mu * d0 + lam * increment``."""
+    def _forecast(self, feats: dict[str, _Taylor], idx: str, base, call: _Call, gain: tuple[float, float] | None = None,
+                  slot: _Slot | None = None):  # fmt: skip
+        """``base + d0 + increment``; with ``gain = (mu, lam)``: ``base + mu * d0 + lam * increment`` (``slot``: the
+        group's times, default the call's)."""
         f = feats[idx]
-        a1, a2 = call.slot.forecast_coeffs(call.t, f.d[0].device)
+        a1, a2 = (slot or call.slot).forecast_coeffs(call.t, f.d[0].device)
         out_dtype = base.dtype if base is not None else torch.float32
         if gain is not None:
             a1, a2 = a1 * gain[1], a2 * gain[1]
@@ -338,22 +347,23 @@ class CacheState:
             out = out.add_(f.d[0].to(out.dtype), alpha=gain[0] - 1.0)
         return out
 
-    def step_gain(self, call: _Call) -> tuple[float, float] | None:
+    def step_gain(self, call: _Call, front: bool = False) -> tuple[float, float] | None:
         """The calibrated forecast gains of this step (None: none, or off the calibrated timesteps)."""
-        g, ts, k = self.config.step_gain, self.config.timesteps, call.slot.step
+        g = self.config.front_step_gain if front else self.config.step_gain
+        ts, k = self.config.timesteps, call.slot.step
         if not g or k >= len(g) or (ts is not None and not _calibrated_at(ts, k, float(call.t[0]))):
             return None
         return g[k]
 
-    def _update(self, feats: dict[str, _Taylor], idx: str, x, base, mask: torch.Tensor, call: _Call):
+    def _update(self, feats: dict[str, _Taylor], idx: str, x, base, mask: torch.Tensor, call: _Call, slot: _Slot | None = None):
         f = feats.setdefault(idx, _Taylor())
         f.ensure(x, self.config.order, self.state_dtype(x.device))
-        c1, c2 = call.slot.update_coeffs(call.t, x.device)
+        c1, c2 = (slot or call.slot).update_coeffs(call.t, x.device)
         taylor_update(x, *f.d, c1, c2, mask.to(device=x.device, dtype=torch.int32), base=base,
                       order=self.config.order, backend=self.backend)  # fmt: skip
 
-    def _commit(self, call: _Call, updated: torch.Tensor) -> None:
-        slot = call.slot
+    def _commit(self, call: _Call, updated: torch.Tensor, slot: _Slot | None = None) -> None:
+        slot = slot or call.slot
         slot.t1 = torch.where(updated, slot.t0, slot.t1)
         slot.t0 = torch.where(updated, call.t, slot.t0)
         slot.n_updates = slot.n_updates + updated.long()
@@ -369,7 +379,7 @@ class CacheState:
             out = inner(*args, **kwargs)
             self.blocks_run += 1
             first_out = sig.split(out)
-            call.first_in = streams_in
+            call.first_in = call.front_anchor = streams_in
             call.anchor = first_out if self.config.mode == "gated" else streams_in
             call.probe = {
                 s: xo.float() - streams_in[s].float()
@@ -377,6 +387,17 @@ class CacheState:
                 if xo is not None and streams_in.get(s) is not None and xo.shape == streams_in[s].shape
             }
             return out
+        if self.front:  # two groups: the front's and the rest's decisions (the rest's input is the front's output)
+            call.first_in = call.front_anchor = streams_in
+            call.front_skip = not self.front_is_full(call)
+            call.skip_all = not self.fixed_is_full(call)
+            if call.skip_all:
+                self.forecast_calls += 1
+                self.gen_forecasts += 1
+            if call.front_skip:
+                return sig.join(streams_in)
+            self.blocks_run += 1
+            return inner(*args, **kwargs)
         if self.config.mode != "gated":
             if not self.fixed_is_full(call):
                 call.skip_all = True
@@ -432,10 +453,62 @@ class CacheState:
             return sc[k]
         return sorted(sc)[len(sc) // 2]
 
-    def middle_block(self, sig: Streams, inner, args, kwargs):
+    def middle_block(self, sig: Streams, inner, args, kwargs, i: int = -1):
         call = self.call
-        if call is not None and (call.skip_all or call.skip_rest):
+        if call is not None and (call.front_skip if 0 <= i < self.front else call.skip_all or call.skip_rest):
             return sig.join(sig.read(args, kwargs))
+        self.blocks_run += 1
+        return inner(*args, **kwargs)
+
+    def _front_slot(self, slot: _Slot) -> _Slot:
+        if slot.front is None or slot.front.batch != slot.batch:
+            slot.front = _Slot.new(slot.batch)
+        return slot.front
+
+    def front_is_full(self, call: _Call) -> bool:
+        """TaylorCache.front: the front group's steps (``front_schedule``, else the rest's schedule) run in full."""
+        cfg, fs = self.config, self._front_slot(call.slot)
+        sched = cfg.front_schedule or cfg.schedule
+        if self.recording or sched is None or not bool((fs.n_updates >= 1).all()) or not self.on_calibration(call):
+            return True
+        return call.slot.step in sched
+
+    def front_last_block(self, sig: Streams, inner, args, kwargs):
+        """The front group's last block: its input plus the front's forecast residual, or run and update."""
+        call = self.call
+        if call is None:
+            return inner(*args, **kwargs)
+        fs = self._front_slot(call.slot)
+        if call.front_skip:
+            outs = dict(sig.read(args, kwargs))  # the skipped front blocks passed the front's input through
+            gain = self.step_gain(call, front=True)
+            for s in outs:
+                if s in fs.rest and s in call.front_anchor:
+                    outs[s] = self._forecast(fs.rest, s, call.front_anchor[s], call, gain, slot=fs)
+            self._commit(call, torch.zeros(fs.batch, dtype=torch.bool), slot=fs)
+            return sig.join(outs)
+        out = inner(*args, **kwargs)
+        self.blocks_run += 1
+        update = torch.ones(fs.batch, dtype=torch.bool)
+        call.front_res = {}
+        for s, xo in sig.split(out).items():
+            xi = call.front_anchor.get(s)
+            if xo is None or xi is None or xo.shape != xi.shape:
+                continue
+            self._update(fs.rest, s, xo, xi, update, call, slot=fs)
+            if self.recording:
+                call.front_res[s] = xo.float() - xi.float()
+        self._commit(call, update, slot=fs)
+        return out
+
+    def back_first_block(self, sig: Streams, inner, args, kwargs):
+        """The first block after the front group: the rest's anchor (its input, the front's output)."""
+        call = self.call
+        if call is None:
+            return inner(*args, **kwargs)
+        if call.skip_all:
+            return sig.join(sig.read(args, kwargs))
+        call.anchor = sig.read(args, kwargs)
         self.blocks_run += 1
         return inner(*args, **kwargs)
 
@@ -495,7 +568,7 @@ def _calibration_set(state: CacheState):
     t = torch.stack([x[0] for x in recs[0]["t"]])
     recs = [r for r in recs if torch.allclose(torch.stack([x[0] for x in r["t"]]), t, rtol=1e-4, atol=1e-6)]
     out = {}
-    for key in ("full", "rest", "probe"):
+    for key in ("full", "rest", "probe", "front"):
         if all(v is not None for r in recs for v in r[key]):
             out[key] = torch.stack([torch.cat([r[key][k] for r in recs]) for k in range(n)])
     return t, out
@@ -601,6 +674,20 @@ def candidate_schedules(state: CacheState, n_compute: int) -> dict[str, tuple]:
     return cands
 
 
+def front_candidates(state: CacheState, n_steps: int, n_compute: int) -> dict[str, tuple[tuple, tuple]]:
+    """TaylorCache.front: ``{name: (front schedule, rest schedule)}``, evenly spaced and end-anchored, the front
+    group on more steps than the rest, each pair costing within half a full step of the budget (the same tolerance
+    as rounding a whole-stack step count)."""
+    cfg, n, a, f = state.config, state.n_blocks, state.n_always, state.front
+    target = n_steps * (cfg.budget * (n + a) - a)  # block executions of the cached chain
+    out = {}
+    for k_rest in range(max(1, n_compute - 3), n_compute + 1):
+        k_front = min(n_steps, round((target - (n - f) * k_rest) / f))
+        if k_front > k_rest and abs(f * k_front + (n - f) * k_rest - target) <= n / 2:
+            out[f"front {k_front} steps, rest {k_rest}"] = (spaced_schedule(n_steps, k_front), spaced_schedule(n_steps, k_rest))
+    return out
+
+
 def _score(out, ref) -> float:
     """Mean plus worst per-item PSNR (peak 1) of ``out`` against ``ref`` [I, ...], each capped at 100 dB."""
     a, b = torch.as_tensor(out).double(), torch.as_tensor(ref).double()
@@ -641,28 +728,36 @@ def fit_gains(t: torch.Tensor, feats: torch.Tensor, schedule: tuple[int, ...], o
 
 def measure_schedules(state: CacheState, run, reference, n_compute: int):
     """Run every candidate schedule (``run()`` once each; with ``correct``, once more with its fitted
-    :func:`fit_gains`) and keep the one whose result is closest to the uncached ``reference`` (mean + worst item
-    PSNR): the offline error model ignores how errors compound through the sampler, a measurement does not.
-    Returns ``(schedule, step_gain or None, {candidate name: (schedule, score)})``."""
+    :func:`fit_gains`; with ``front``, the :func:`front_candidates` too) and keep the one whose result is closest to
+    the uncached ``reference`` (mean + worst item PSNR): the offline error model ignores how errors compound through
+    the sampler, a measurement does not. Returns ``(the calibrated config, {candidate name: (its config, score)})``."""
     cfg = state.config
     t, feats = _calibration_set(state)
     ts = tuple(float(v) for v in t)
+    cands = {name: (None, sched) for name, sched in candidate_schedules(state, n_compute).items()}
+    if state.front:
+        if "front" not in feats:
+            raise ValueError("calibrate: the front group's residual was not recorded (TaylorCache.front)")
+        cands.update(front_candidates(state, len(t), n_compute))
+    rest = feats["full"] - feats["front"] if state.front else feats["full"]
     scores = {}
     recording, state.recording = state.recording, False
     try:
-        for name, sched in candidate_schedules(state, n_compute).items():
-            tries = [(name, None)]
+        for name, (front, sched) in cands.items():
+            tries = [(name, None, None)]
             if cfg.correct and len(sched) < len(t):
-                tries.append((f"{name} corrected", fit_gains(t, feats["full"], sched, cfg.order)))
-            for label, gains in tries:
-                state.config = replace(cfg, schedule=sched, timesteps=ts, step_gain=gains)
+                fg = fit_gains(t, feats["front"], front or sched, cfg.order) if state.front else None
+                tries.append((f"{name} corrected", fit_gains(t, rest, sched, cfg.order), fg))
+            for label, gains, fgains in tries:
+                state.config = replace(cfg, schedule=sched, timesteps=ts, step_gain=gains, front_schedule=front,
+                                       front_step_gain=fgains)  # fmt: skip
                 state.reset()
-                scores[label] = (_score(run(), reference), sched, gains)
+                scores[label] = (_score(run(), reference), state.config)
     finally:
         state.config, state.recording = cfg, recording
         state.reset()
     best = max(scores, key=lambda k: scores[k][0])
-    return scores[best][1], scores[best][2], {k: (v[1], round(v[0], 2)) for k, v in scores.items()}
+    return scores[best][1], {k: (v[1], round(v[0], 2)) for k, v in scores.items()}
 
 
 def budget_steps(state: CacheState, n_steps: int) -> int:
@@ -687,12 +782,10 @@ def solve_budget(state: CacheState, run=None, reference=None):
     cfg = state.config
     t, _ = _calibration_set(state)
     n_compute = budget_steps(state, len(t))
-    gains = None
     if run is not None:
-        sched, gains, _ = measure_schedules(state, run, reference, n_compute)
-    else:
-        sched = spaced_schedule(len(t), n_compute)
-    return replace(cfg, schedule=sched, timesteps=tuple(float(v) for v in t), step_gain=gains)
+        best, _ = measure_schedules(state, run, reference, n_compute)
+        return best
+    return replace(cfg, schedule=spaced_schedule(len(t), n_compute), timesteps=tuple(float(v) for v in t))
 
 
 def _newton(ts: list[float], vs: list[torch.Tensor], t: float) -> torch.Tensor:
@@ -789,6 +882,9 @@ def _rules(family, model: nn.Module, config):
     if not isinstance(blocks, str):
         blocks = [b for _, b in blocks]
     why = _stack_reason(stack, blocks)
+    if not why and cache.front and not 2 <= cache.front <= len(blocks) - 2:
+        raise ValueError(f"TaylorCache.front={cache.front} needs 2 <= front <= {len(blocks) - 2} on {model_cls} (its "
+                         f"cached chain has {len(blocks)} blocks)")  # fmt: skip
     if why:
         return {model_cls: lambda m, cfg: f"Taylor cache not applied: {why}"}
     n_stack = len(stack.modules(model))
@@ -839,8 +935,14 @@ def _rules(family, model: nn.Module, config):
         elif i == len(blocks) - 1:
             fwd = lambda module, inner, *a, **k: state.last_block(sig, inner, a, k)  # noqa: E731
             role = "last block (forecast)"
+        elif i == cache.front - 1:
+            fwd = lambda module, inner, *a, **k: state.front_last_block(sig, inner, a, k)  # noqa: E731
+            role = "front group's last block (forecast)"
+        elif i == cache.front and i:
+            fwd = lambda module, inner, *a, **k: state.back_first_block(sig, inner, a, k)  # noqa: E731
+            role = "first block after the front group"
         else:
-            fwd = lambda module, inner, *a, **k: state.middle_block(sig, inner, a, k)  # noqa: E731
+            fwd = lambda module, inner, *a, **k: state.middle_block(sig, inner, a, k, i)  # noqa: E731
             role = "skippable block"
         return Plan("cache", f"Taylor cache: {role}", fwd, wraps=True, backend=backend)
 

@@ -184,21 +184,37 @@ def test_measured_calibration_keeps_the_candidate_closest_to_uncached():
     measure = feature.measure_schedules
 
     def spy(*a, **k):
-        best, gains, info = measure(*a, **k)
-        seen.update(best=best, gains=gains, info=info)
-        return best, gains, info
+        best, info = measure(*a, **k)
+        seen.update(best=best, info=info)
+        return best, info
 
     feature.measure_schedules = spy
     try:
         cal = ditkern.cache.calibrate(model, run)
     finally:
         feature.measure_schedules = measure
-    assert cal.schedule == seen["best"] and cal.step_gain == seen["gains"] and len(cal.schedule) == 4  # round(9 * 0.45)
+    assert cal == seen["best"] and len(cal.schedule) == 4  # round(9 * 0.45)
     info = seen["info"]
     assert any(k.endswith(" corrected") for k in info) and any(not k.endswith(" corrected") for k in info)
     chosen = max(info, key=lambda k: info[k][1])
-    assert info[chosen][0] == cal.schedule and chosen.endswith(" corrected") == (cal.step_gain is not None)
+    assert info[chosen][0] == cal and chosen.endswith(" corrected") == (cal.step_gain is not None)
     ditkern.unpatch(model)
+
+
+def _count_blocks(pipe, steps):
+    """Seeds 0, 1 (digits 0, 1) at ``steps``: (block executions counted by a pre-hook on each block's attention,
+    ditkern.cache.stats)."""
+    import ditkern.zoo as zoo
+
+    runs = []
+    hooks = [b.attn1.register_forward_pre_hook(lambda *a: runs.append(1)) for b in pipe.transformer.transformer_blocks]
+    ditkern.cache.reset_stats(pipe)
+    try:
+        zoo.generate(pipe, [0, 1], [0, 1], num_inference_steps=steps)
+    finally:
+        for h in hooks:
+            h.remove()
+    return len(runs), ditkern.cache.stats(pipe)
 
 
 def test_budget_is_met_on_a_zoo_pipeline():
@@ -209,16 +225,10 @@ def test_budget_is_met_on_a_zoo_pipeline():
     pipe = zoo.load("digits-dit-deep")
     ditkern.patch(pipe, cache=TaylorCache(order=1, budget=0.25), backend="torch")
     ditkern.cache.calibrate(pipe, lambda: zoo.generate(pipe, [3], [1000], num_inference_steps=20), measure=False)
-    runs = []
-    hooks = [b.attn1.register_forward_pre_hook(lambda *a: runs.append(1)) for b in pipe.transformer.transformer_blocks]
-    ditkern.cache.reset_stats(pipe)
-    zoo.generate(pipe, [0, 1], [0, 1], num_inference_steps=20)
-    for h in hooks:
-        h.remove()
-    st = ditkern.cache.stats(pipe)
+    runs, st = _count_blocks(pipe, 20)
     n = len(pipe.transformer.transformer_blocks)
     assert st["calls"] == 20 and st["generations"] == 1 and st["calibrated"], st  # cond + uncond: one batch
-    assert abs(len(runs) / (20 * n) - 0.25) <= 0.03 and st["block_fraction"] == len(runs) / (20 * n), (len(runs), st)
+    assert abs(runs / (20 * n) - 0.25) <= 0.03 and st["block_fraction"] == runs / (20 * n), (runs, st)
     ditkern.unpatch(pipe)
 
 
@@ -261,3 +271,27 @@ def test_fit_gains_recovers_the_scale_of_the_reused_feature_and_of_the_increment
     for k in range(9):
         exp = want.get(k, (1.0, 1.0))
         assert got[k] == pytest.approx(exp, abs=1e-6), (k, got[k], exp)
+
+
+def test_budget_with_a_front_group_is_met_and_counts_every_block():
+    """digits-dit-deep at 12 steps, front=5: a front candidate of the budget (the front group on more steps than
+    the rest) runs 0.25 +- 0.03 of the block executions on other seeds, counted by a pre-hook on each block's
+    attention and by ditkern.cache.stats, exactly front * its steps + the rest * its steps."""
+    from dataclasses import replace
+
+    import ditkern.zoo as zoo
+    from ditkern.cache import feature
+
+    pipe = zoo.load("digits-dit-deep")
+    ditkern.patch(pipe, cache=TaylorCache(order=1, budget=0.25, front=5), backend="torch")
+    state = pipe.transformer.__dict__["_ditkern_cache_state"]
+    cal = ditkern.cache.calibrate(pipe, lambda: zoo.generate(pipe, [3], [1000], num_inference_steps=12), measure=False)
+    n = len(pipe.transformer.transformer_blocks)
+    fronts = feature.front_candidates(state, 12, len(cal.schedule))
+    assert fronts and all(len(f) > len(r) for f, r in fronts.values()), fronts
+    for front, rest in list(fronts.values())[-1:]:  # the one closest to the whole-stack count (time)
+        ditkern.patch(pipe, cache=replace(cal, schedule=rest, front_schedule=front), backend="torch")
+        runs, st = _count_blocks(pipe, 12)
+        assert runs == 5 * len(front) + (n - 5) * len(rest) and st["block_fraction"] == runs / (12 * n)
+        assert abs(runs / (12 * n) - 0.25) <= 0.03, (front, rest, runs)
+    ditkern.unpatch(pipe)

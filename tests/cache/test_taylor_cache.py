@@ -370,3 +370,49 @@ def test_step_gain_scales_the_reused_feature_and_the_taylor_increment():
         TaylorCache(interval=2, step_gain=((1.0, 1.0),))
     with pytest.raises(ValueError, match="step_gain must be"):
         TaylorCache(schedule=(0,), step_gain=((1.0,),))
+
+
+def test_front_group_has_its_own_state_and_steps():
+    """front=2 on a 2 double + 2 single block FLUX: the front group runs on its schedule (0-3), the rest on (0-2); at
+    step 3 the rest is forecast from the fresh front output, at step 4 the front's output is its input plus its own
+    order-1 forecast (through steps 2, 3) and the rest's through steps 1, 2; both streams of the front are forecast."""
+    model, inputs = tiny.FAMILIES["flux"](batch=1)
+    model.eval()
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    rec = {k: [] for k in ("in", "front", "back_in", "out")}
+
+    def pre(key):
+        return lambda m, a, k: rec[key].append(tuple(x.clone() for x in (k.get("hidden_states", a[0] if a else None),
+                                                                             k.get("encoder_hidden_states", a[1] if len(a) > 1 else None))))  # fmt: skip
+
+    def post(key):
+        return lambda m, a, k, o: rec[key].append((o[1].clone(), o[0].clone()))  # (hidden, encoder)
+
+    hooks = [blocks[0].register_forward_pre_hook(pre("in"), with_kwargs=True),
+             blocks[1].register_forward_hook(post("front"), with_kwargs=True),
+             blocks[2].register_forward_pre_hook(pre("back_in"), with_kwargs=True),
+             blocks[3].register_forward_hook(post("out"), with_kwargs=True)]  # fmt: skip
+    ditkern.patch(model, cache=TaylorCache(order=1, schedule=(0, 1, 2), front=2, front_schedule=(0, 1, 2, 3)), backend="torch")
+    _denoise(model, "flux", inputs, TS[:5])
+    for h in hooks:
+        h.remove()
+    st = stats(model)
+    assert st["blocks_run"] == 3 * 4 + 2 and st["forecast_calls"] == 2, st
+    t = [v / 1000 for v in TS[:5]]
+
+    def newton(r, a, b, k):
+        return r[b] + (r[b] - r[a]) / (t[b] - t[a]) * (t[k] - t[b])
+
+    for s in (0, 1):  # hidden, encoder stream of the front group
+        rf = [(rec["front"][k][s] - rec["in"][k][s]).double() for k in range(4)]
+        torch.testing.assert_close(rec["front"][4][s].double(), rec["in"][4][s].double() + newton(rf, 2, 3, 4), atol=1e-4, rtol=1e-4)
+    rb = [(rec["out"][k][0] - rec["back_in"][k][0]).double() for k in range(3)]
+    for k in (3, 4):
+        torch.testing.assert_close(rec["back_in"][k][0].double(), rec["front"][k][0].double())  # the rest's input: front's output
+        torch.testing.assert_close(rec["out"][k][0].double(), rec["back_in"][k][0].double() + newton(rb, 1, 2, k), atol=1e-4, rtol=1e-4)
+    ditkern.unpatch(model)
+    with pytest.raises(ValueError, match="front=3 needs 2 <= front <= 2"):
+        ditkern.patch(model, cache=TaylorCache(schedule=(0, 2), front=3), backend="torch")
+    ditkern.unpatch(model)
+    with pytest.raises(ValueError, match="front=2 needs a schedule or a budget"):
+        TaylorCache(interval=2, front=2)
