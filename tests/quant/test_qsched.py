@@ -152,7 +152,8 @@ def test_calibrate_improves_its_own_objective_on_a_reference_pipeline():
 def _calibrate_and_check(zoo):
     pipe = zoo.load("digits-dit")
     classes, seeds = [0, 3, 5, 8], [2000, 2001, 2002, 2003]
-    s = calibrate(pipe, classes, steps=2, seeds=seeds, max_evals=12, grid=(0.98, 1.0), delta=0.02, progress=False)
+    s = calibrate(pipe, classes, steps=2, seeds=seeds, max_evals=12, grid=(0.98, 1.0), delta=0.02, significance=0,
+                  progress=False)  # fmt: skip
     assert pipe.scheduler is s.base  # calibration leaves the pipeline's scheduler as it was
     assert s.meta["evals"] <= 12
     assert s.c_x[-1] == 1.0 and s.c_eps[-1] == 1.0  # the last step stays where the paper's ramps end
@@ -162,3 +163,8 @@ def _calibrate_and_check(zoo):
     assert again == pytest.approx(s.meta["objective_best"], abs=1e-9)
     with pytest.raises(ValueError, match="calibrated for num_inference_steps=2"):
         zoo.generate(pipe, classes, seeds, num_inference_steps=3)
+    pipe.scheduler = s.base
+    # an improvement smaller than a million standard errors of the per-image differences is not taken
+    strict = calibrate(pipe, classes, steps=2, seeds=seeds, max_evals=4, grid=(0.98, 1.0), significance=1e6,
+                       progress=False)  # fmt: skip
+    assert strict.c_x == [1.0, 1.0] and strict.c_eps == [1.0, 1.0] and strict.meta["evals"] == 4
