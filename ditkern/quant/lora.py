@@ -133,20 +133,25 @@ def _plan(layer: nn.Module, x: torch.Tensor, args, kwargs) -> list[str] | None:
 
 
 def _stacked(layer: nn.Module, names: list[str]):
-    """(key, a_cat [R, K], b_cat [N, R] with the scalings folded in), cached on the layer while the key holds."""
+    """(key, a_cat [R, K], b_cat [N, R] with the scalings folded in), cached on the layer while the key holds (not
+    under torch.compile, which traces the stacking instead: key None)."""
     wa = [layer.lora_A[a].weight for a in names]
     wb = [layer.lora_B[a].weight for a in names]
+
+    def stack():
+        with torch.no_grad():
+            a_cat = torch.cat(wa) if len(wa) > 1 else wa[0].detach()
+            b_cat = torch.cat([(w.float() * layer.scaling[a]).to(w.dtype) for a, w in zip(names, wb)], dim=1)
+        return a_cat, b_cat
+
+    if torch.compiler.is_compiling():
+        return (None, *stack())
     key = tuple((a, float(layer.scaling[a]), p.data_ptr(), _version(p), q.data_ptr(), _version(q))
                 for a, p, q in zip(names, wa, wb))  # fmt: skip
     st = layer.__dict__[_STATE]
-    if st.get("key") == key and not torch.compiler.is_compiling():
-        return key, st["a_cat"], st["b_cat"]
-    with torch.no_grad():
-        a_cat = torch.cat(wa) if len(wa) > 1 else wa[0].detach()
-        b_cat = torch.cat([(w.float() * layer.scaling[a]).to(w.dtype) for a, w in zip(names, wb)], dim=1)
-    if not torch.compiler.is_compiling():
-        st.update(key=key, a_cat=a_cat, b_cat=b_cat)
-    return key, a_cat, b_cat
+    if st.get("key") != key:
+        st.update(zip(("key", "a_cat", "b_cat"), (key, *stack())))
+    return key, st["a_cat"], st["b_cat"]
 
 
 class _SharedInput:

@@ -183,6 +183,27 @@ def test_peft_forward_where_the_batched_path_does_not_apply(quantized, peft_forw
         _run(model, inputs)
 
 
+def test_compile_fullgraph_of_a_quantized_block_with_adapters(quantized):
+    """torch.compile(fullgraph=True) traces ditkern's LoRA path in a quantized block (the stacking is traced, not
+    cached) and matches eager, which the adapters change."""
+    model, inputs, _ = quantized
+    model.add_adapter(_lora(9), adapter_name="a")
+    model.add_adapter(_lora(10, r=2), adapter_name="b")
+    model.set_adapters(["a", "b"], [1.0, 0.5])
+    block = model.transformer_blocks[1]
+    args = (torch.randn(1, 9, 32), torch.randn(1, 4, 32), torch.randn(1, 32))
+    with torch.no_grad():
+        _run(model, inputs)  # the pre-hook adopts the LoRA layers
+        eager = block(*args)
+        torch._dynamo.reset()
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(*args)
+        model.disable_adapters()
+        without = block(*args)
+    for c, e, w in zip(compiled, eager, without):
+        torch.testing.assert_close(c, e)
+        assert not torch.allclose(e, w, atol=1e-3)
+
+
 def test_fuse_lora_requantizes_the_merged_weight(quantized):
     model, inputs, base = quantized
     model.add_adapter(_lora(3), adapter_name="a")
