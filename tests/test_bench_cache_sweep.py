@@ -91,3 +91,26 @@ def test_a_tiny_case_end_to_end(tmp_path, monkeypatch, one_thread):
     assert "## digits-flux, 4 steps (2 seeds" in md and "this baseline does not apply" in md
     assert (tmp_path / "cache_sweep_digits-flux_4.png").stat().st_size > 0
     assert (tmp_path / "cache_sweep.csv").read_text().count("\n") == 6
+
+
+def test_demo_calibrates_its_budget_cache_row_on_its_own_seeds(tmp_path, monkeypatch, one_thread, capsys):
+    """The demo's cache row (a budget, from the sweep) is calibrated on zoo.demo.CALIB_SEEDS after it is patched,
+    never on the shown seeds, and its block fraction counts only the measured generations (here in the same file as
+    the sweep that chose the row)."""
+    import ditkern.zoo as zoo
+    import ditkern.zoo.demo as demo
+    from ditkern import TaylorCache
+
+    seen = []
+    real = zoo.generate
+    monkeypatch.setattr(zoo, "generate", lambda pipe, classes, seeds, **kw: seen.append(list(seeds)) or
+                        real(pipe, classes, seeds, **kw))  # fmt: skip
+    settings = {"budget": {"cache": TaylorCache(order=1, budget=0.5), "backend": "torch"}}
+    demo.run_demo(out_path=str(tmp_path / "d.png"), seeds=[0, 1], pipelines=["digits-flux"], settings=settings,
+                  sampler={"num_inference_steps": 6}, progress=False, verbose=True)
+    calib = list(demo.CALIB_SEEDS)
+    assert seen.count(calib) >= 2  # the recording run and the measured candidates
+    assert all(s in ([0], [0, 1], calib) for s in seen), seen  # shown seeds, warm-up image, calibration seeds only
+    line = next(x for x in capsys.readouterr().out.splitlines() if "digits-flux [budget]" in x and "blocks" in x)
+    frac = int(line.split("blocks executed ")[1].split("%")[0]) / 100
+    assert abs(frac - 0.5) <= 0.1, line  # 3 of 6 steps; uncalibrated it would run every block (off its timesteps)
