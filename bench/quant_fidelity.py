@@ -75,6 +75,7 @@ def headline_settings(cal):
 
     g32 = dict(group_size=32, scale_dtype="bf16", keep_edge_adaln=False)
     gptq = dict(g32, method="gptq", calibration=cal)
+    ada = dict(g32, method="adaround", calibration=cal)
     return [
         ("fp4_e2m1 g32 bf16 blocks", QuantConfig(format="fp4_e2m1", **g32)),
         ("int4 g32 bf16 blocks", QuantConfig(format="int4", **g32)),
@@ -82,6 +83,11 @@ def headline_settings(cal):
         ("int4 g32 bf16 gptq blocks", QuantConfig(format="int4", **gptq)),
         ("fp6_e2m3 g32 bf16 blocks", QuantConfig(format="fp6_e2m3", **g32)),
         ("fp6_e2m3 g32 bf16 gptq blocks", QuantConfig(format="fp6_e2m3", **gptq)),
+        # learned rounding; the auto row after them reuses their per-layer results (same calibration: memoised)
+        ("fp4_e2m1 g32 bf16 adaround blocks", QuantConfig(format="fp4_e2m1", **ada)),
+        ("int4 g32 bf16 adaround blocks", QuantConfig(format="int4", **ada)),
+        ("fp6_e2m3 g32 bf16 adaround blocks", QuantConfig(format="fp6_e2m3", **ada)),
+        ("auto <= 4.6 bits g32 bf16 adaround blocks", QuantConfig(format="auto", bits=4.6, **ada)),
     ]
 
 

@@ -8,6 +8,8 @@ weights' own error (which on small trained DiTs can go down while the output PSN
 * ``awq_quantize``: activation-aware per-input-channel scaling (AWQ, Lin et al. 2023, arXiv 2306.00978): quantize
   ``W * s`` with ``s = mean|x|**alpha``, compute ``(x / s) @ W_hat.T``; alpha on a grid, alpha = 0 is plain absmax,
   so the search never does worse than absmax on the calibration rows.
+* ``gptq_quantize``: error-compensating rounding with the rows' Hessian; ``ditkern.quant.adaround``: learned
+  rounding (AdaRound on the FP grid) with a per-group scale search, on the Gram matrix of every row seen.
 * ``layer_error``: relative output MSE of a quantized weight on the rows (weight MSE without calibration), used by
   the per-layer format choice (``format="auto4"``, ``memory_budget``).
 """
@@ -30,6 +32,8 @@ class LayerStats:
     absmean: torch.Tensor  # [K] fp32, mean |x| per input channel
     rows: torch.Tensor  # [R, K] fp32, a random subsample of input rows
     count: int  # rows seen
+    gram: torch.Tensor | None = None  # [K, K] fp64 X^T X over every row seen (learned rounding's H), or None
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # learned roundings already computed
 
 
 @dataclass
@@ -52,11 +56,14 @@ def _transformers(obj) -> list[nn.Module]:
 
 @torch.no_grad()
 def calibrate(model_or_pipeline, run: Callable[[], object], max_rows: int = 512, seed: int = 0) -> Calibration:
-    """Capture the inputs of every linear layer while ``run()`` executes (patch after calibrating, or unpatched)."""
+    """Capture the inputs of every linear layer while ``run()`` executes (patch after calibrating, or unpatched): per
+    layer the mean ``|x|`` per input channel, up to ``max_rows`` rows drawn from every call (so from every timestep
+    the sampler runs), and the Gram matrix ``X^T X`` of all rows."""
     gen = torch.Generator().manual_seed(seed)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     rows: dict[str, list[torch.Tensor]] = {}
+    grams: dict[str, torch.Tensor] = {}
     handles = []
     per_call = max(8, max_rows // 16)
 
@@ -65,6 +72,8 @@ def calibrate(model_or_pipeline, run: Callable[[], object], max_rows: int = 512,
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
             sums[path] = sums.get(path, 0) + x.abs().sum(0)
             counts[path] = counts.get(path, 0) + x.shape[0]
+            xd = x.double()
+            grams[path] = grams.get(path, 0) + xd.T @ xd
             idx = torch.randperm(x.shape[0], generator=gen)[:per_call]
             rows.setdefault(path, []).append(x[idx])
 
@@ -84,7 +93,7 @@ def calibrate(model_or_pipeline, run: Callable[[], object], max_rows: int = 512,
         r = torch.cat(rows[path])
         if r.shape[0] > max_rows:
             r = r[torch.randperm(r.shape[0], generator=gen)[:max_rows]]
-        cal.layers[path] = LayerStats(s / counts[path], r.contiguous(), counts[path])
+        cal.layers[path] = LayerStats(s / counts[path], r.contiguous(), counts[path], grams[path])
     return cal
 
 

@@ -6,7 +6,9 @@ Directory: ``config.json`` (the model's diffusers config, ``save_config``), ``di
 or, above ``max_shard_size``, shards ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` with their
 ``diffusion_pytorch_model.safetensors.index.json`` (diffusers' names), and ``ditkern_quantization.json``: the
 quantization config (checkpoint format version, ditkern version, model class, dtype, per layer the format, group size
-and shape, the layers kept in high precision, the activation mode). A ``.safetensors`` file holds the same tensors,
+and shape, the layers kept in high precision, the activation mode, and ``calibration``: the method and settings the
+layers were chosen with, e.g. ``{"method": "adaround", "format": "auto", "bits": 4.6, ...}``; files without it, from
+earlier versions, still load). A ``.safetensors`` file holds the same tensors,
 with the config and the model config in its metadata (the only layout of ``ditkern-quant-1`` / ``-2`` files, which
 still load).
 
@@ -35,7 +37,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' SAFETENSORS_W
 INDEX_NAME = WEIGHTS_NAME + ".index.json"  # diffusers' SAFE_WEIGHTS_INDEX_NAME
 CONFIG_NAME = "config.json"
 DEFAULT_SHARD_BYTES = 5 * 10**9  # diffusers' default max_shard_size ("5GB")
-_JSON_KEYS = ("layers", "skipped", "formats", "group_sizes", "activations", "model_config")  # JSON-in-string in a file
+_JSON_KEYS = ("layers", "skipped", "formats", "group_sizes", "activations", "model_config", "calibration")  # JSON-in-string in a file
 
 
 def _transformer(obj) -> nn.Module:
@@ -112,9 +114,10 @@ def save_quantized(model_or_pipeline, path: str | os.PathLike, max_shard_size: i
         if qw.smooth is not None:
             tensors[f"{p}.qweight_smooth"] = qw.smooth.cpu().contiguous()
         meta_layers[p] = {"format": qw.format, "group_size": qw.group_size, "shape": list(qw.shape)}
-    acts = {
-        m.__dict__["_ditkern_quant"]["activations"] for _, m in model.named_modules() if "_ditkern_quant" in m.__dict__
-    }
+    states = [m.__dict__["_ditkern_quant"] for _, m in model.named_modules() if "_ditkern_quant" in m.__dict__]
+    acts = {st["activations"] for st in states}
+    records = list({json.dumps(_jsonable(st.get("calibration")), sort_keys=True): st.get("calibration")
+                    for st in states}.values())  # fmt: skip
     kept = [p for p, m in model.named_modules() if type(m).__name__ == "Linear" and p not in layers]
     config = getattr(model, "config", None)
     quant = {
@@ -127,6 +130,9 @@ def save_quantized(model_or_pipeline, path: str | os.PathLike, max_shard_size: i
         "formats": sorted({v["format"] for v in meta_layers.values()}),
         "group_sizes": sorted({v["group_size"] for v in meta_layers.values()}),
         "activations": acts.pop() if len(acts) == 1 else None,
+        # how the layers were chosen (method, format or "auto", group size, scales, budget, calibration size): a
+        # record only; loading needs no calibration (a list where layers were patched with several configs)
+        "calibration": _jsonable(records[0] if len(records) == 1 else records),
     }
     if as_file:
         parent = os.path.dirname(os.path.abspath(path))
@@ -359,6 +365,8 @@ def load_quantized(model_or_class, path: str | os.PathLike | None = None, *, dev
     first = next(iter(preq.values()))
     qc = QuantConfig(format=first.format, group_size=first.group_size, skip=[])
     object.__setattr__(qc, "_prequantized", preq)
+    record = quant.get("calibration") or {"method": "not recorded (a checkpoint from an earlier ditkern)"}
+    object.__setattr__(qc, "_loaded_record", record)  # a re-save records what the checkpoint recorded
     object.__setattr__(qc, "activations", patch_options.pop("activations", quant.get("activations")))
     if pipe is not None and getattr(pipe, "transformer", None) is None:
         pipe.register_modules(transformer=model)

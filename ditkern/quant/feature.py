@@ -24,7 +24,7 @@ from ditkern.formats import QuantizedWeight, inv_smooth, quantize
 from ditkern.patch.engine import Feature, Plan, device_dtype, family_of, register_feature
 from ditkern.patch.family import COMMON_SKIP, Family, QuantLayout, Stack
 from ditkern.quant import fp8_companion, lora
-from ditkern.quant.config import QuantConfig, as_quant_config
+from ditkern.quant.config import AUTO_FORMATS, QuantConfig, as_quant_config
 
 UPGRADE = "fp6_e2m3"  # the format a layer moves to first under a memory budget
 
@@ -91,6 +91,10 @@ def quantize_layer(path: str, module: nn.Linear, fmt: str, qc: QuantConfig, stat
         from ditkern.quant.calibrate import awq_quantize  # noqa: PLC0415
 
         return awq_quantize(w, fmt, qc.group_size, qc.scale_dtype, stats, name=path)[0]
+    if qc.method == "adaround" and stats is not None:
+        from ditkern.quant.adaround import adaround_quantize  # noqa: PLC0415
+
+        return adaround_quantize(w, fmt, qc.group_size, qc.scale_dtype, stats, name=path)
     if qc.method == "gptq" and stats is not None:
         from ditkern.quant.calibrate import gptq_quantize  # noqa: PLC0415
         from ditkern.formats import check_finite  # noqa: PLC0415
@@ -134,12 +138,15 @@ def plan_model(model: nn.Module, qc: QuantConfig, backend: str | None, family: F
 
     if preq is None:
         errors: dict[str, dict[str, float]] = {}
-        need_err = qc.format == "auto4" or qc.memory_budget is not None
+        need_err = qc.format in AUTO_FORMATS or qc.memory_budget is not None or qc.bits is not None
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
         from ditkern.quant.calibrate import layer_error  # noqa: PLC0415
 
-        for path, (m, _) in chosen.items():
+        slow = qc.method in ("gptq", "adaround") and bool(cal)
+        for path, (m, _) in tqdm(chosen.items(), desc=f"quantize ({qc.method})", unit="layer", disable=not slow):
             stats = cal.get(path)
-            base = ("fp4_e2m1", "int4") if qc.format == "auto4" else (qc.format,)
+            base = ("fp4_e2m1", "int4") if qc.format in AUTO_FORMATS else (qc.format,)
             cands = {f: quantize_layer(path, m, f, qc, stats) for f in base}
             if need_err:
                 errs = {f: layer_error(m.weight.detach(), q, stats) for f, q in cands.items()}
@@ -148,7 +155,7 @@ def plan_model(model: nn.Module, qc: QuantConfig, backend: str | None, family: F
                 chosen[path] = (m, cands[best])
             else:
                 chosen[path] = (m, cands[qc.format])
-        if qc.memory_budget is not None:
+        if qc.memory_budget is not None or qc.bits is not None:
             _fit_budget(chosen, errors, qc, cal)
 
     act = qc.act_grid
@@ -162,11 +169,17 @@ def plan_model(model: nn.Module, qc: QuantConfig, backend: str | None, family: F
 
 
 def _fit_budget(chosen, errors, qc: QuantConfig, cal) -> None:
-    """Greedy upgrades (4-bit -> fp6_e2m3 -> high precision) by measured error reduction per extra byte."""
+    """Greedy upgrades (4-bit -> fp6_e2m3 -> high precision) by measured error reduction per extra byte, within
+    ``memory_budget`` bytes (or a fraction of the bf16 size) or ``bits`` per weight."""
     from ditkern.quant.calibrate import layer_error  # noqa: PLC0415
 
-    bf16 = sum(m.weight.numel() * 2 for m, _ in chosen.values())
-    budget = qc.memory_budget if isinstance(qc.memory_budget, int) else int(qc.memory_budget * bf16)
+    numel = sum(m.weight.numel() for m, _ in chosen.values())
+    if qc.bits is not None:
+        budget, asked = int(qc.bits * numel / 8), f"bits={qc.bits!r}"
+    elif isinstance(qc.memory_budget, int):
+        budget, asked = qc.memory_budget, f"memory_budget={qc.memory_budget!r}"
+    else:
+        budget, asked = int(qc.memory_budget * 2 * numel), f"memory_budget={qc.memory_budget!r}"
     level = {p: 0 for p in chosen}
     qws = {p: [qw] for p, (m, qw) in chosen.items()}
     errs = {p: [errors[p]["base"]] for p in chosen}
@@ -182,8 +195,8 @@ def _fit_budget(chosen, errors, qc: QuantConfig, cal) -> None:
         cost[p].append(m.weight.numel() * m.weight.element_size())
     total = sum(c[0] for c in cost.values())
     if total > budget:
-        raise ValueError(f"QuantConfig.memory_budget={qc.memory_budget!r} ({budget} bytes) is below what the "
-                         f"quantized layers need at {qc.format} ({total} bytes)")  # fmt: skip
+        raise ValueError(f"QuantConfig.{asked} ({budget} bytes) is below what the quantized layers need at "
+                         f"{qc.format} ({total} bytes, {8 * total / numel:.3g} bits per weight)")  # fmt: skip
     while True:
         best = None
         for p in chosen:
@@ -291,6 +304,7 @@ def _plan(module: nn.Linear, qw: QuantizedWeight, act: str | None, backend: str 
             "order": order,
             "qweight": qw,
             "activations": qc.activations,
+            "calibration": qc.calibration_record(),
         }
         module.register_buffer("qweight_packed", qw.packed.to(dev))
         module.register_buffer("qweight_scales", _int_view(qw.scales.to(dev)))
