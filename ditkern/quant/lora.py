@@ -345,7 +345,9 @@ def adopt(model: nn.Module) -> int:
 
 
 def _adopt_hook(model, args):
-    if not torch.compiler.is_compiling() and is_patched(model):
+    # peft (inject_adapter_in_model / diffusers' load_lora_adapter) sets ``peft_config`` on the model: without it
+    # there is no adapter to adopt, so the module walk is skipped on every denoising step
+    if getattr(model, "peft_config", None) and not torch.compiler.is_compiling() and is_patched(model):
         adopt(model)
 
 
