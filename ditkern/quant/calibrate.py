@@ -127,13 +127,14 @@ def awq_quantize(w: torch.Tensor, fmt: str, group_size: int, scale_dtype: str, s
 
 
 def gptq_quantize(w: torch.Tensor, fmt: str, group_size: int, scale_dtype: str, stats: LayerStats,
-                  name: str = "weight", damp: float = 0.01) -> QuantizedWeight:  # fmt: skip
+                  name: str = "weight", damp: float = 0.01, H: torch.Tensor | None = None) -> QuantizedWeight:  # fmt: skip
     """Error-compensating rounding (GPTQ, Frantar et al. 2022, arXiv 2210.17323) onto the format's grid.
 
     Columns (input channels) are quantized in order; each one's rounding error, weighted by the inverse Hessian
     ``H = X^T X`` of the calibration rows (``damp`` x mean diagonal added), is pushed onto the columns not yet
     quantized. A group's scale is its absmax when the group is reached (of the already-updated weights). The result
-    is an ordinary :class:`QuantizedWeight` (same layout and kernels as absmax).
+    is an ordinary :class:`QuantizedWeight` (same layout and kernels as absmax). ``H``: the ``[K, K]`` Gram matrix to
+    use instead of that of ``stats.rows`` (learned rounding passes the Gram of every calibration row).
     """
     from ditkern.formats import (  # noqa: PLC0415
         get_format,
@@ -146,8 +147,11 @@ def gptq_quantize(w: torch.Tensor, fmt: str, group_size: int, scale_dtype: str, 
     f = get_format(fmt)
     W = w.detach().double().clone()
     N, K = W.shape
-    X = stats.rows.to(w.device).double()
-    H = X.T @ X
+    if H is None:
+        X = stats.rows.to(w.device).double()
+        H = X.T @ X
+    else:
+        H = H.to(w.device).double().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0

@@ -32,10 +32,10 @@ def test_adaround_output_error_below_gptq_and_absmax(fmt):
     e_gptq = layer_error(w, gptq_quantize(w, fmt, 32, "bf16", st), st)
     e_abs = layer_error(w, F.quantize(w, fmt, 32, "bf16"), st)
     assert e_ada < e_abs, (e_ada, e_abs)
-    # Not asserted: adaround <= GPTQ. In the clean-clone CI run at eb30c0d it measured 1.04-1.05x GPTQ's error on
-    # this layer (all four formats), against the 0.55-0.67x written here before the helper's speed-up of the loop;
-    # that regression is open (issue 15 note), and the claim is dropped rather than a tolerance widened.
-    assert e_ada < 1.10 * e_gptq, (e_ada, e_gptq)  # and it stays near GPTQ (measured 1.04-1.05x)
+    # the learned rounding alone ended 1.04-1.05x above GPTQ here (and above GPTQ + polish on 33 of 36 digits-dit
+    # layers), so GPTQ + polish is the second candidate and the lower error is kept: below GPTQ (measured 0.945x for
+    # fp4_e2m1, 0.965x for int4), it could only fail if the polish or the choice were broken
+    assert e_ada < e_gptq, (e_ada, e_gptq)
 
 
 @pytest.mark.parametrize("fmt", ["fp4_e2m1", "int4"])
