@@ -404,8 +404,11 @@ def frontier(rows: list[dict], up_to: float = 1.0) -> dict[str, dict[str, float 
     """Per non-ditkern method of one case: the least margin of ditkern's frontier over its rows at a compute fraction
     of at most ``up_to``, per metric (mean, worst). A row's margin = the best ditkern PSNR at the same or a lower
     compute fraction, minus the row's (negative: that method is above ditkern there); rows below every ditkern row's
-    fraction are counted as uncovered."""
-    ok = [r for r in rows if not r.get("error") and r["method"] != "uncached" and r.get("block_fraction") is not None]
+    fraction are counted as uncovered. Rows at a compute fraction of 1 (a method that ran every block and attention,
+    e.g. diffusers' attention-level TaylorSeer on DiT, whose processors it does not hook) save nothing and are left
+    out: they are the uncached images, not a point of a caching curve."""
+    ok = [r for r in rows if not r.get("error") and r["method"] != "uncached" and r.get("block_fraction") is not None
+          and compute_fraction(r) < 1 - 1e-9]  # fmt: skip
     ours = [r for r in ok if r["kind"] == "ditkern"]
     out: dict[str, dict[str, float | int | None]] = {}
     for m in dict.fromkeys(r["method"] for r in ok if r["kind"] != "ditkern"):

@@ -31,8 +31,10 @@ def test_frontier_margin_is_the_best_ditkern_row_at_no_more_compute():
     rows = [_row("ditkern a", "ditkern", 0.25, 40.0, 33.0), _row("ditkern a", "ditkern", 0.5, 50.0, math.inf),
             _row("other", "diffusers", 0.3, 42.0, 31.0), _row("other", "diffusers", 0.6, 45.0, 44.0),
             _row("other", "diffusers", 0.1, 20.0, 10.0),  # below every ditkern row: uncovered
-            _row("attention-level", "diffusers", 1.0, 47.0, 47.0, attn=0.4)]  # judged at its attention fraction
+            _row("attention-level", "diffusers", 1.0, 47.0, 47.0, attn=0.4),  # judged at its attention fraction
+            _row("saved nothing", "diffusers", 1.0, 100.0, math.inf)]  # every block and attention ran: no point
     fr = cs.frontier(rows)
+    assert "saved nothing" not in fr
     assert fr["other"]["psnr_mean_db"] == pytest.approx(-2.0)  # 40 (at 0.25) - 42 (at 0.3)
     assert fr["other"]["psnr_worst_db"] == pytest.approx(2.0)  # 33 - 31
     assert fr["other"]["psnr_mean_db_uncovered"] == 1
