@@ -39,6 +39,8 @@ def ditkern_rows(pipeline: str, steps: int, quick: bool = False) -> list[Row]:
         out.append(Row("ditkern end-anchored o1", f"interval={n}", lambda n=n: TaylorCache.end_anchored(steps, n, order=1)))
     for b in (0.15, 0.18, 0.2, 0.25):  # correct=True (default): the calibration may pick per-step gains
         out.append(Row("ditkern budget o1", f"budget={b}", lambda b=b: TaylorCache(order=1, budget=b), calibrate=True))
+    for b in (0.15, 0.18, 0.2):  # second order: the fixed o2 rows are above o1 at the same interval on DiT
+        out.append(Row("ditkern budget o2", f"budget={b}", lambda b=b: TaylorCache(order=2, budget=b), calibrate=True))
     for b in (0.18, 0.2):  # ablation: schedule only
         out.append(Row("ditkern budget o1 uncorrected", f"budget={b}",
                        lambda b=b: TaylorCache(order=1, budget=b, correct=False), calibrate=True))  # fmt: skip
@@ -46,6 +48,9 @@ def ditkern_rows(pipeline: str, steps: int, quick: bool = False) -> list[Row]:
     for b in (0.18, 0.2) if front else ():  # a front group with its own state and steps among the candidates
         out.append(Row("ditkern budget o1 front", f"budget={b},front={front}",
                        lambda b=b: TaylorCache(order=1, budget=b, front=front), calibrate=True))  # fmt: skip
+    for b in (0.2,) if front else ():  # o2 with a front group: at 28 steps a whole-stack 0.2 rounds to 6 steps (0.21)
+        out.append(Row("ditkern budget o2 front", f"budget={b},front={front}",
+                       lambda b=b: TaylorCache(order=2, budget=b, front=front), calibrate=True))  # fmt: skip
     for g in (0.1, 0.3) if quick else (0.1, 0.2, 0.4):  # 0.05: below what digits-flux-deep reaches (never forecasts)
         out.append(Row("ditkern gated o1 calibrated", f"gate={g},max_skip=3",
                        lambda g=g: TaylorCache(order=1, gate=g, warmup=2, max_skip=3), calibrate=True))  # fmt: skip
