@@ -197,7 +197,8 @@ def adaround_quantize(w: torch.Tensor, fmt: str, group_size: int, scale_dtype: s
     check_finite(w, name)
     # the same layer, format and settings again (another config patched with the same calibration, the candidates of
     # format="auto"): the result is computed once per calibration
-    key = (f.name, group_size, scale_dtype, iters, scale_search, sweeps, _fingerprint(w))
+    key = (f.name, group_size, scale_dtype, iters, scale_search, sweeps, _fingerprint(w),
+           (ZETA, GAMMA, SCALE_FACTORS, ITERS, MIN_ITERS, LR, LAM, WARMUP, BETA, DAMP))  # the module's constants too
     memo = getattr(stats, "memo", None)
     if memo is not None and key in memo:
         return _copy(memo[key])
