@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import csv
 import json
 import math
@@ -45,7 +46,6 @@ def ablations(model, base_qc=None, tag="fp4_e2m1"):
     """What each layer group the default skip list keeps buys: the default list minus one group at a time (that group
     quantized too), the list before it was made explicit (``*embed*`` also keeping DiT's per-block timestep
     embedders), and nothing kept."""
-    import dataclasses
 
     from ditkern import QuantConfig
     from ditkern.quant.feature import default_skip
@@ -87,6 +87,9 @@ def headline_settings(cal):
         ("fp4_e2m1 g32 bf16 adaround blocks", QuantConfig(format="fp4_e2m1", **ada)),
         ("int4 g32 bf16 adaround blocks", QuantConfig(format="int4", **ada)),
         ("fp6_e2m3 g32 bf16 adaround blocks", QuantConfig(format="fp6_e2m3", **ada)),
+        # the rounding of each layer chosen on images of --choice-seeds calibration seeds (choose_rounding)
+        ("fp4_e2m1 g32 bf16 adaround+choice blocks", QuantConfig(format="fp4_e2m1", **ada)),
+        ("int4 g32 bf16 adaround+choice blocks", QuantConfig(format="int4", **ada)),
         ("auto <= 4.6 bits g32 bf16 adaround blocks", QuantConfig(format="auto", bits=4.6, **ada)),
         # FP formats only (FP4DiT's point): E2M1 everywhere, the layers that gain most per byte upgraded to E2M3
         ("fp4_e2m1 <= 4.6 bits (+fp6_e2m3) g32 bf16 adaround blocks",
@@ -116,7 +119,6 @@ def backfill_bits(path: Path, calib_seeds: int) -> None:
     images again: each setting is patched as it was then, with the skip list of that run (the family's patterns as
     written: ``*embed*`` also keeping DiT's per-block embedders), and counted; torchao rows get their nominal bits
     at their scope. GPTQ / AWQ / budget rows are calibrated on the same seeds as then (deterministic)."""
-    import dataclasses
     import fnmatch
 
     import ditkern
@@ -218,6 +220,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seeds", type=int, default=50)
     p.add_argument("--calib-seeds", type=int, default=10)
+    p.add_argument("--choice-seeds", type=int, default=30,
+                   help="images (seeds 1000.., the calibration seeds first) the +choice rows choose roundings on")
     p.add_argument("--pipelines", nargs="*", default=["digits-dit", "digits-flux"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(OUT))
@@ -310,6 +314,13 @@ def main(argv=None):
         for setting, qc in settings:
             try:
                 t0 = time.perf_counter()
+                if "+choice" in setting:  # the choice's runs are part of the row's time
+                    from ditkern.quant import choose_rounding
+
+                    sel = list(range(1000, 1000 + a.choice_seeds))
+                    chosen = choose_rounding(pipe, lambda: zoo.generate(pipe, [s % 10 for s in sel], sel), qc)
+                    print(setting, chosen.rounding, flush=True)
+                    qc = dataclasses.replace(qc, calibration=chosen)
                 ditkern.patch(pipe, quant=qc, fused_norms=False, backend="torch")
                 images = gen(pipe)
                 record(name, setting, images, ref, time.perf_counter() - t0, model=pipe.transformer)

@@ -3,11 +3,13 @@
 ``ditkern.patch(model, quant="fp4" | "fp6" | "int4" | "w4a8" | "w6a8" | "w4a6" | ditkern.QuantConfig(...))``;
 ``ditkern.save_quantized`` / ``ditkern.load_quantized``; ``ditkern.quant.fuse_lora`` / ``unfuse_lora`` (peft LoRA
 merged into quantized layers, re-quantized; and back); ``ditkern.quant.bit_counts`` (bits per weight over the
-quantized layers, the blocks, all linears). See docs/quant.md.
+quantized layers, the blocks, all linears); ``ditkern.quant.default_skip`` (the layers the default list keeps). See
+docs/quant.md.
 """
 
 from ditkern.quant.calibrate import Calibration, calibrate
 from ditkern.quant.checkpoint import load_quantized, save_quantized
+from ditkern.quant.choose import choose_rounding
 from ditkern.quant.config import PRESETS, QuantConfig
 from ditkern.quant.lora import fuse_lora, unfuse_lora
 from ditkern.formats import FORMATS, QuantizedWeight, dequantize, quantize
@@ -20,18 +22,20 @@ __all__ = [
     "quantize",
     "dequantize",
     "calibrate",
+    "choose_rounding",
     "Calibration",
     "save_quantized",
     "load_quantized",
     "fuse_lora",
     "unfuse_lora",
     "bit_counts",
+    "default_skip",
 ]
 
 
-def __getattr__(name):  # bit_counts lives with the patch feature, which imports the patch engine: loaded on use
-    if name == "bit_counts":
-        from ditkern.quant.feature import bit_counts  # noqa: PLC0415
+def __getattr__(name):  # bit_counts / default_skip live with the patch feature, which imports the patch engine
+    if name in ("bit_counts", "default_skip"):
+        from ditkern.quant import feature  # noqa: PLC0415
 
-        return bit_counts
+        return getattr(feature, name)
     raise AttributeError(f"module 'ditkern.quant' has no attribute {name!r}")

@@ -187,21 +187,33 @@ def polish(Wq: torch.Tensor, W: torch.Tensor, H: torch.Tensor, sk: torch.Tensor,
     return Wq.float()
 
 
-def adaround_quantize(w: torch.Tensor, fmt: str, group_size: int, scale_dtype: str, stats, name: str = "weight",
-                      iters: int | None = None, scale_search: bool = False, sweeps: int = SWEEPS
-                      ) -> QuantizedWeight:  # fmt: skip
-    """Learned rounding of ``w`` ``[N, K]`` onto ``fmt``'s grid on the calibration inputs ``stats`` (see the module
-    docstring). ``iters``: Adam steps (default: :data:`ITERS`, fewer for small layers; 0: no learned rounding);
-    ``sweeps``: coordinate-descent passes after it (0: none)."""
+CANDIDATES = ("learned+polish", "gptq+polish", "learned", "gptq", "absmax")  # what adaround_candidates returns
+DEFAULT_PICK = ("learned+polish", "gptq+polish")  # without a recorded choice: the lower output error of these
+
+
+def adaround_candidates(w: torch.Tensor, fmt: str, group_size: int, scale_dtype: str, stats, name: str = "weight",
+                        iters: int | None = None, scale_search: bool = False, sweeps: int = SWEEPS
+                        ) -> dict[str, QuantizedWeight]:  # fmt: skip
+    """Every rounding of ``w`` ``[N, K]`` onto ``fmt``'s grid this module computes, by :data:`CANDIDATES` name:
+    the learned rounding (see the module docstring) with and without the polish, GPTQ on the same Gram with and
+    without it, and absmax round-to-nearest. ``iters``: Adam steps (default: :data:`ITERS`, fewer for small layers;
+    0: no learned rounding); ``sweeps``: coordinate-descent passes (0: the "+polish" ones equal the others). Computed
+    once per calibration (memoised on ``stats``); the caller gets copies."""
+    return _candidates(w, fmt, group_size, scale_dtype, stats, name, iters, scale_search, sweeps)[0]
+
+
+def _candidates(w, fmt, group_size, scale_dtype, stats, name, iters, scale_search, sweeps):
+    """(:func:`adaround_candidates`, {name: output error on the calibration Gram})."""
     f = get_format(fmt)
     check_finite(w, name)
     # the same layer, format and settings again (another config patched with the same calibration, the candidates of
-    # format="auto"): the result is computed once per calibration
+    # format="auto", a rounding choice): the result is computed once per calibration
     key = (f.name, group_size, scale_dtype, iters, scale_search, sweeps, _fingerprint(w),
            (ZETA, GAMMA, SCALE_FACTORS, ITERS, MIN_ITERS, LR, LAM, WARMUP, BETA, DAMP))  # the module's constants too
     memo = getattr(stats, "memo", None)
     if memo is not None and key in memo:
-        return _copy(memo[key])
+        cands, errors = memo[key]
+        return {k: _copy(q) for k, q in cands.items()}, dict(errors)
     G = group_size
     N, K = w.shape
     Kp = padded_k(K, G)
@@ -218,21 +230,39 @@ def adaround_quantize(w: torch.Tensor, fmt: str, group_size: int, scale_dtype: s
     sk = s.repeat_interleave(G, 1)
     n_iter = iters if iters is not None else max(MIN_ITERS, int(ITERS * min(1.0, N * K / 2**16)))
     wq = learn_rounding(W, H, sk, f, n_iter) if n_iter > 0 else round_to_grid(W / sk, f) * sk
-    if sweeps > 0:
-        wq = polish(wq, W, H, sk, f, sweeps)
-    # the second candidate: GPTQ on the same Gram (its own scales: absmax of the updated weights), then polished
+    wq_p = polish(wq, W, H, sk, f, sweeps) if sweeps > 0 else wq
+    # GPTQ on the same Gram (its own scales: absmax of the updated weights), then polished
     g = gptq_quantize(w, f.name, G, scale_dtype, stats, H=H_raw, name=name)
     s_g = load_scale(g.scales)
     sk_g = s_g.repeat_interleave(G, 1)
     wq_g = torch.nn.functional.pad(g.dequantize().float().cpu(), (0, Kp - K))
-    if sweeps > 0:
-        wq_g = polish(wq_g, W, H, sk_g, f, sweeps)
-    if _error(wq_g, W, H) < _error(wq, W, H):
-        wq, s = wq_g, s_g
-    q = quantize(wq[:, :K], f.name, G, scale_dtype, scales=s, name=name)
+    wq_gp = polish(wq_g, W, H, sk_g, f, sweeps) if sweeps > 0 else wq_g
+    out = {
+        "learned+polish": quantize(wq_p[:, :K], f.name, G, scale_dtype, scales=s, name=name),
+        "gptq+polish": quantize(wq_gp[:, :K], f.name, G, scale_dtype, scales=s_g, name=name),
+        "learned": quantize(wq[:, :K], f.name, G, scale_dtype, scales=s, name=name),
+        "gptq": g,
+        "absmax": quantize(w.detach().float().cpu(), f.name, G, scale_dtype, name=name),
+    }
+    errors = {k: _error(torch.nn.functional.pad(q.dequantize().float(), (0, Kp - K)), W, H) for k, q in out.items()}
     if memo is not None:
-        memo[key] = _copy(q)
-    return q
+        memo[key] = ({k: _copy(q) for k, q in out.items()}, dict(errors))
+    return out, errors
+
+
+def adaround_quantize(w: torch.Tensor, fmt: str, group_size: int, scale_dtype: str, stats, name: str = "weight",
+                      iters: int | None = None, scale_search: bool = False, sweeps: int = SWEEPS
+                      ) -> QuantizedWeight:  # fmt: skip
+    """Learned rounding of ``w`` ``[N, K]`` onto ``fmt``'s grid on the calibration inputs ``stats`` (see the module
+    docstring): of :func:`adaround_candidates`, the one ``stats.choice[fmt]`` names when a rounding choice recorded
+    one (:func:`ditkern.quant.choose_rounding`), else the lower output error of learned rounding + polish and GPTQ +
+    polish. ``iters``: Adam steps (default: :data:`ITERS`, fewer for small layers; 0: no learned rounding);
+    ``sweeps``: coordinate-descent passes after it (0: none)."""
+    cands, errors = _candidates(w, fmt, group_size, scale_dtype, stats, name, iters, scale_search, sweeps)
+    chosen = (getattr(stats, "choice", None) or {}).get(get_format(fmt).name)
+    if chosen is not None:
+        return cands[chosen]
+    return cands[min(DEFAULT_PICK, key=errors.get)]
 
 
 def _error(wq: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:

@@ -34,6 +34,7 @@ class LayerStats:
     count: int  # rows seen
     gram: torch.Tensor | None = None  # [K, K] fp64 X^T X over every row seen (learned rounding's H), or None
     memo: dict = field(default_factory=dict, repr=False, compare=False)  # learned roundings already computed
+    choice: dict = field(default_factory=dict)  # format -> adaround candidate, set by ditkern.quant.choose_rounding
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Calibration:
     """Per-layer activation statistics keyed by the module path inside the transformer."""
 
     layers: dict[str, LayerStats] = field(default_factory=dict)
+    rounding: dict | None = None  # ditkern.quant.choose_rounding's summary, when it made this calibration
 
     def __len__(self) -> int:
         return len(self.layers)

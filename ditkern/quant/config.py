@@ -136,6 +136,8 @@ class QuantConfig:
         if cal is not None:
             rec["calibrated_layers"] = len(cal)
             rec["calibration_rows"] = sum(int(st.count) for st in cal.layers.values())
+            if getattr(cal, "rounding", None) is not None:
+                rec["rounding_choice"] = dict(cal.rounding)
         return rec
 
 
