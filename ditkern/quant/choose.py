@@ -81,6 +81,9 @@ def choose_rounding(pipe, run: Callable[[], object], qc: QuantConfig, candidates
     if len(models) != 1:
         raise ValueError(f"choose_rounding: expected one transformer, found {len(models)}")
     model = models[0]
+    if any("_ditkern_quant" in m.__dict__ for m in model.modules()):
+        raise ValueError("choose_rounding: the transformer is quantized already (its full-precision weights are "
+                         "needed): ditkern.unpatch(pipe) first")  # fmt: skip
     base = qc.calibration
     fmt = get_format(qc.format).name
     # a new calibration: the same statistics (and their memo of computed roundings), a choice of its own

@@ -100,6 +100,7 @@ def test_choose_rounding_improves_the_outputs_and_the_patch_uses_the_choice(tmp_
         (dict(passes=0), ValueError, "passes=0 must be an int >= 1"),
         (dict(min_gain_db=-1), ValueError, "min_gain_db=-1 must be a number >= 0"),
         (dict(run="text"), TypeError, "run\\(\\) must return a tensor.*got str"),
+        (dict(patched=True), ValueError, r"quantized already .*ditkern.unpatch\(pipe\) first"),
     ],
 )
 def test_bad_arguments_name_the_argument(change, exc, match):
@@ -115,5 +116,7 @@ def test_bad_arguments_name_the_argument(change, exc, match):
     if "run" in change:
         value = change.pop("run")
         run = lambda: value  # noqa: E731
+    if change.pop("patched", False):
+        ditkern.patch(model, quant=qc, backend="torch")
     with pytest.raises(exc, match=match):
         choose_rounding(model, run, qc, progress=False, **change)
