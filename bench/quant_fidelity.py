@@ -436,33 +436,57 @@ def _write(rows, out_dir: Path):
     (out_dir / "fidelity.md").write_text("\n".join(lines) + "\n")
 
 
-def _plot(rows, out_dir: Path):
+def _plot(rows, out_dir: Path, low_bits: float = 4.6):
+    """Top: PSNR vs bits per block weight, every row. Bottom: the rows of <= ``low_bits`` bits per block weight as
+    bars (mean PSNR; the dot is the worst image), best first: the 4-bit comparison without overlapping labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def bits(r):
+        return r.get("bits_blocks_bf16") or r.get("bits_per_quantized_weight")
+
     pipes = sorted({r["pipeline"] for r in rows})
-    fig, axes = plt.subplots(1, len(pipes), figsize=(7 * len(pipes), 5), squeeze=False)
-    for ax, name in zip(axes[0], pipes):
+    low = {n: sorted((r for r in rows if r["pipeline"] == n and r.get("psnr_db") is not None and bits(r) is not None
+                      and bits(r) <= low_bits + 1e-9 and not math.isinf(r["psnr_db"])),
+                     key=lambda r: r["psnr_db"]) for n in pipes}  # fmt: skip
+    n_low = max([len(v) for v in low.values()] + [1])
+    fig, axes = plt.subplots(2, len(pipes), figsize=(7 * len(pipes), 5 + 0.28 * n_low + 1.5), squeeze=False,
+                             gridspec_kw=dict(height_ratios=[5, 0.28 * n_low + 1.5]))  # fmt: skip
+
+    def color(r):
+        tao = r["setting"].startswith("torchao")
+        return "tab:red" if tao else ("tab:orange" if "A8" in r["setting"] else "tab:blue")
+
+    for ax, bx, name in zip(axes[0], axes[1], pipes):
         for r in rows:
-            x = r.get("bits_blocks_bf16") or r.get("bits_per_quantized_weight")
-            if r["pipeline"] != name or r.get("psnr_db") is None or x is None:
+            x = bits(r)
+            if r["pipeline"] != name or r.get("psnr_db") is None or x is None or math.isinf(r["psnr_db"]):
                 continue
-            if math.isinf(r["psnr_db"]):
-                continue
-            tao = r["setting"].startswith("torchao")
-            ax.scatter(
-                x,
-                r["psnr_db"],
-                marker="s" if tao else "o",
-                color="tab:red" if tao else ("tab:orange" if "A8" in r["setting"] else "tab:blue"),
-            )
+            ax.scatter(x, r["psnr_db"], marker="s" if r["setting"].startswith("torchao") else "o", color=color(r))
             ax.annotate(r["setting"], (x, r["psnr_db"]), fontsize=6)
         ax.set_xlabel("bits per block linear weight (scales included, kept layers at bf16; torchao: nominal)")
         ax.set_ylabel("PSNR vs fp32 pipeline (dB)")
         ax.set_title(name)
         ax.grid(alpha=0.3)
+        rs = low[name]
+        ys = list(range(len(rs)))
+        for y, r in zip(ys, rs):
+            w = r.get("psnr_worst_db")
+            if w is not None:
+                bx.plot([w, r["psnr_db"]], [y, y], color="0.6", lw=1, zorder=1)
+                bx.scatter([w], [y], color="k", s=10, zorder=3, label="worst image" if y == 0 else None)
+            bx.scatter([r["psnr_db"]], [y], color=color(r), s=30, zorder=3, label="mean (pooled)" if y == 0 else None)
+            bx.annotate(f"{r['psnr_db']:.2f}", (r["psnr_db"], y), fontsize=6, va="center", xytext=(4, 0),
+                        textcoords="offset points")  # fmt: skip
+        bx.set_yticks(ys, [f"{r['setting']} ({bits(r):.2f} b)" for r in rs], fontsize=6)
+        vals = [v for r in rs for v in (r["psnr_db"], r.get("psnr_worst_db")) if v is not None]
+        if vals:
+            bx.set_xlim(min(vals) - 1, max(vals) + 2)
+            bx.legend(fontsize=7, loc="lower right")
+        bx.set_xlabel(f"PSNR (dB) of the rows of <= {low_bits:g} bits per block weight: mean and worst image")
+        bx.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(out_dir / "fidelity.png", dpi=120)
     plt.close(fig)
