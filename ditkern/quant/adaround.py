@@ -23,6 +23,8 @@ trajectories, :func:`ditkern.quant.calibrate`), the output error of a quantized 
    is never above GPTQ + polish. Measured on the 36 block linears of digits-dit (E2M1, g32 bf16, 4 calibration
    seeds, error on the Gram of every row): learned rounding + polish 0.75x GPTQ's error (median), GPTQ + polish
    0.60x, the learned one lower on 3 of 36 layers.
+5. :func:`ditkern.quant.choose_rounding` can instead choose per layer among all of :func:`adaround_candidates`
+   (these two, each without its polish, and absmax) by the pipeline's output error; ``stats.choice`` records it.
 
 The result is an ordinary :class:`ditkern.formats.QuantizedWeight` (same layout and kernels as absmax).
 Deterministic: no random numbers are drawn.

@@ -49,7 +49,8 @@ class QuantConfig:
     method:        "absmax" (per-group absmax scales), "awq" (activation-aware per-input-channel scaling searched
                    on the output error of calibration activations), "gptq" (error-compensating rounding with the
                    calibration rows' Hessian) or "adaround" (learned rounding on the format's grid with a per-group
-                   scale search, :mod:`ditkern.quant.adaround`); all need ``calibration``; layers without calibration
+                   scale search, :mod:`ditkern.quant.adaround`; :func:`ditkern.quant.choose_rounding` chooses each
+                   layer's rounding on the pipeline's outputs); all need ``calibration``; layers without calibration
                    rows use absmax
     calibration:   a :class:`ditkern.quant.Calibration` from :func:`ditkern.quant.calibrate`
     fuse_adaln:    with FP8/FP6 activations, the adaLN norm modules (AdaLayerNormZero, ...Single, SD35...X) emit
