@@ -20,19 +20,20 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     import ditkern
-    from ditkern import QuantConfig, zoo
+    from bench.quant_fidelity import headline_settings
+    from ditkern import zoo
     from ditkern.quant import calibrate, choose_rounding
     from ditkern.zoo import fidelity
 
     pipe = zoo.load(a.pipeline)
     calib, sel = list(range(1000, 1010)), list(range(1000, 1030))
     cal = calibrate(pipe, lambda: [zoo.generate(pipe, [s % 10], [s]) for s in calib])
-    g32 = dict(group_size=32, scale_dtype="bf16", keep_edge_adaln=False)
-    ada = QuantConfig(format="fp4_e2m1", method="adaround", calibration=cal, **g32)
+    settings = dict(headline_settings(cal))  # the headline's own configs
+    ada = settings["fp4_e2m1 g32 bf16 adaround blocks"]
     chosen = choose_rounding(pipe, lambda: zoo.generate(pipe, [s % 10 for s in sel], sel), ada, progress=False)
     print(chosen.rounding, flush=True)
     rows = {"E2M1 adaround+choice": dataclasses.replace(ada, calibration=chosen), "E2M1 adaround": ada,
-            "INT4 GPTQ": QuantConfig(format="int4", method="gptq", calibration=cal, **g32)}  # fmt: skip
+            "INT4 GPTQ": settings["int4 g32 bf16 gptq blocks"]}  # fmt: skip
     for tag, seeds in [("seeds 0-19", list(range(20))), ("seeds 100-139", list(range(100, 140)))]:
         classes = [s % 10 for s in seeds]
         ref = zoo.generate(pipe, classes, seeds)

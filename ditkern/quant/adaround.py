@@ -204,7 +204,7 @@ def adaround_candidates(w: torch.Tensor, fmt: str, group_size: int, scale_dtype:
     return _candidates(w, fmt, group_size, scale_dtype, stats, name, iters, scale_search, sweeps)[0]
 
 
-def _candidates(w, fmt, group_size, scale_dtype, stats, name, iters, scale_search, sweeps):
+def _candidates(w, fmt, group_size, scale_dtype, stats, name="weight", iters=None, scale_search=False, sweeps=SWEEPS):
     """(:func:`adaround_candidates`, {name: output error on the calibration Gram})."""
     f = get_format(fmt)
     check_finite(w, name)

@@ -26,12 +26,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ditkern.quant.adaround import CANDIDATES, DEFAULT_PICK, SWEEPS, _candidates
+from ditkern.quant.adaround import CANDIDATES, DEFAULT_PICK, _candidates
 from ditkern.quant.calibrate import Calibration, _transformers
 from ditkern.quant.config import AUTO_FORMATS, QuantConfig
 
 
-def _outputs(value, what: str = "run()") -> torch.Tensor:
+def _outputs(value) -> torch.Tensor:
     """What ``run()`` returned as one flat fp64 CPU tensor: a tensor, a list / tuple of them, or an object with a
     tensor ``.images`` (a diffusers pipeline output with ``output_type="pt"`` or ``"latent"``)."""
     if hasattr(value, "images") and not isinstance(value, torch.Tensor):
@@ -40,7 +40,7 @@ def _outputs(value, what: str = "run()") -> torch.Tensor:
         return value.detach().double().cpu().reshape(-1)
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
         return torch.cat([v.detach().double().cpu().reshape(-1) for v in value])
-    raise TypeError(f"choose_rounding: {what} must return a tensor, a list of tensors or an output with a tensor "
+    raise TypeError(f"choose_rounding: run() must return a tensor, a list of tensors or an output with a tensor "
                     f".images (use output_type='pt' or 'latent'), got {type(value).__name__}")  # fmt: skip
 
 
@@ -60,7 +60,7 @@ def choose_rounding(pipe, run: Callable[[], object], qc: QuantConfig, candidates
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     from ditkern.formats import get_format  # noqa: PLC0415
-    from ditkern.quant.feature import _matches, default_skip  # noqa: PLC0415
+    from ditkern.quant.feature import kept_reason  # noqa: PLC0415
 
     if not isinstance(qc, QuantConfig):
         raise TypeError(f"choose_rounding: qc must be a ditkern.QuantConfig, got {type(qc).__name__}")
@@ -88,26 +88,24 @@ def choose_rounding(pipe, run: Callable[[], object], qc: QuantConfig, candidates
     fmt = get_format(qc.format).name
     # a new calibration: the same statistics (and their memo of computed roundings), a choice of its own
     cal = Calibration({p: dataclasses.replace(st, choice=dict(st.choice)) for p, st in base.layers.items()})
-    skip = default_skip(model, edges=qc.keep_edge_adaln) if qc.skip is None else list(qc.skip)
-    layers: dict[str, nn.Linear] = {
-        p: m for p, m in model.named_modules()
-        if type(m).__name__ == "Linear" and _matches(p, skip) is None and p in cal.layers
-        and isinstance(m._parameters.get("weight"), torch.Tensor) and m.weight.dim() == 2
-    }  # fmt: skip
+    kept = kept_reason(model, qc)  # the layers the patch would quantize, as it decides them
+    layers: dict[str, nn.Linear] = {p: m for p, m in model.named_modules()
+                                    if type(m).__name__ == "Linear" and p in cal.layers and kept(p, m) is None}
     if not layers:
         raise ValueError("choose_rounding: no calibrated layer of the transformer is quantized by qc")
     ref = _outputs(run())
     cands, choice = {}, {}
     for p, m in tqdm(layers.items(), desc="rounding candidates", unit="layer", disable=not progress):
-        # the arguments adaround_quantize passes at patch time: the same memo entry
-        q, err = _candidates(m.weight.detach(), fmt, qc.group_size, qc.scale_dtype, cal.layers[p], p, None, False,
-                             SWEEPS)  # fmt: skip
+        # adaround_quantize's defaults, as the patch calls it: the same memo entry
+        q, err = _candidates(m.weight.detach(), fmt, qc.group_size, qc.scale_dtype, cal.layers[p], name=p)
         cands[p] = q
         choice[p] = min(DEFAULT_PICK, key=err.get)
     fp = {p: m.weight.data for p, m in layers.items()}
 
     def put(p, name):
-        layers[p].weight.data = cands[p][name].dequantize().to(device=fp[p].device, dtype=fp[p].dtype)
+        w = cands[p][name].dequantize().to(device=fp[p].device, dtype=fp[p].dtype)
+        layers[p].weight.data = w
+        return w
 
     runs = 1
     try:
@@ -120,17 +118,18 @@ def choose_rounding(pipe, run: Callable[[], object], qc: QuantConfig, candidates
         for _ in range(passes):
             moved = False
             for p in layers:
+                current = layers[p].weight.data
                 for name in candidates:
                     if name == choice[p]:
                         continue
-                    put(p, name)
+                    w = put(p, name)
                     v = _snr_db(_outputs(run()), ref)
                     runs += 1
                     if v > best + min_gain_db:
-                        best, choice[p], moved = v, name, True
+                        best, choice[p], moved, current = v, name, True, w
                         changed.add(p)
                     else:
-                        put(p, choice[p])
+                        layers[p].weight.data = current
                 bar.set_postfix(snr_db=f"{best:.2f}")
                 bar.update()
             if not moved:

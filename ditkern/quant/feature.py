@@ -108,11 +108,29 @@ def quantize_layer(path: str, module: nn.Linear, fmt: str, qc: QuantConfig, stat
     return quantize(w, fmt, qc.group_size, qc.scale_dtype, name=path)
 
 
+def kept_reason(model: nn.Module, qc: QuantConfig, family: Family | None = None):
+    """``reason(path, module)``: why ``qc`` leaves that linear layer of ``model`` in high precision, or None if it
+    quantizes it (the skip list, default or ``qc.skip``, and the 2-D weight check)."""
+    family = family if family is not None else family_of(model)
+    skip = default_skip(model, family, edges=qc.keep_edge_adaln) if qc.skip is None else list(qc.skip)
+
+    def reason(path: str, m: nn.Module) -> str | None:
+        pat = _matches(path, skip)
+        if pat is not None:
+            why = _skip_reason(model, path, pat, family) if qc.skip is None else f"skip pattern {pat!r}"
+            return f"kept in high precision ({why})"
+        if "weight" not in m._parameters or m.weight is None or m.weight.dim() != 2:
+            return "no 2-D weight parameter"
+        return None
+
+    return reason
+
+
 def plan_model(model: nn.Module, qc: QuantConfig, backend: str | None, family: Family | None = None
                ) -> dict[int, Plan | str]:  # fmt: skip
     """Decide (and quantize) every linear layer: {id(module): Plan, or the reason it stays in high precision}."""
     family = family if family is not None else family_of(model)
-    skip = default_skip(model, family, edges=qc.keep_edge_adaln) if qc.skip is None else list(qc.skip)
+    kept = kept_reason(model, qc, family)
     cal = qc.calibration.layers if qc.calibration is not None else {}
     preq = getattr(qc, "_prequantized", None)  # set by load_quantized: {path: QuantizedWeight}
     out: dict[int, Plan | str] = {}
@@ -126,13 +144,9 @@ def plan_model(model: nn.Module, qc: QuantConfig, backend: str | None, family: F
             else:
                 out[id(m)] = "kept in high precision (not quantized in the loaded checkpoint)"
             continue
-        pat = _matches(path, skip)
-        if pat is not None:
-            why = _skip_reason(model, path, pat, family) if qc.skip is None else f"skip pattern {pat!r}"
-            out[id(m)] = f"kept in high precision ({why})"
-            continue
-        if "weight" not in m._parameters or m.weight is None or m.weight.dim() != 2:
-            out[id(m)] = "no 2-D weight parameter"
+        why = kept(path, m)
+        if why is not None:
+            out[id(m)] = why
             continue
         chosen[path] = (m, None)
 
