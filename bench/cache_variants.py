@@ -37,12 +37,15 @@ def ditkern_rows(pipeline: str, steps: int, quick: bool = False) -> list[Row]:
             out.append(Row(f"ditkern fixed o{order}", f"interval={n}", lambda o=order, n=n: TaylorCache(order=o, interval=n)))
     for n in (4, 5, 6) if quick else (2, 3, 4, 5, 6):
         out.append(Row("ditkern end-anchored o1", f"interval={n}", lambda n=n: TaylorCache.end_anchored(steps, n, order=1)))
-    for b in (0.15, 0.18, 0.2, 0.25):  # correct=True (default): the calibration may pick per-step gains
+    # correct=True (default): the calibration may pick per-step gains; forecast=None: it measures the output forecast on
+    # its two best schedules too. 0.36 / 0.4: diffusers' TaylorSeer at interval 3 computes 0.36 of the steps at 50,
+    # 0.39 at 28 (0.4 rounds to the same 11 of 28 steps)
+    for b in (0.15, 0.18, 0.2, 0.25) if quick else (0.15, 0.18, 0.2, 0.25, 0.3, 0.36, 0.4):
         out.append(Row("ditkern budget o1", f"budget={b}", lambda b=b: TaylorCache(order=1, budget=b), calibrate=True))
     # second order: the fixed o2 rows are above o1 at the same interval on DiT; 0.3-0.7: the frontier at the fractions
     # where diffusers' TaylorSeer, FasterCache and cache-dit's TaylorSeer rows lie (2026-12-03 sweep: up to 2.8 dB above
     # the interval rows there)
-    for b in (0.15, 0.18, 0.2) if quick else (0.15, 0.18, 0.2, 0.3, 0.4, 0.55, 0.7):
+    for b in (0.15, 0.18, 0.2) if quick else (0.15, 0.18, 0.2, 0.3, 0.36, 0.4, 0.55, 0.7):
         out.append(Row("ditkern budget o2", f"budget={b}", lambda b=b: TaylorCache(order=2, budget=b), calibrate=True))
     for b in (0.18, 0.2):  # ablation: schedule only
         out.append(Row("ditkern budget o1 uncorrected", f"budget={b}",
@@ -83,4 +86,5 @@ def apply(pipe, row: Row, steps: int) -> str:
     detail = f"schedule={list(done.schedule)}" if done.schedule else ""
     detail += f", front on {list(done.front_schedule)}" if done.front_schedule else ""
     detail += ", corrected" if done.step_gain else ""
+    detail += ", output forecast" if done.forecast == "output" else ""
     return detail + "; ".join(str(w.message)[:120] for w in said if "TaylorCache" in str(w.message))

@@ -40,6 +40,11 @@ class TaylorCache:
                  (fresh or forecast). 0: one group. Needs 2 <= front <= chain blocks - 2.
     front_schedule, front_step_gain: the front group's ``schedule`` and ``step_gain`` (None: the rest's schedule,
                  no gains).
+    forecast:    what a forecast step forecasts: "residual" (the chain's input at this step, fresh, plus the Taylor
+                 forecast of the chain's residual) or "output" (the Taylor forecast of the chain's output, as
+                 TaylorSeer and diffusers' block hooks do; measured better on dense schedules with a warm-up step,
+                 worse on sparse ones, docs/cache.md). None: "residual", and a ``budget`` calibration measures both
+                 and keeps the closer one (the calibrated config names it). Not with ``front``.
     step_gain:   per step ``(mu, lam)``: a forecast step returns ``base + mu * d0 + lam * (Taylor increment)`` instead
                  of ``base + d0 + increment`` (the least-squares fit over the calibration's items of the forecast to
                  the uncached feature; 1, 1 on computed steps). Used on the calibrated timesteps only.
@@ -69,6 +74,7 @@ class TaylorCache:
     front: int = 0
     front_schedule: tuple[int, ...] | None = None
     front_step_gain: tuple[tuple[float, float], ...] | None = None
+    forecast: str | None = None
     warmup: int = 1
     full_below: float = 0.0
     max_skip: int | None = None
@@ -109,6 +115,11 @@ class TaylorCache:
             raise ValueError(f"TaylorCache.front={self.front} needs a schedule or a budget (mode {self.mode!r})")
         if (self.front_schedule is not None or self.front_step_gain is not None) and not self.front:
             raise ValueError("TaylorCache.front_schedule / front_step_gain need front > 0")
+        if self.forecast not in (None, "residual", "output"):
+            raise ValueError(f"TaylorCache.forecast must be 'residual', 'output' or None, got {self.forecast!r}")
+        if self.forecast == "output" and self.front:
+            raise ValueError("TaylorCache.forecast='output' cannot be used with front: the rest forecasts its residual "
+                             "from the front group's output (use forecast='residual' or front=0)")
         for name in ("timesteps", "gate_scale"):
             v = getattr(self, name)
             if v is not None:
@@ -170,6 +181,8 @@ class TaylorCache:
             "schedule": lambda: f"schedule={list(self.schedule)}" + (", corrected" if self.step_gain else ""),
         }[self.mode]()
         return f"Taylor order {self.order}, {sched}, warmup={self.warmup}" + (
+            ", output forecast" if self.forecast == "output" else ""
+        ) + (
             f", full_below={self.full_below:g}" if self.full_below else ""
         ) + (f", max_skip={self.max_skip}" if self.max_skip is not None else "") + (
             f", front {self.front} blocks" + (f" on {len(self.front_schedule)} steps" if self.front_schedule else "")

@@ -318,15 +318,17 @@ class CacheState:
         idx = self._rec_idx[key]
         return (flat if idx is None else flat[:, idx.to(flat.device)]).float().cpu()
 
-    def _record(self, call: _Call, full: dict) -> None:
+    def _record(self, call: _Call, full: dict, out: dict) -> None:
         """One step of the calibration: the stack residual (``full``, what the fixed and budget modes forecast), the
-        part after the first block (``rest``, what the gate forecasts) and the first block's residual (``probe``)."""
-        rec = self._rec.setdefault(self.slot_index, {"t": [], "full": [], "rest": [], "probe": [], "front": []})
+        stack output (``out``, what they forecast with ``forecast="output"``), the part after the first block
+        (``rest``, what the gate forecasts) and the first block's residual (``probe``)."""
+        rec = self._rec.setdefault(self.slot_index, {"t": [], "full": [], "out": [], "rest": [], "probe": [], "front": []})
         if len(rec["t"]) != call.slot.step or not full:  # a slot that skipped a step: its record stops there
             return
         probe = call.probe or {}
         rec["t"].append(call.t.clone())
         rec["full"].append(torch.cat([self._sample(s, v) for s, v in sorted(full.items())], 1))
+        rec["out"].append(torch.cat([self._sample(s, out[s]) for s in sorted(full)], 1))
         rec["rest"].append(torch.cat([self._sample(s, v - probe[s] if s in probe else v) for s, v in sorted(full.items())], 1))
         rec["probe"].append(torch.cat([self._sample(s, v) for s, v in sorted(probe.items())], 1) if probe else None)
         front = {s: call.front_res[s] for s in full if call.front_res and s in call.front_res}  # same streams as full
@@ -334,18 +336,23 @@ class CacheState:
 
     # ---- Taylor helpers ----
     def _forecast(self, feats: dict[str, _Taylor], idx: str, base, call: _Call, gain: tuple[float, float] | None = None,
-                  slot: _Slot | None = None):  # fmt: skip
+                  slot: _Slot | None = None, out_dtype: torch.dtype | None = None):  # fmt: skip
         """``base + d0 + increment``; with ``gain = (mu, lam)``: ``base + mu * d0 + lam * increment`` (``slot``: the
-        group's times, default the call's)."""
+        group's times, default the call's; ``out_dtype``: default base's, float32 without a base)."""
         f = feats[idx]
         a1, a2 = (slot or call.slot).forecast_coeffs(call.t, f.d[0].device)
-        out_dtype = base.dtype if base is not None else torch.float32
+        out_dtype = out_dtype or (base.dtype if base is not None else torch.float32)
         if gain is not None:
             a1, a2 = a1 * gain[1], a2 * gain[1]
         out = taylor_forecast(*f.d, a1, a2, base=base, order=self.config.order, out_dtype=out_dtype, backend=self.backend)
         if gain is not None and gain[0] != 1.0:
             out = out.add_(f.d[0].to(out.dtype), alpha=gain[0] - 1.0)
         return out
+
+    @property
+    def residual(self) -> bool:
+        """TaylorCache.forecast: the chain's residual over its fresh input (True) or the chain's output (False)."""
+        return self.config.forecast != "output"
 
     def step_gain(self, call: _Call, front: bool = False) -> tuple[float, float] | None:
         """The calibrated forecast gains of this step (None: none, or off the calibrated timesteps)."""
@@ -523,7 +530,8 @@ class CacheState:
             gain = self.step_gain(call)
             for s in self.out_streams:
                 if s in slot.rest:
-                    outs[s] = self._forecast(slot.rest, s, streams_in[s], call, gain)
+                    base = streams_in[s] if self.residual else None
+                    outs[s] = self._forecast(slot.rest, s, base, call, gain, out_dtype=streams_in[s].dtype)
             self._commit(call, torch.zeros(slot.batch, dtype=torch.bool))
             return sig.join(outs)
         out = inner(*args, **kwargs)
@@ -536,14 +544,16 @@ class CacheState:
         for s in self.out_streams:
             if computed.get(s) is None:
                 continue
+            base = call.anchor[s] if self.residual else None
             if mixed and s in slot.rest:  # items that accepted the forecast get it, exactly as if run alone
-                fc = self._forecast(slot.rest, s, call.anchor[s], call)
+                fc = self._forecast(slot.rest, s, base, call, out_dtype=computed[s].dtype)
                 sel = accept.to(computed[s].device).view(-1, *([1] * (computed[s].dim() - 1)))
                 outs[s] = torch.where(sel, fc, computed[s])
-            self._update(slot.rest, s, computed[s], call.anchor[s], update, call)
+            self._update(slot.rest, s, computed[s], base, update, call)
         if self.recording:
-            self._record(call, {s: computed[s].float() - call.first_in[s].float() for s in self.out_streams
-                                if computed.get(s) is not None and call.first_in.get(s) is not None})  # fmt: skip
+            kept = [s for s in self.out_streams if computed.get(s) is not None and call.first_in.get(s) is not None]
+            self._record(call, {s: computed[s].float() - call.first_in[s].float() for s in kept},
+                         {s: computed[s] for s in kept})  # fmt: skip
         if self.config.mode == "gated":
             for s, xo in call.anchor.items():
                 xi = call.first_in.get(s)
@@ -568,7 +578,7 @@ def _calibration_set(state: CacheState):
     t = torch.stack([x[0] for x in recs[0]["t"]])
     recs = [r for r in recs if torch.allclose(torch.stack([x[0] for x in r["t"]]), t, rtol=1e-4, atol=1e-6)]
     out = {}
-    for key in ("full", "rest", "probe", "front"):
+    for key in ("full", "out", "rest", "probe", "front"):
         if all(v is not None for r in recs for v in r[key]):
             out[key] = torch.stack([torch.cat([r[key][k] for r in recs]) for k in range(n)])
     return t, out
@@ -665,13 +675,21 @@ SPACINGS = (0.6, 0.8, 1.0, 1.25, 1.6)  # the powers of spaced_schedule a measure
 
 
 def candidate_schedules(state: CacheState, n_compute: int) -> dict[str, tuple]:
-    """The schedules a measured calibration chooses among: end-anchored spacings (:data:`SPACINGS`) and the one
-    planned from the recorded feature change (:func:`plan_schedule`)."""
+    """The schedules a measured calibration chooses among, each once (the first name of a repeated one is kept):
+    end-anchored spacings (:data:`SPACINGS`), the same evenly spaced after a second warm-up step (TaylorSeer's
+    warm-up: step 1 computed too; from 3 computed steps) and the schedule planned from the recorded feature change
+    (:func:`plan_schedule`)."""
     t, feats = _calibration_set(state)
     n = len(t)
     cands = {f"spaced power={p:g}": spaced_schedule(n, n_compute, p) for p in SPACINGS}
+    if 3 <= n_compute < n:
+        cands["warm-up 2, spaced"] = (0,) + tuple(1 + k for k in spaced_schedule(n - 1, n_compute - 1))
     cands["planned"] = plan_schedule(t, feats["full"], n_compute, state.config.order, state.rises)
-    return cands
+    out: dict[str, tuple] = {}
+    for name, sched in cands.items():
+        if sched not in out.values():
+            out[name] = sched
+    return out
 
 
 def front_candidates(state: CacheState, n_steps: int, n_compute: int) -> dict[str, tuple[tuple, tuple]]:
@@ -726,11 +744,18 @@ def fit_gains(t: torch.Tensor, feats: torch.Tensor, schedule: tuple[int, ...], o
     return tuple(out)
 
 
+#: how many of the best schedules (forecasting the residual) a budget calibration with ``forecast=None`` measures
+#: again forecasting the output
+OUTPUT_TRIES = 2
+
+
 def measure_schedules(state: CacheState, run, reference, n_compute: int):
     """Run every candidate schedule (``run()`` once each; with ``correct``, once more with its fitted
     :func:`fit_gains`; with ``front``, the :func:`front_candidates` too) and keep the one whose result is closest to
     the uncached ``reference`` (mean + worst item PSNR): the offline error model ignores how errors compound through
-    the sampler, a measurement does not. Returns ``(the calibrated config, {candidate name: (its config, score)})``."""
+    the sampler, a measurement does not. With ``forecast=None`` the candidates forecast the residual, and (without a
+    front group) the :data:`OUTPUT_TRIES` best schedules are measured again forecasting the output (with and without
+    their gains). Returns ``(the calibrated config, {candidate name: (its config, score)})``."""
     cfg = state.config
     t, feats = _calibration_set(state)
     ts = tuple(float(v) for v in t)
@@ -740,19 +765,31 @@ def measure_schedules(state: CacheState, run, reference, n_compute: int):
             raise ValueError("calibrate: the front group's residual was not recorded (TaylorCache.front)")
         cands.update(front_candidates(state, len(t), n_compute))
     rest = feats["full"] - feats["front"] if state.front else feats["full"]
+    target = {"residual": rest, "output": feats["out"]}  # what the gains are fitted to
     scores = {}
+
+    def measure(name, front, sched, forecast):
+        tries = [(name, None, None)]
+        if cfg.correct and len(sched) < len(t):
+            fg = fit_gains(t, feats["front"], front or sched, cfg.order) if state.front else None
+            tries.append((f"{name} corrected", fit_gains(t, target[forecast], sched, cfg.order), fg))
+        for label, gains, fgains in tries:
+            state.config = replace(cfg, schedule=sched, timesteps=ts, step_gain=gains, front_schedule=front,
+                                   front_step_gain=fgains, forecast=forecast)  # fmt: skip
+            state.reset()
+            scores[label] = (_score(run(), reference), state.config, name)
+
     recording, state.recording = state.recording, False
     try:
         for name, (front, sched) in cands.items():
-            tries = [(name, None, None)]
-            if cfg.correct and len(sched) < len(t):
-                fg = fit_gains(t, feats["front"], front or sched, cfg.order) if state.front else None
-                tries.append((f"{name} corrected", fit_gains(t, rest, sched, cfg.order), fg))
-            for label, gains, fgains in tries:
-                state.config = replace(cfg, schedule=sched, timesteps=ts, step_gain=gains, front_schedule=front,
-                                       front_step_gain=fgains)  # fmt: skip
-                state.reset()
-                scores[label] = (_score(run(), reference), state.config)
+            measure(name, front, sched, cfg.forecast or "residual")
+        if cfg.forecast is None and not state.front:  # a front group's rest forecasts its residual
+            best = {}  # one-group schedule name -> its best score
+            for score, _, name in scores.values():
+                if cands[name][0] is None:
+                    best[name] = max(score, best.get(name, -math.inf))
+            for name in sorted(best, key=best.get, reverse=True)[:OUTPUT_TRIES]:
+                measure(f"{name}, output", None, cands[name][1], "output")
     finally:
         state.config, state.recording = cfg, recording
         state.reset()

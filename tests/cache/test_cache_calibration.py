@@ -198,6 +198,19 @@ def test_measured_calibration_keeps_the_candidate_closest_to_uncached():
     assert any(k.endswith(" corrected") for k in info) and any(not k.endswith(" corrected") for k in info)
     chosen = max(info, key=lambda k: info[k][1])
     assert info[chosen][0] == cal and chosen.endswith(" corrected") == (cal.step_gain is not None)
+    # forecast=None: the best schedules measured again forecasting the output, and the chosen config names its forecast
+    outputs = [k for k in info if ", output" in k]
+    assert len(outputs) == 2 * feature.OUTPUT_TRIES and all(info[k][0].forecast == "output" for k in outputs)
+    assert cal.forecast == ("output" if ", output" in chosen else "residual")
+    scheds = [c.schedule for c, _ in info.values() if c.forecast == "residual" and c.step_gain is None]
+    assert len(set(scheds)) == len(scheds) and any(1 in s for s in scheds)  # distinct; TaylorSeer's warm-up among them
+    ditkern.patch(model, cache=TaylorCache(order=1, budget=0.45, forecast="residual"), backend="torch")
+    feature.measure_schedules = spy
+    try:
+        ditkern.cache.calibrate(model, run)
+    finally:
+        feature.measure_schedules = measure
+    assert not any(", output" in k for k in seen["info"]) and seen["best"].forecast == "residual"
     ditkern.unpatch(model)
 
 

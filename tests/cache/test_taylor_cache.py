@@ -91,6 +91,42 @@ def test_fixed_schedule_forecast_is_newton_extrapolation_of_stack_residual(famil
     ditkern.unpatch(model)
 
 
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_output_forecast_is_newton_extrapolation_of_stack_output(family):
+    """forecast="output": on a forecast step the stack output is the order-2 Newton extrapolation of the stack
+    outputs of the three previous full steps, whatever the stack's input is at that step (TaylorSeer's forecast)."""
+    model, inputs = tiny.FAMILIES[family](batch=1)
+    model.eval()
+    blocks = [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", [])]
+    rec = {"in": [], "out": []}
+    h1 = blocks[0].register_forward_pre_hook(
+        lambda mod, args, kwargs: rec["in"].append(kwargs.get("hidden_states", args[0] if args else None).clone()),
+        with_kwargs=True)  # fmt: skip
+    h2 = blocks[-1].register_forward_hook(
+        lambda mod, args, kwargs, out: rec["out"].append((out if torch.is_tensor(out) else out[1]).clone()),
+        with_kwargs=True)  # fmt: skip
+    cache = TaylorCache(order=2, schedule=(0, 1, 2, 5), forecast="output")
+    assert "output forecast" in cache.describe()
+    ditkern.patch(model, cache=cache, backend="triton")
+    _denoise(model, family, inputs, TS[:5])
+    h1.remove(), h2.remove()
+    assert stats(model)["forecast_calls"] == 2  # steps 3, 4
+    scale = 1000.0 if family != "flux" else 1.0
+    t = [v / scale for v in TS[:5]]
+    y = [o.double() for o in rec["out"][:3]]
+    d1a, d1b = (y[1] - y[0]) / (t[1] - t[0]), (y[2] - y[1]) / (t[2] - t[1])
+    d2 = (d1b - d1a) / (t[2] - t[0])
+    r = [o - i.double() for i, o in zip(rec["in"][:3], y)]
+    e1a, e1b = (r[1] - r[0]) / (t[1] - t[0]), (r[2] - r[1]) / (t[2] - t[1])
+    e2 = (e1b - e1a) / (t[2] - t[0])
+    for k in (3, 4):
+        expected = y[2] + d1b * (t[k] - t[2]) + d2 * (t[k] - t[2]) * (t[k] - t[1])
+        torch.testing.assert_close(rec["out"][k].double(), expected, atol=1e-4, rtol=1e-4)
+        residual = rec["in"][k].double() + r[2] + e1b * (t[k] - t[2]) + e2 * (t[k] - t[2]) * (t[k] - t[1])
+        assert (residual - expected).abs().max() > 1e-2  # the two forecasts differ here
+    ditkern.unpatch(model)
+
+
 def _smooth_and_rough(i, x):
     """Item 0 drifts smoothly; item 1 gets fresh noise every step (its forecast is always poor)."""
     noise = torch.zeros_like(x)
@@ -225,6 +261,8 @@ def test_compiled_blocks_with_cache_match_eager():
         (dict(schedule=(0, 3, 3)), "schedule must be increasing and start at step 0"),
         (dict(schedule=(0, -1)), "schedule must be step indices >= 0"),
         (dict(gate=0.1, state_dtype=torch.int8), "state_dtype must be"),
+        (dict(interval=2, forecast="outputs"), "forecast must be 'residual', 'output' or None"),
+        (dict(budget=0.3, front=2, forecast="output"), "forecast='output' cannot be used with front"),
     ],
 )
 def test_bad_configs_are_rejected_naming_the_field(kwargs, match):
