@@ -676,14 +676,19 @@ SPACINGS = (0.6, 0.8, 1.0, 1.25, 1.6)  # the powers of spaced_schedule a measure
 
 def candidate_schedules(state: CacheState, n_compute: int) -> dict[str, tuple]:
     """The schedules a measured calibration chooses among, each once (the first name of a repeated one is kept):
-    end-anchored spacings (:data:`SPACINGS`), the same evenly spaced after a second warm-up step (TaylorSeer's
-    warm-up: step 1 computed too; from 3 computed steps) and the schedule planned from the recorded feature change
-    (:func:`plan_schedule`)."""
+    end-anchored spacings (:data:`SPACINGS`); from 3 computed steps, two with TaylorSeer's second warm-up step (step
+    1 computed too): the rest evenly spaced and end-anchored, and TaylorSeer's own schedule (0, 1 and the multiples of
+    the interval whose count is the budget's, where one is); and the schedule planned from the recorded feature
+    change (:func:`plan_schedule`)."""
     t, feats = _calibration_set(state)
     n = len(t)
     cands = {f"spaced power={p:g}": spaced_schedule(n, n_compute, p) for p in SPACINGS}
     if 3 <= n_compute < n:
         cands["warm-up 2, spaced"] = (0,) + tuple(1 + k for k in spaced_schedule(n - 1, n_compute - 1))
+        for every in range(2, n):  # TaylorSeer's own: steps 0, 1 and every multiple of an interval, when it fits
+            if len(sched := tuple(sorted({0, 1, *range(0, n, every)}))) == n_compute:
+                cands[f"warm-up 2, every {every}"] = sched
+                break
     cands["planned"] = plan_schedule(t, feats["full"], n_compute, state.config.order, state.rises)
     out: dict[str, tuple] = {}
     for name, sched in cands.items():
@@ -746,7 +751,7 @@ def fit_gains(t: torch.Tensor, feats: torch.Tensor, schedule: tuple[int, ...], o
 
 #: how many of the best schedules (forecasting the residual) a budget calibration with ``forecast=None`` measures
 #: again forecasting the output
-OUTPUT_TRIES = 2
+OUTPUT_TRIES = 3
 
 
 def measure_schedules(state: CacheState, run, reference, n_compute: int):
