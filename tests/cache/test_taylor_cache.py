@@ -134,11 +134,11 @@ def _smooth_and_rough(i, x):
     return noise
 
 
-@pytest.mark.parametrize("family", ["dit", "flux"])
-def test_batch_items_have_isolated_state_and_decisions(family):
+@pytest.mark.parametrize("family,forecast", [("dit", None), ("flux", None), ("dit", "output")])
+def test_batch_items_have_isolated_state_and_decisions(family, forecast):
     model, inputs = tiny.FAMILIES[family](batch=2)
     model.eval()
-    cache = TaylorCache(order=1, gate=0.5, warmup=2, sync_batch=False)
+    cache = TaylorCache(order=1, gate=0.5, warmup=2, sync_batch=False, forecast=forecast)
     torch.manual_seed(1)
     ditkern.patch(model, cache=cache, backend="torch")
     both = _denoise(model, family, inputs, per_item_noise=_smooth_and_rough)
