@@ -38,7 +38,7 @@ def ditkern_rows(pipeline: str, steps: int, quick: bool = False) -> list[Row]:
     for n in (4, 5, 6) if quick else (2, 3, 4, 5, 6):
         out.append(Row("ditkern end-anchored o1", f"interval={n}", lambda n=n: TaylorCache.end_anchored(steps, n, order=1)))
     # correct=True (default): the calibration may pick per-step gains; forecast=None: it measures the output forecast on
-    # its two best schedules too. 0.36 / 0.4: diffusers' TaylorSeer at interval 3 computes 0.36 of the steps at 50,
+    # its three best schedules too. 0.36 / 0.4: diffusers' TaylorSeer at interval 3 computes 0.36 of the steps at 50,
     # 0.39 at 28 (0.4 rounds to the same 11 of 28 steps)
     for b in (0.15, 0.18, 0.2, 0.25) if quick else (0.15, 0.18, 0.2, 0.25, 0.3, 0.36, 0.4):
         out.append(Row("ditkern budget o1", f"budget={b}", lambda b=b: TaylorCache(order=1, budget=b), calibrate=True))

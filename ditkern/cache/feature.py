@@ -789,10 +789,9 @@ def measure_schedules(state: CacheState, run, reference, n_compute: int):
         for name, (front, sched) in cands.items():
             measure(name, front, sched, cfg.forecast or "residual")
         if cfg.forecast is None and not state.front:  # a front group's rest forecasts its residual
-            best = {}  # one-group schedule name -> its best score
+            best = {}  # schedule name -> its best score, with or without gains
             for score, _, name in scores.values():
-                if cands[name][0] is None:
-                    best[name] = max(score, best.get(name, -math.inf))
+                best[name] = max(score, best.get(name, -math.inf))
             for name in sorted(best, key=best.get, reverse=True)[:OUTPUT_TRIES]:
                 measure(f"{name}, output", None, cands[name][1], "output")
     finally:
