@@ -678,7 +678,8 @@ def candidate_schedules(state: CacheState, n_compute: int) -> dict[str, tuple]:
     """The schedules a measured calibration chooses among, each once (the first name of a repeated one is kept):
     end-anchored spacings (:data:`SPACINGS`); from 3 computed steps, two with TaylorSeer's second warm-up step (step
     1 computed too): the rest evenly spaced and end-anchored, and TaylorSeer's own schedule (0, 1 and the multiples of
-    the interval whose count is the budget's, where one is); and the schedule planned from the recorded feature
+    the interval whose count is the budget's, where one is) and the fixed mode's (``interval``: 0, then every interval
+    from step 1, where one fits); and the schedule planned from the recorded feature
     change (:func:`plan_schedule`)."""
     t, feats = _calibration_set(state)
     n = len(t)
@@ -688,6 +689,10 @@ def candidate_schedules(state: CacheState, n_compute: int) -> dict[str, tuple]:
         for every in range(2, n):  # TaylorSeer's own: steps 0, 1 and every multiple of an interval, when it fits
             if len(sched := tuple(sorted({0, 1, *range(0, n, every)}))) == n_compute:
                 cands[f"warm-up 2, every {every}"] = sched
+                break
+        for every in range(2, n):  # the fixed mode's: step 0, then every interval from step 1
+            if len(sched := (0, *range(1, n, every))) == n_compute:
+                cands[f"step 0, every {every} from 1"] = sched
                 break
     cands["planned"] = plan_schedule(t, feats["full"], n_compute, state.config.order, state.rises)
     out: dict[str, tuple] = {}

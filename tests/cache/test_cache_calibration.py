@@ -204,6 +204,7 @@ def test_measured_calibration_keeps_the_candidate_closest_to_uncached():
     assert cal.forecast == ("output" if ", output" in chosen else "residual")
     scheds = [c.schedule for c, _ in info.values() if c.forecast == "residual" and c.step_gain is None]
     assert len(set(scheds)) == len(scheds) and any(1 in s for s in scheds)  # distinct; TaylorSeer's warm-up among them
+    assert {(0, 1, 3, 6), (0, 1, 4, 7)} <= set(scheds)  # TaylorSeer's every 3 and the fixed mode's interval=3 (9 steps)
     ditkern.patch(model, cache=TaylorCache(order=1, budget=0.45, forecast="residual"), backend="torch")
     feature.measure_schedules = spy
     try:
