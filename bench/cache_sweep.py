@@ -15,7 +15,7 @@ image) and class accuracy. Results are written after every row (a partial run le
 per pipeline x steps (``cache_sweep_<pipeline>_<steps>.png``).
 
 diffusers' rows: ``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig`` (its attention-level default and with
-``cache_identifiers`` matching whole blocks), ``MagCacheConfig`` (calibrated first on ``CALIB_SEEDS``),
+``cache_identifiers`` matching whole blocks), ``MagCacheConfig`` (calibrated first on ``ditkern.zoo.demo.CALIB_SEEDS``),
 ``FasterCacheConfig`` and ``PyramidAttentionBroadcastConfig``. ``DiTTransformer2DModel`` lacks diffusers'
 ``CacheMixin`` and ``DiTPipeline`` sets no cache context or current timestep, so here only (never in the package) the
 DiT transformer gets the mixin and a forward that opens a cache context and records the timestep it was given.
@@ -157,7 +157,7 @@ def _calibrate_magcache(pipe, steps):
     from diffusers import MagCacheConfig  # noqa: PLC0415
 
     import ditkern.zoo as zoo  # noqa: PLC0415
-    from bench.cache_variants import CALIB_SEEDS  # noqa: PLC0415
+    from ditkern.zoo.demo import CALIB_SEEDS  # noqa: PLC0415 - the ditkern rows' calibration seeds too
 
     buf = io.StringIO()
     _enable_diffusers_cache(pipe, MagCacheConfig(calibrate=True, num_inference_steps=steps))

@@ -2,8 +2,9 @@
 how each is built and whether it is calibrated first (the sweep owns the measuring, the baselines and the tables).
 
 ``ditkern_rows(pipeline, steps, quick)`` -> list of :class:`Row`. ``apply(pipe, row, steps)`` patches the pipeline with
-the row's config, calibrates it on ``CALIB_SEEDS`` (never the measured seeds) when the row says so, and returns the
-note for the table (the calibrated schedule, the cache's warnings); the caller measures and then ``ditkern.unpatch``es.
+the row's config, calibrates it on ``ditkern.zoo.demo.CALIB_SEEDS`` (the demo's six seeds, never the measured ones)
+when the row says so, and returns the note for the table (the calibrated schedule, the cache's warnings); the caller
+measures and then ``ditkern.unpatch``es.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
-
-from ditkern.zoo.demo import CALIB_SEEDS  # the calibration's seeds (classes seed % 10), apart from the measured 0..n-1
 
 #: TaylorCache.front per pipeline: about a third of the cached chain (measured on digits-dit-deep at 28 steps: 5 of
 #: 16 blocks on 7 steps and the rest on 5 beat one group on 6 steps, 31.5 / 27.8 vs 30.5 / 26.3 dB, at 0.20 vs 0.21)
@@ -23,7 +22,7 @@ class Row(NamedTuple):
     method: str  # the curve in the plot / table
     setting: str  # the point on it
     build: Callable[[], object]  # -> ditkern.TaylorCache
-    calibrate: bool = False  # calibrate on CALIB_SEEDS before measuring
+    calibrate: bool = False  # calibrate on ditkern.zoo.demo.CALIB_SEEDS before measuring
 
 
 def ditkern_rows(pipeline: str, steps: int, quick: bool = False) -> list[Row]:
@@ -71,6 +70,7 @@ def apply(pipe, row: Row, steps: int) -> str:
     """Patch ``pipe`` with ``row``'s cache (calibrated first if the row says so); returns the note for the table."""
     import ditkern  # noqa: PLC0415
     import ditkern.zoo as zoo  # noqa: PLC0415
+    from ditkern.zoo.demo import CALIB_SEEDS  # noqa: PLC0415 - the calibration's seeds (classes seed % 10)
 
     ditkern.patch(pipe, cache=row.build())
     if not row.calibrate:

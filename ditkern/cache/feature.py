@@ -686,14 +686,14 @@ def candidate_schedules(state: CacheState, n_compute: int) -> dict[str, tuple]:
     cands = {f"spaced power={p:g}": spaced_schedule(n, n_compute, p) for p in SPACINGS}
     if 3 <= n_compute < n:
         cands["warm-up 2, spaced"] = (0,) + tuple(1 + k for k in spaced_schedule(n - 1, n_compute - 1))
-        for every in range(2, n):  # TaylorSeer's own: steps 0, 1 and every multiple of an interval, when it fits
-            if len(sched := tuple(sorted({0, 1, *range(0, n, every)}))) == n_compute:
-                cands[f"warm-up 2, every {every}"] = sched
-                break
-        for every in range(2, n):  # the fixed mode's: step 0, then every interval from step 1
-            if len(sched := (0, *range(1, n, every))) == n_compute:
-                cands[f"step 0, every {every} from 1"] = sched
-                break
+        periodic = {  # the first interval whose schedule has the budget's count, where one has
+            "warm-up 2, every {}": lambda k: tuple(sorted({0, 1, *range(0, n, k)})),  # TaylorSeer's: 0, 1, multiples
+            "step 0, every {} from 1": lambda k: (0, *range(1, n, k)),  # the fixed mode's (interval=k, warmup=1)
+        }
+        for name, make in periodic.items():
+            every = next((k for k in range(2, n) if len(make(k)) == n_compute), None)
+            if every is not None:
+                cands[name.format(every)] = make(every)
     cands["planned"] = plan_schedule(t, feats["full"], n_compute, state.config.order, state.rises)
     out: dict[str, tuple] = {}
     for name, sched in cands.items():
