@@ -49,6 +49,9 @@ def ditkern_rows(pipeline: str, steps: int, quick: bool = False) -> list[Row]:
     for b in (0.18, 0.2):  # ablation: schedule only
         out.append(Row("ditkern budget o1 uncorrected", f"budget={b}",
                        lambda b=b: TaylorCache(order=1, budget=b, correct=False), calibrate=True))  # fmt: skip
+    for b in () if quick else (0.18, 0.2):  # the gains refined in closed loop (about five times the calibration's runs)
+        out.append(Row("ditkern budget o1 refined", f"budget={b}",
+                       lambda b=b: TaylorCache(order=1, budget=b, refine=True), calibrate=True))  # fmt: skip
     front = FRONT.get(pipeline)
     for b in (0.18, 0.2) if front else ():  # a front group with its own state and steps among the candidates
         out.append(Row("ditkern budget o1 front", f"budget={b},front={front}",
@@ -86,5 +89,6 @@ def apply(pipe, row: Row, steps: int) -> str:
     detail = f"schedule={list(done.schedule)}" if done.schedule else ""
     detail += f", front on {list(done.front_schedule)}" if done.front_schedule else ""
     detail += ", corrected" if done.step_gain else ""
+    detail += ", refined" if done.refine else ""
     detail += ", output forecast" if done.forecast == "output" else ""
     return detail + "; ".join(str(w.message)[:120] for w in said if "TaylorCache" in str(w.message))

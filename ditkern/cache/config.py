@@ -34,6 +34,10 @@ class TaylorCache:
     gate_scale:  per-step factors of the gate signal (from the calibration; None: the raw first-block error).
     correct:     budget: the calibration also fits per-step forecast gains (``step_gain``) from the recorded feature
                  change and keeps them when the measured result is closer to uncached with them than without.
+    refine:      budget: after the measured calibration has chosen the schedule (and gains), refine the gains in
+                 closed loop: one pair of multipliers (of mu, of lam) per run of forecast steps, by coordinate search
+                 on the measured result (about 100-130 more runs of the calibration's ``run()``, five times the
+                 calibration's time); kept only where they measure closer to uncached (docs/cache.md).
     front:       schedule / budget: the first ``front`` blocks of the cached chain are a group of their own, with their
                  own Taylor state and steps (``front_schedule``; the budget calibration chooses them, denser than the
                  rest's when that measures better); the rest forecasts its own residual from the front's output
@@ -70,6 +74,7 @@ class TaylorCache:
     timesteps: tuple[float, ...] | None = None
     gate_scale: tuple[float, ...] | None = None
     correct: bool = True
+    refine: bool = False
     step_gain: tuple[tuple[float, float], ...] | None = None
     front: int = 0
     front_schedule: tuple[int, ...] | None = None
@@ -127,8 +132,11 @@ class TaylorCache:
                 if not all(math.isfinite(x) for x in v):
                     raise ValueError(f"TaylorCache.{name} must be finite numbers, got {getattr(self, name)!r}")
                 object.__setattr__(self, name, v)
-        if not isinstance(self.correct, bool):
-            raise ValueError(f"TaylorCache.correct must be True or False, got {self.correct!r}")
+        for name in ("correct", "refine"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TaylorCache.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.refine and self.budget is None:
+            raise ValueError(f"TaylorCache.refine needs a budget (it refines a measured calibration), mode {self.mode!r}")
         for name, sched in (("step_gain", self.schedule), ("front_step_gain", self.front_schedule or self.schedule)):
             if getattr(self, name) is not None:
                 try:
@@ -177,7 +185,7 @@ class TaylorCache:
             "gated": lambda: f"gate={self.gate:g}" + (", calibrated" if self.gate_scale else ""),
             "budget": lambda: f"budget={self.budget:g}"
             + (f", {len(self.schedule)} of {len(self.timesteps or ())} steps" if self.schedule else ", uncalibrated")
-            + (", corrected" if self.step_gain else ""),
+            + (", corrected" if self.step_gain else "") + (", refined" if self.refine else ""),
             "schedule": lambda: f"schedule={list(self.schedule)}" + (", corrected" if self.step_gain else ""),
         }[self.mode]()
         return f"Taylor order {self.order}, {sched}, warmup={self.warmup}" + (

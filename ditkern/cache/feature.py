@@ -806,6 +806,74 @@ def measure_schedules(state: CacheState, run, reference, n_compute: int):
     return scores[best][1], {k: (v[1], round(v[0], 2)) for k, v in scores.items()}
 
 
+#: the multipliers :func:`refine_gains` tries on each coordinate, one tuple per pass: coarse passes (the first tuple,
+#: at most three times, until a pass changes nothing), then one pass of each finer tuple
+REFINE_PASSES = ((0.7, 0.85, 1.2, 1.4),) * 3 + ((0.9, 1.1), (0.95, 1.05))
+
+
+def refine_gains(state: CacheState, run, reference, config: TaylorCache, *, progress: bool = True):
+    """Closed-loop refinement of a calibrated config's ``step_gain`` (``TaylorCache.refine``): one multiplier pair
+    ``(of mu, of lam)`` per segment (the forecast steps after one computed step), found by coordinate search on the
+    measured score (``run()`` against the uncached ``reference``, mean + worst item PSNR, as
+    :func:`measure_schedules`) over :data:`REFINE_PASSES`; a coordinate's multiplier changes only where the score
+    rises, so the result measures at least as close to uncached as ``config`` on the calibration's items. The fitted
+    gains model one step's forecast; the measurement sees how the errors of a segment compound through the sampler.
+    A coordinate is not searched where it has no effect: ``lam`` at order 0 and after the first computed step (the
+    forecast is reuse there), and a gain the fit clamped to 0.
+    Returns ``(the refined config, its score, the start's score, runs)``."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    n, sched = len(config.timesteps), config.schedule
+    base = config.step_gain or ((1.0, 1.0),) * n
+    segments = [list(range(a + 1, b)) for a, b in zip(sched, (*sched[1:], n))]
+    coords = [(i, c) for i, seg in enumerate(segments) for c in (0, 1)
+              if any(base[k][c] for k in seg) and (c == 0 or (config.order and i))]  # fmt: skip
+    if not coords:  # every step computed
+        return config, None, None, 0
+    mult = [[1.0, 1.0] for _ in segments]
+
+    def make(m):
+        gains = list(base)
+        for seg, (a, b) in zip(segments, m):
+            for k in seg:
+                gains[k] = (base[k][0] * a, base[k][1] * b)
+        return replace(config, step_gain=tuple(gains))
+
+    def score(m):
+        state.config = make(m)
+        state.reset()
+        return _score(run(), reference)
+
+    recording, state.recording = state.recording, False
+    runs = 1
+    bar = tqdm(total=len(coords) * sum(len(p) for p in REFINE_PASSES), desc="refine gains", unit="run",
+               disable=not progress, leave=False)  # fmt: skip
+    try:
+        start = best = score(mult)
+        changed = True
+        for steps in REFINE_PASSES:
+            if steps == REFINE_PASSES[0] and not changed:
+                bar.update(len(coords) * len(steps))  # a pass that changed nothing would measure the same again
+                continue
+            changed = False
+            for i, c in coords:
+                tried = []
+                for d in steps:
+                    m = [list(v) for v in mult]
+                    m[i][c] *= d
+                    tried.append((score(m), m))
+                    runs += 1
+                    bar.update(1)
+                top, m = max(tried, key=lambda v: v[0])
+                if top > best:
+                    best, mult, changed = top, m, True
+    finally:
+        bar.close()
+        state.config, state.recording = config, recording
+        state.reset()
+    return make(mult), best, start, runs
+
+
 def budget_steps(state: CacheState, n_steps: int) -> int:
     """How many of ``n_steps`` steps run in full for the config's budget (the blocks outside the cached chain run on
     every call and come out of the budget first); warns when the budget is below what the model can reach."""
@@ -830,7 +898,10 @@ def solve_budget(state: CacheState, run=None, reference=None):
     n_compute = budget_steps(state, len(t))
     if run is not None:
         best, _ = measure_schedules(state, run, reference, n_compute)
-        return best
+        return refine_gains(state, run, reference, best)[0] if cfg.refine else best
+    if cfg.refine:
+        warnings.warn("TaylorCache.refine needs a measured calibration (ditkern.cache.calibrate(pipe, run) with run() "
+                      "returning the images as a tensor or array): the gains were not refined", stacklevel=4)  # fmt: skip
     return replace(cfg, schedule=spaced_schedule(len(t), n_compute), timesteps=tuple(float(v) for v in t))
 
 

@@ -309,3 +309,59 @@ def test_budget_with_a_front_group_is_met_and_counts_every_block():
         assert runs == 5 * len(front) + (n - 5) * len(rest) and st["block_fraction"] == runs / (12 * n)
         assert abs(runs / (12 * n) - 0.25) <= 0.03, (front, rest, runs)
     ditkern.unpatch(pipe)
+
+
+def test_refined_gains_keep_the_schedule_and_measure_at_least_as_close():
+    """TaylorCache(refine=True): the measured calibration's schedule and forecast are kept; the gains become the
+    fitted ones (or 1, 1) times one multiplier pair per run of forecast steps; re-measured independently against the
+    calibration's uncached result, the refined config is at least as close as the unrefined one and the search
+    changed something. Refining needs a measured budget calibration: a gate refuses it, an unmeasured one warns."""
+    from ditkern.cache import feature
+
+    model, inputs = _tiny_dit()
+
+    def run():
+        return torch.stack([o.detach() for o in _denoise(model, "dit", inputs)])
+
+    seen = {}
+    measure, refine = feature.measure_schedules, feature.refine_gains
+
+    def spy_measure(*a, **k):
+        seen["plain"], _ = out = measure(*a, **k)
+        return out
+
+    def spy_refine(state, run_, reference, config, **k):
+        seen["reference"] = reference
+        out = refine(state, run_, reference, config, **k)
+        seen["score"], seen["start"], seen["runs"] = out[1:]
+        return out
+
+    feature.measure_schedules, feature.refine_gains = spy_measure, spy_refine
+    try:
+        ditkern.patch(model, cache=TaylorCache(order=1, budget=0.3, refine=True), backend="torch")
+        cal = ditkern.cache.calibrate(model, run)  # 3 of 9 steps: 0.45 (4 steps) is within 5 dB of the 100 dB cap
+    finally:
+        feature.measure_schedules, feature.refine_gains = measure, refine
+    plain = seen["plain"]
+    assert cal.refine and cal.schedule == plain.schedule and cal.forecast == plain.forecast and cal.timesteps == plain.timesteps
+    base = plain.step_gain or ((1.0, 1.0),) * len(TS)
+    bounds = (*cal.schedule, len(TS))
+    for a, b in zip(bounds, bounds[1:]):
+        for c in (0, 1):  # one multiplier pair per segment (a gain the fit clamped to 0 stays 0)
+            ratios = {round(cal.step_gain[k][c] / base[k][c], 9) for k in range(a + 1, b) if base[k][c]}
+            assert len(ratios) <= 1 and all(cal.step_gain[k][c] for k in range(a + 1, b) if base[k][c]), (a, b, c, ratios)
+        assert cal.step_gain[a] == base[a] == (1.0, 1.0)  # computed steps
+    assert cal.step_gain != base and seen["score"] > seen["start"] and 1 < seen["runs"] <= 1 + 3 * 16, seen
+
+    def score(config):
+        ditkern.patch(model, cache=config, backend="torch")
+        return feature._score(run(), seen["reference"])
+
+    assert score(cal) == pytest.approx(seen["score"], abs=1e-6) and score(cal) > score(plain)
+    with pytest.raises(ValueError, match="TaylorCache.refine needs a budget"):
+        TaylorCache(gate=0.1, refine=True)
+    ditkern.patch(model, cache=TaylorCache(order=1, budget=0.3, refine=True), backend="torch")
+    with pytest.warns(UserWarning, match="TaylorCache.refine needs a measured calibration"):
+        ditkern.cache.calibrate(model, run, measure=False)
+    assert TaylorCache.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
+    ditkern.unpatch(model)
