@@ -34,10 +34,11 @@ class TaylorCache:
     gate_scale:  per-step factors of the gate signal (from the calibration; None: the raw first-block error).
     correct:     budget: the calibration also fits per-step forecast gains (``step_gain``) from the recorded feature
                  change and keeps them when the measured result is closer to uncached with them than without.
-    refine:      budget: after the measured calibration has chosen the schedule (and gains), refine the gains in
-                 closed loop: one pair of multipliers (of mu, of lam) per run of forecast steps, by coordinate search
-                 on the measured result (about 100-130 more runs of the calibration's ``run()``, five times the
-                 calibration's time); kept only where they measure closer to uncached (docs/cache.md).
+    refine:      budget: after the measured calibration has chosen the schedule (and gains), refine both in closed
+                 loop (``feature.refine_calibration``): one pair of multipliers of the gains (of mu, of lam) per run
+                 of forecast steps, then moves of single computed steps by 1-2 (not with ``front``), by coordinate
+                 search on the measured result, each change kept only where it measures closer to uncached. About
+                 100-250 more runs of the calibration's ``run()`` (5-20 times the calibration's time; docs/cache.md).
     front:       schedule / budget: the first ``front`` blocks of the cached chain are a group of their own, with their
                  own Taylor state and steps (``front_schedule``; the budget calibration chooses them, denser than the
                  rest's when that measures better); the rest forecasts its own residual from the front's output

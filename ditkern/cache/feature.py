@@ -774,8 +774,7 @@ def measure_schedules(state: CacheState, run, reference, n_compute: int):
         if "front" not in feats:
             raise ValueError("calibrate: the front group's residual was not recorded (TaylorCache.front)")
         cands.update(front_candidates(state, len(t), n_compute))
-    rest = feats["full"] - feats["front"] if state.front else feats["full"]
-    target = {"residual": rest, "output": feats["out"]}  # what the gains are fitted to
+    target = _gain_targets(state, feats)
     scores = {}
 
     def measure(name, front, sched, forecast):
@@ -806,50 +805,73 @@ def measure_schedules(state: CacheState, run, reference, n_compute: int):
     return scores[best][1], {k: (v[1], round(v[0], 2)) for k, v in scores.items()}
 
 
-#: the multipliers :func:`refine_gains` tries on each coordinate, one tuple per pass: coarse passes (the first tuple,
-#: at most three times, until a pass changes nothing), then one pass of each finer tuple
+#: the multipliers :func:`refine_calibration` tries on each gain coordinate, one tuple per pass: coarse passes (the
+#: first tuple, at most three times, until a pass changes nothing), then one pass of each finer tuple
 REFINE_PASSES = ((0.7, 0.85, 1.2, 1.4),) * 3 + ((0.9, 1.1), (0.95, 1.05))
+#: how far :func:`refine_calibration` moves one computed step, and at most how many passes over the steps it makes
+REFINE_MOVES, REFINE_MOVE_PASSES = (-2, -1, 1, 2), 3
 
 
-def refine_gains(state: CacheState, run, reference, config: TaylorCache, *, progress: bool = True):
-    """Closed-loop refinement of a calibrated config's ``step_gain`` (``TaylorCache.refine``): one multiplier pair
-    ``(of mu, of lam)`` per segment (the forecast steps after one computed step), found by coordinate search on the
-    measured score (``run()`` against the uncached ``reference``, mean + worst item PSNR, as
-    :func:`measure_schedules`) over :data:`REFINE_PASSES`; a coordinate's multiplier changes only where the score
-    rises, so the result measures at least as close to uncached as ``config`` on the calibration's items. The fitted
-    gains model one step's forecast; the measurement sees how the errors of a segment compound through the sampler.
-    A coordinate is not searched where it has no effect: ``lam`` at order 0 and after the first computed step (the
-    forecast is reuse there), and a gain the fit clamped to 0.
-    Returns ``(the refined config, its score, the start's score, runs)``."""
+def _gain_targets(state: CacheState, feats: dict) -> dict[str, torch.Tensor]:
+    """What the gains are fitted to, per ``forecast``: the cached chain's residual (the rest's, after a front group)
+    or its output."""
+    rest = feats["full"] - feats["front"] if state.front else feats["full"]
+    return {"residual": rest, "output": feats["out"]}
+
+
+def refine_calibration(state: CacheState, run, reference, config: TaylorCache, *, progress: bool = True):
+    """Closed-loop refinement of a measured budget calibration (``TaylorCache.refine``), every change kept only where
+    the measured score rises (``run()`` against the uncached ``reference``, mean + worst item PSNR, as
+    :func:`measure_schedules`), so the result measures at least as close to uncached as ``config`` on the
+    calibration's items:
+
+    1. gains: one multiplier pair ``(of mu, of lam)`` of the fitted ``step_gain`` (1, 1 uncorrected) per segment (the
+       forecast steps after one computed step), by coordinate search over :data:`REFINE_PASSES`. A coordinate is not
+       searched where it has no effect: ``lam`` at order 0 and after the first computed step (the forecast is reuse
+       there), and a gain the fit clamped to 0;
+    2. steps (without a front group): each computed step but step 0 moved by :data:`REFINE_MOVES` (the gains refitted
+       for the new schedule, times the segments' multipliers), the best move per step, up to
+       :data:`REFINE_MOVE_PASSES` passes; the count of computed steps, so the budget, stays;
+    3. if a step moved, the gains again as in 1, from the new schedule's.
+
+    The fitted gains and the planned schedule model one step's forecast; the measurement sees how a segment's errors
+    compound through the sampler. Returns ``(the refined config, its score, the start's score, runs)``."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    n, sched = len(config.timesteps), config.schedule
-    base = config.step_gain or ((1.0, 1.0),) * n
-    segments = [list(range(a + 1, b)) for a, b in zip(sched, (*sched[1:], n))]
-    coords = [(i, c) for i, seg in enumerate(segments) for c in (0, 1)
-              if any(base[k][c] for k in seg) and (c == 0 or (config.order and i))]  # fmt: skip
-    if not coords:  # every step computed
-        return config, None, None, 0
-    mult = [[1.0, 1.0] for _ in segments]
+    t, feats = _calibration_set(state)
+    n = len(t)
+    target = _gain_targets(state, feats)[config.forecast or "residual"]
 
-    def make(m):
-        gains = list(base)
-        for seg, (a, b) in zip(segments, m):
+    def fitted(sched):
+        if config.step_gain is None:
+            return ((1.0, 1.0),) * n
+        return config.step_gain if sched == config.schedule else fit_gains(t, target, sched, config.order)
+
+    def segments(sched):
+        return [range(a + 1, b) for a, b in zip(sched, (*sched[1:], n))]
+
+    def build(sched, mult):
+        base, gains = fitted(sched), list(fitted(sched))
+        for seg, (a, b) in zip(segments(sched), mult):
             for k in seg:
                 gains[k] = (base[k][0] * a, base[k][1] * b)
-        return replace(config, step_gain=tuple(gains))
+        return replace(config, schedule=sched, step_gain=tuple(gains))
 
-    def score(m):
-        state.config = make(m)
+    runs = 0
+
+    def score(sched, mult):
+        nonlocal runs
+        state.config = build(sched, mult)
         state.reset()
+        runs += 1
+        bar.update(1)
         return _score(run(), reference)
 
-    recording, state.recording = state.recording, False
-    runs = 1
-    bar = tqdm(total=len(coords) * sum(len(p) for p in REFINE_PASSES), desc="refine gains", unit="run",
-               disable=not progress, leave=False)  # fmt: skip
-    try:
-        start = best = score(mult)
+    def search_gains(sched, mult, best):
+        base = fitted(sched)
+        coords = [(i, c) for i, seg in enumerate(segments(sched)) for c in (0, 1)
+                  if any(base[k][c] for k in seg) and (c == 0 or (config.order and i))]  # fmt: skip
+        bar.total += len(coords) * sum(len(p) for p in REFINE_PASSES)
         changed = True
         for steps in REFINE_PASSES:
             if steps == REFINE_PASSES[0] and not changed:
@@ -861,17 +883,50 @@ def refine_gains(state: CacheState, run, reference, config: TaylorCache, *, prog
                 for d in steps:
                     m = [list(v) for v in mult]
                     m[i][c] *= d
-                    tried.append((score(m), m))
-                    runs += 1
-                    bar.update(1)
+                    tried.append((score(sched, m), m))
                 top, m = max(tried, key=lambda v: v[0])
                 if top > best:
                     best, mult, changed = top, m, True
+        return mult, best
+
+    def search_steps(sched, mult, best):
+        for _ in range(REFINE_MOVE_PASSES):
+            changed = False
+            for idx in range(1, len(sched)):
+                moved = []
+                for d in REFINE_MOVES:
+                    s = list(sched)
+                    s[idx] += d
+                    if s[idx - 1] < s[idx] < (s[idx + 1] if idx + 1 < len(s) else n):
+                        moved.append(tuple(s))
+                bar.total += len(moved)
+                tried = [(score(s, mult), s) for s in moved]
+                if tried and max(tried)[0] > best:
+                    best, sched = max(tried)
+                    changed = True
+            if not changed:
+                break
+        return sched, best
+
+    sched = config.schedule
+    if len(sched) == n:  # every step computed: nothing to refine
+        return config, None, None, 0
+    mult = [[1.0, 1.0] for _ in sched]
+    recording, state.recording = state.recording, False
+    bar = tqdm(total=1, desc="refine calibration", unit="run", disable=not progress, leave=False)
+    try:
+        start = score(sched, mult)
+        mult, best = search_gains(sched, mult, start)
+        if not state.front:
+            moved, best = search_steps(sched, mult, best)
+            if moved != sched:
+                sched = moved
+                mult, best = search_gains(sched, mult, best)
     finally:
         bar.close()
         state.config, state.recording = config, recording
         state.reset()
-    return make(mult), best, start, runs
+    return build(sched, mult), best, start, runs
 
 
 def budget_steps(state: CacheState, n_steps: int) -> int:
@@ -898,7 +953,7 @@ def solve_budget(state: CacheState, run=None, reference=None):
     n_compute = budget_steps(state, len(t))
     if run is not None:
         best, _ = measure_schedules(state, run, reference, n_compute)
-        return refine_gains(state, run, reference, best)[0] if cfg.refine else best
+        return refine_calibration(state, run, reference, best)[0] if cfg.refine else best
     if cfg.refine:
         warnings.warn("TaylorCache.refine needs a measured calibration (ditkern.cache.calibrate(pipe, run) with run() "
                       "returning the images as a tensor or array): the gains were not refined", stacklevel=4)  # fmt: skip

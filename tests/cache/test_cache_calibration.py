@@ -311,11 +311,12 @@ def test_budget_with_a_front_group_is_met_and_counts_every_block():
     ditkern.unpatch(pipe)
 
 
-def test_refined_gains_keep_the_schedule_and_measure_at_least_as_close():
-    """TaylorCache(refine=True): the measured calibration's schedule and forecast are kept; the gains become the
-    fitted ones (or 1, 1) times one multiplier pair per run of forecast steps; re-measured independently against the
-    calibration's uncached result, the refined config is at least as close as the unrefined one and the search
-    changed something. Refining needs a measured budget calibration: a gate refuses it, an unmeasured one warns."""
+def test_refined_calibration_keeps_the_budget_and_measures_at_least_as_close(monkeypatch):
+    """TaylorCache(refine=True) on the measured calibration's pick: with the step moves off, the schedule and forecast
+    are kept and the gains become the fitted ones (or 1, 1) times one multiplier pair per run of forecast steps;
+    with them on, the count of computed steps (the budget) is kept. Either way, re-measured independently against
+    the calibration's uncached result, the refined config is closer than the unrefined one. Refining needs a
+    measured budget calibration: a gate refuses it, an unmeasured one warns."""
     from ditkern.cache import feature
 
     model, inputs = _tiny_dit()
@@ -323,41 +324,57 @@ def test_refined_gains_keep_the_schedule_and_measure_at_least_as_close():
     def run():
         return torch.stack([o.detach() for o in _denoise(model, "dit", inputs)])
 
-    seen = {}
-    measure, refine = feature.measure_schedules, feature.refine_gains
+    measure, refine = feature.measure_schedules, feature.refine_calibration
 
-    def spy_measure(*a, **k):
-        seen["plain"], _ = out = measure(*a, **k)
-        return out
+    def calibrate():
+        seen = {}
 
-    def spy_refine(state, run_, reference, config, **k):
-        seen["reference"] = reference
-        out = refine(state, run_, reference, config, **k)
-        seen["score"], seen["start"], seen["runs"] = out[1:]
-        return out
+        def spy_measure(*a, **k):
+            seen["plain"], _ = out = measure(*a, **k)
+            return out
 
-    feature.measure_schedules, feature.refine_gains = spy_measure, spy_refine
-    try:
+        def spy_refine(state, run_, reference, config, **k):
+            seen["reference"] = reference
+            out = refine(state, run_, reference, config, **k)
+            seen["score"], seen["start"], seen["runs"] = out[1:]
+            return out
+
+        monkeypatch.setattr(feature, "measure_schedules", spy_measure)
+        monkeypatch.setattr(feature, "refine_calibration", spy_refine)
         ditkern.patch(model, cache=TaylorCache(order=1, budget=0.3, refine=True), backend="torch")
-        cal = ditkern.cache.calibrate(model, run)  # 3 of 9 steps: 0.45 (4 steps) is within 5 dB of the 100 dB cap
-    finally:
-        feature.measure_schedules, feature.refine_gains = measure, refine
-    plain = seen["plain"]
+        seen["cal"] = ditkern.cache.calibrate(model, run)  # 3 of 9 steps: at 0.45 (4) PSNR is within 5 dB of its cap
+        monkeypatch.setattr(feature, "measure_schedules", measure)
+        monkeypatch.setattr(feature, "refine_calibration", refine)
+        return seen
+
+    def score(config, reference):
+        ditkern.patch(model, cache=config, backend="torch")
+        return feature._score(run(), reference)
+
+    monkeypatch.setattr(feature, "REFINE_MOVE_PASSES", 0)
+    seen = calibrate()
+    cal, plain = seen["cal"], seen["plain"]
     assert cal.refine and cal.schedule == plain.schedule and cal.forecast == plain.forecast and cal.timesteps == plain.timesteps
     base = plain.step_gain or ((1.0, 1.0),) * len(TS)
     bounds = (*cal.schedule, len(TS))
     for a, b in zip(bounds, bounds[1:]):
+        assert cal.step_gain[a] == base[a] == (1.0, 1.0)  # computed steps
         for c in (0, 1):  # one multiplier pair per segment (a gain the fit clamped to 0 stays 0)
             ratios = {round(cal.step_gain[k][c] / base[k][c], 9) for k in range(a + 1, b) if base[k][c]}
             assert len(ratios) <= 1 and all(cal.step_gain[k][c] for k in range(a + 1, b) if base[k][c]), (a, b, c, ratios)
-        assert cal.step_gain[a] == base[a] == (1.0, 1.0)  # computed steps
     assert cal.step_gain != base and seen["score"] > seen["start"] and 1 < seen["runs"] <= 1 + 3 * 16, seen
+    got = score(cal, seen["reference"])
+    assert got == pytest.approx(seen["score"], abs=1e-6) and got > score(plain, seen["reference"])
 
-    def score(config):
-        ditkern.patch(model, cache=config, backend="torch")
-        return feature._score(run(), seen["reference"])
+    monkeypatch.setattr(feature, "REFINE_MOVE_PASSES", 3)
+    moved = calibrate()
+    cal = moved["cal"]
+    assert len(cal.schedule) == len(moved["plain"].schedule) and cal.schedule[0] == 0 and cal.refine
+    assert cal.schedule != moved["plain"].schedule  # on this model the last computed step moves (8 -> 7)
+    assert moved["score"] >= seen["score"] - 1e-9  # the moves start from the same gain search
+    got = score(cal, moved["reference"])
+    assert got == pytest.approx(moved["score"], abs=1e-6) and got > score(moved["plain"], moved["reference"])
 
-    assert score(cal) == pytest.approx(seen["score"], abs=1e-6) and score(cal) > score(plain)
     with pytest.raises(ValueError, match="TaylorCache.refine needs a budget"):
         TaylorCache(gate=0.1, refine=True)
     ditkern.patch(model, cache=TaylorCache(order=1, budget=0.3, refine=True), backend="torch")
