@@ -504,7 +504,12 @@ def markdown(rows: list[dict]) -> str:
         sel = [r for r in rows if _case(r) == case]
         r0 = sel[0]
         head = "| method | setting | blocks | attn | speedup | PSNR pooled | mean | worst | accuracy | goal | note |"
-        lines += [f"## {case[0]}, {case[1]} steps ({r0['seeds']} seeds, {r0['date']} at {r0['sha']})", "",
+        later = {}  # rows merged in from a later run (their own date and sha): say which
+        for r in sel:
+            if (r["date"], r["sha"]) != (r0["date"], r0["sha"]):
+                later.setdefault((r["date"], r["sha"]), []).append(f"{r['method']} {r['setting']}")
+        also = "".join(f"; {', '.join(m)}: {d} at {sha}" for (d, sha), m in later.items())
+        lines += [f"## {case[0]}, {case[1]} steps ({r0['seeds']} seeds, {r0['date']} at {r0['sha']}{also})", "",
                   head, "|---" * head.count(" | ") + "|---|"]
         for r in sel:
             lines.append("| " + " | ".join([

@@ -116,3 +116,17 @@ def test_demo_calibrates_its_budget_cache_row_on_its_own_seeds(tmp_path, monkeyp
     line = next(x for x in capsys.readouterr().out.splitlines() if "digits-flux [budget]" in x and "blocks" in x)
     frac = int(line.split("blocks executed ")[1].split("%")[0]) / 100
     assert abs(frac - 0.5) <= 0.1, line  # 3 of 6 steps; uncalibrated it would run every block (off its timesteps)
+
+
+def test_a_case_header_names_the_rows_merged_in_from_a_later_run():
+    def row(method, setting, kind, sha, date="2026-12-01"):
+        return dict(pipeline="digits-dit", steps=28, seeds=8, date=date, sha=sha, method=method, kind=kind,
+                    setting=setting, block_fraction=0.5, attention_fraction=0.5, psnr_mean_db=40.0,
+                    psnr_worst_db=35.0, accuracy=1.0, meets_goal=False, note="")
+
+    rows = [row("uncached", "", "uncached", "aaaaaaa"), row("ditkern fixed o1", "interval=2", "ditkern", "aaaaaaa"),
+            row("ditkern budget o1 refined", "budget=0.18", "ditkern", "bbbbbbb", "2026-12-04")]
+    md = cs.markdown(rows)
+    assert ("## digits-dit, 28 steps (8 seeds, 2026-12-01 at aaaaaaa; ditkern budget o1 refined budget=0.18: "
+            "2026-12-04 at bbbbbbb)") in md
+    assert "## digits-dit, 28 steps (8 seeds, 2026-12-01 at aaaaaaa)" in cs.markdown(rows[:2])

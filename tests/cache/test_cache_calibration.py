@@ -311,7 +311,7 @@ def test_budget_with_a_front_group_is_met_and_counts_every_block():
     ditkern.unpatch(pipe)
 
 
-def test_refined_calibration_keeps_the_budget_and_measures_at_least_as_close(monkeypatch):
+def test_refined_calibration_keeps_the_budget_and_measures_at_least_as_close(monkeypatch, tmp_path):
     """TaylorCache(refine=True) on the measured calibration's pick: with the step moves off, the schedule and forecast
     are kept and the gains become the fitted ones (or 1, 1) times one multiplier pair per run of forecast steps;
     with them on, the count of computed steps (the budget) is kept. Either way, re-measured independently against
@@ -374,6 +374,9 @@ def test_refined_calibration_keeps_the_budget_and_measures_at_least_as_close(mon
     assert moved["score"] >= seen["score"] - 1e-9  # the moves start from the same gain search
     got = score(cal, moved["reference"])
     assert got == pytest.approx(moved["score"], abs=1e-6) and got > score(moved["plain"], moved["reference"])
+    cal.save(tmp_path / "refined.cache.json")  # the refinement is paid once: the saved config runs the same
+    again = TaylorCache.load(tmp_path / "refined.cache.json")
+    assert again == cal and score(again, moved["reference"]) == pytest.approx(got, abs=1e-9)
 
     with pytest.raises(ValueError, match="TaylorCache.refine needs a budget"):
         TaylorCache(gate=0.1, refine=True)
