@@ -38,7 +38,11 @@ class TaylorCache:
                  loop (``feature.refine_calibration``): one pair of multipliers of the gains (of mu, of lam) per run
                  of forecast steps, then moves of single computed steps by 1-2 (not with ``front``), by coordinate
                  search on the measured result, each change kept only where it measures closer to uncached. About
-                 100-250 more runs of the calibration's ``run()`` (5-20 times the calibration's time; docs/cache.md).
+                 200-380 more runs of the calibration's ``run()`` at 28 steps, 540-710 at 50 (8-28 times its runs;
+                 docs/cache.md).
+    refine_starts: with ``refine``: how many of the measured calibration's best distinct schedules are refined (each
+                 as above, so that many times the cost); the one that measures best after refining is kept. A
+                 refinement only moves steps by 1-2, so a start further away can end higher.
     front:       schedule / budget: the first ``front`` blocks of the cached chain are a group of their own, with their
                  own Taylor state and steps (``front_schedule``; the budget calibration chooses them, denser than the
                  rest's when that measures better); the rest forecasts its own residual from the front's output
@@ -76,6 +80,7 @@ class TaylorCache:
     gate_scale: tuple[float, ...] | None = None
     correct: bool = True
     refine: bool = False
+    refine_starts: int = 1
     step_gain: tuple[tuple[float, float], ...] | None = None
     front: int = 0
     front_schedule: tuple[int, ...] | None = None
@@ -136,6 +141,10 @@ class TaylorCache:
         for name in ("correct", "refine"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TaylorCache.{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.refine_starts, bool) or not isinstance(self.refine_starts, int) or self.refine_starts < 1:
+            raise ValueError(f"TaylorCache.refine_starts must be a positive int, got {self.refine_starts!r}")
+        if self.refine_starts > 1 and not self.refine:
+            raise ValueError(f"TaylorCache.refine_starts={self.refine_starts} needs refine=True")
         if self.refine and self.budget is None:
             raise ValueError(f"TaylorCache.refine needs a budget (it refines a measured calibration), mode {self.mode!r}")
         for name, sched in (("step_gain", self.schedule), ("front_step_gain", self.front_schedule or self.schedule)):
@@ -186,7 +195,8 @@ class TaylorCache:
             "gated": lambda: f"gate={self.gate:g}" + (", calibrated" if self.gate_scale else ""),
             "budget": lambda: f"budget={self.budget:g}"
             + (f", {len(self.schedule)} of {len(self.timesteps or ())} steps" if self.schedule else ", uncalibrated")
-            + (", corrected" if self.step_gain else "") + (", refined" if self.refine else ""),
+            + (", corrected" if self.step_gain else "") + (", refined" if self.refine else "")
+            + (f" from {self.refine_starts} starts" if self.refine_starts > 1 else ""),
             "schedule": lambda: f"schedule={list(self.schedule)}" + (", corrected" if self.step_gain else ""),
         }[self.mode]()
         return f"Taylor order {self.order}, {sched}, warmup={self.warmup}" + (

@@ -929,6 +929,20 @@ def refine_calibration(state: CacheState, run, reference, config: TaylorCache, *
     return build(sched, mult), best, start, runs
 
 
+def refine_starts(best: TaylorCache, scores: dict, k: int) -> list[TaylorCache]:
+    """The ``k`` configs :func:`refine_calibration` starts from: the measured best, then the next best with another
+    schedule (``scores``: :func:`measure_schedules`' ``{name: (config, score)}``; of one schedule only its best
+    variant, with or without gains or output forecast)."""
+    starts, seen = [best], {(best.schedule, best.front_schedule)}
+    for cfg, _ in sorted(scores.values(), key=lambda v: v[1], reverse=True):
+        if len(starts) >= k:
+            break
+        if (cfg.schedule, cfg.front_schedule) not in seen:
+            seen.add((cfg.schedule, cfg.front_schedule))
+            starts.append(cfg)
+    return starts
+
+
 def budget_steps(state: CacheState, n_steps: int) -> int:
     """How many of ``n_steps`` steps run in full for the config's budget (the blocks outside the cached chain run on
     every call and come out of the budget first); warns when the budget is below what the model can reach."""
@@ -952,8 +966,13 @@ def solve_budget(state: CacheState, run=None, reference=None):
     t, _ = _calibration_set(state)
     n_compute = budget_steps(state, len(t))
     if run is not None:
-        best, _ = measure_schedules(state, run, reference, n_compute)
-        return refine_calibration(state, run, reference, best)[0] if cfg.refine else best
+        best, scores = measure_schedules(state, run, reference, n_compute)
+        if not cfg.refine:
+            return best
+        refined = [refine_calibration(state, run, reference, start)[:2] for start in
+                   refine_starts(best, scores, cfg.refine_starts)]  # fmt: skip
+        # the first (the measured best's) on a tie; None: every step computed, nothing was refined
+        return max(refined, key=lambda r: -math.inf if r[1] is None else r[1])[0]
     if cfg.refine:
         warnings.warn("TaylorCache.refine needs a measured calibration (ditkern.cache.calibrate(pipe, run) with run() "
                       "returning the images as a tensor or array): the gains were not refined", stacklevel=4)  # fmt: skip

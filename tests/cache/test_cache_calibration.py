@@ -385,3 +385,56 @@ def test_refined_calibration_keeps_the_budget_and_measures_at_least_as_close(mon
         ditkern.cache.calibrate(model, run, measure=False)
     assert TaylorCache.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
     ditkern.unpatch(model)
+
+
+def test_refine_starts_refines_the_best_distinct_schedules_and_keeps_the_best_refined(monkeypatch):
+    """TaylorCache(refine=True, refine_starts=2): the measured best and the best-measured candidate with another
+    schedule are each refined; the one that measures best after refining is kept, and re-measures as recorded."""
+    from ditkern.cache import feature
+
+    model, inputs = _tiny_dit()
+
+    def run():
+        return torch.stack([o.detach() for o in _denoise(model, "dit", inputs)])
+
+    monkeypatch.setattr(feature, "REFINE_MOVE_PASSES", 0)  # the schedules stay: each result names its start
+    measure, refine = feature.measure_schedules, feature.refine_calibration
+    seen = {"refined": []}
+
+    def spy_measure(*a, **k):
+        seen["best"], seen["scores"] = out = measure(*a, **k)
+        return out
+
+    def spy_refine(state, run_, reference, config, **k):
+        seen["reference"] = reference
+        out = refine(state, run_, reference, config, **k)
+        seen["refined"].append((config, out[0], out[1]))
+        return out
+
+    monkeypatch.setattr(feature, "measure_schedules", spy_measure)
+    monkeypatch.setattr(feature, "refine_calibration", spy_refine)
+    ditkern.patch(model, cache=TaylorCache(order=1, budget=0.3, refine=True, refine_starts=2), backend="torch")
+    cal = ditkern.cache.calibrate(model, run)
+    monkeypatch.setattr(feature, "measure_schedules", measure)
+    monkeypatch.setattr(feature, "refine_calibration", refine)
+
+    (start1, out1, score1), (start2, out2, score2) = seen["refined"]
+    assert start1 == seen["best"]
+    others = [(s, c) for c, s in seen["scores"].values() if c.schedule != start1.schedule]
+    assert start2.schedule == max(others, key=lambda v: v[0])[1].schedule  # the next best schedule, not a variant
+    assert out1.schedule == start1.schedule and out2.schedule == start2.schedule
+    kept, other = (out1, out2) if score1 >= score2 else (out2, out1)
+    assert cal == kept and cal.refine_starts == 2 and "refined from 2 starts" in cal.describe()
+
+    def score(config):
+        ditkern.patch(model, cache=config, backend="torch")
+        return feature._score(run(), seen["reference"])
+
+    assert score(cal) == pytest.approx(max(score1, score2), abs=1e-6) and score(cal) >= score(other)
+    assert TaylorCache.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
+    ditkern.unpatch(model)
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="TaylorCache.refine_starts must be a positive int"):
+            TaylorCache(budget=0.3, refine=True, refine_starts=bad)
+    with pytest.raises(ValueError, match="refine_starts=2 needs refine=True"):
+        TaylorCache(budget=0.3, refine_starts=2)
