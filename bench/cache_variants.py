@@ -49,14 +49,13 @@ def ditkern_rows(pipeline: str, steps: int, quick: bool = False) -> list[Row]:
     for b in (0.18, 0.2):  # ablation: schedule only
         out.append(Row("ditkern budget o1 uncorrected", f"budget={b}",
                        lambda b=b: TaylorCache(order=1, budget=b, correct=False), calibrate=True))  # fmt: skip
-    # the calibration refined in closed loop (gains per segment, then single-step moves; 8-28 times its runs)
-    for order, budgets in ((1, (0.18, 0.2)), (2, (0.2,))) if not quick else ():
+    # the calibration refined in closed loop (gains per segment, then single-step moves; 8-28 times its runs), from
+    # the best schedule or from the three best (" x3": three times the cost)
+    for order, budgets, k in ((1, (0.18, 0.2), 1), (2, (0.2,), 1), (1, (0.18, 0.2), 3)) if not quick else ():
         for b in budgets:
-            out.append(Row(f"ditkern budget o{order} refined", f"budget={b}",
-                           lambda o=order, b=b: TaylorCache(order=o, budget=b, refine=True), calibrate=True))  # fmt: skip
-    for b in (0.18, 0.2) if not quick else ():  # refined from the three best schedules (three times the cost)
-        out.append(Row("ditkern budget o1 refined x3", f"budget={b}",
-                       lambda b=b: TaylorCache(order=1, budget=b, refine=True, refine_starts=3), calibrate=True))  # fmt: skip
+            out.append(Row(f"ditkern budget o{order} refined" + (f" x{k}" if k > 1 else ""), f"budget={b}",
+                           lambda o=order, b=b, k=k: TaylorCache(order=o, budget=b, refine=True, refine_starts=k),
+                           calibrate=True))  # fmt: skip
     front = FRONT.get(pipeline)
     for b in (0.18, 0.2) if front else ():  # a front group with its own state and steps among the candidates
         out.append(Row("ditkern budget o1 front", f"budget={b},front={front}",

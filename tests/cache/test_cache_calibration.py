@@ -311,6 +311,36 @@ def test_budget_with_a_front_group_is_met_and_counts_every_block():
     ditkern.unpatch(pipe)
 
 
+def _spied_calibration(monkeypatch, model, run, config):
+    """``ditkern.cache.calibrate(model, run)`` with ``config``, recording the measured pick (``plain``), its
+    ``scores``, the uncached ``reference`` and each refinement (``refined``: start, result, score, start's score,
+    runs); the result is ``cal``."""
+    from ditkern.cache import feature
+
+    measure, refine = feature.measure_schedules, feature.refine_calibration
+    seen = {"refined": []}
+
+    def spy_measure(*a, **k):
+        seen["plain"], seen["scores"] = out = measure(*a, **k)
+        return out
+
+    def spy_refine(state, run_, reference, start, **k):
+        seen["reference"] = reference
+        out = refine(state, run_, reference, start, **k)
+        seen["refined"].append((start, *out))
+        return out
+
+    monkeypatch.setattr(feature, "measure_schedules", spy_measure)
+    monkeypatch.setattr(feature, "refine_calibration", spy_refine)
+    try:
+        ditkern.patch(model, cache=config, backend="torch")
+        seen["cal"] = ditkern.cache.calibrate(model, run)
+    finally:
+        monkeypatch.setattr(feature, "measure_schedules", measure)
+        monkeypatch.setattr(feature, "refine_calibration", refine)
+    return seen
+
+
 def test_refined_calibration_keeps_the_budget_and_measures_at_least_as_close(monkeypatch, tmp_path):
     """TaylorCache(refine=True) on the measured calibration's pick: with the step moves off, the schedule and forecast
     are kept and the gains become the fitted ones (or 1, 1) times one multiplier pair per run of forecast steps;
@@ -324,27 +354,9 @@ def test_refined_calibration_keeps_the_budget_and_measures_at_least_as_close(mon
     def run():
         return torch.stack([o.detach() for o in _denoise(model, "dit", inputs)])
 
-    measure, refine = feature.measure_schedules, feature.refine_calibration
-
-    def calibrate():
-        seen = {}
-
-        def spy_measure(*a, **k):
-            seen["plain"], _ = out = measure(*a, **k)
-            return out
-
-        def spy_refine(state, run_, reference, config, **k):
-            seen["reference"] = reference
-            out = refine(state, run_, reference, config, **k)
-            seen["score"], seen["start"], seen["runs"] = out[1:]
-            return out
-
-        monkeypatch.setattr(feature, "measure_schedules", spy_measure)
-        monkeypatch.setattr(feature, "refine_calibration", spy_refine)
-        ditkern.patch(model, cache=TaylorCache(order=1, budget=0.3, refine=True), backend="torch")
-        seen["cal"] = ditkern.cache.calibrate(model, run)  # 3 of 9 steps: at 0.45 (4) PSNR is within 5 dB of its cap
-        monkeypatch.setattr(feature, "measure_schedules", measure)
-        monkeypatch.setattr(feature, "refine_calibration", refine)
+    def calibrate():  # 3 of 9 steps: at 0.45 (4) PSNR is within 5 dB of its cap
+        seen = _spied_calibration(monkeypatch, model, run, TaylorCache(order=1, budget=0.3, refine=True))
+        (_, _, seen["score"], seen["start"], seen["runs"]), = seen["refined"]  # one start
         return seen
 
     def score(config, reference):
@@ -398,28 +410,10 @@ def test_refine_starts_refines_the_best_distinct_schedules_and_keeps_the_best_re
         return torch.stack([o.detach() for o in _denoise(model, "dit", inputs)])
 
     monkeypatch.setattr(feature, "REFINE_MOVE_PASSES", 0)  # the schedules stay: each result names its start
-    measure, refine = feature.measure_schedules, feature.refine_calibration
-    seen = {"refined": []}
-
-    def spy_measure(*a, **k):
-        seen["best"], seen["scores"] = out = measure(*a, **k)
-        return out
-
-    def spy_refine(state, run_, reference, config, **k):
-        seen["reference"] = reference
-        out = refine(state, run_, reference, config, **k)
-        seen["refined"].append((config, out[0], out[1]))
-        return out
-
-    monkeypatch.setattr(feature, "measure_schedules", spy_measure)
-    monkeypatch.setattr(feature, "refine_calibration", spy_refine)
-    ditkern.patch(model, cache=TaylorCache(order=1, budget=0.3, refine=True, refine_starts=2), backend="torch")
-    cal = ditkern.cache.calibrate(model, run)
-    monkeypatch.setattr(feature, "measure_schedules", measure)
-    monkeypatch.setattr(feature, "refine_calibration", refine)
-
-    (start1, out1, score1), (start2, out2, score2) = seen["refined"]
-    assert start1 == seen["best"]
+    seen = _spied_calibration(monkeypatch, model, run, TaylorCache(order=1, budget=0.3, refine=True, refine_starts=2))
+    cal = seen["cal"]
+    (start1, out1, score1, *_), (start2, out2, score2, *_) = seen["refined"]
+    assert start1 == seen["plain"]
     others = [(s, c) for c, s in seen["scores"].values() if c.schedule != start1.schedule]
     assert start2.schedule == max(others, key=lambda v: v[0])[1].schedule  # the next best schedule, not a variant
     assert out1.schedule == start1.schedule and out2.schedule == start2.schedule
