@@ -43,6 +43,11 @@ class TaylorCache:
     refine_starts: with ``refine``: how many of the measured calibration's best distinct schedules are refined (each
                  as above, so that many times the cost); the one that measures best after refining is kept. A
                  refinement only moves steps by 1-2, so a start further away can end higher.
+    refine_reach: with ``refine``: how far a computed step may move. 2: by 1-2 steps, after the gain search (above).
+                 Above 2: first a wide step search with the fitted gains (each computed step but step 0 moved by up
+                 to ``refine_reach`` steps either way, the best move per step kept, until a pass moves nothing, at
+                 most :data:`feature.REFINE_WIDE_PASSES` passes), then the refinement above from its result. About
+                 2 * refine_reach runs per computed step and pass more.
     front:       schedule / budget: the first ``front`` blocks of the cached chain are a group of their own, with their
                  own Taylor state and steps (``front_schedule``; the budget calibration chooses them, denser than the
                  rest's when that measures better); the rest forecasts its own residual from the front's output
@@ -81,6 +86,7 @@ class TaylorCache:
     correct: bool = True
     refine: bool = False
     refine_starts: int = 1
+    refine_reach: int = 2
     step_gain: tuple[tuple[float, float], ...] | None = None
     front: int = 0
     front_schedule: tuple[int, ...] | None = None
@@ -145,6 +151,12 @@ class TaylorCache:
             raise ValueError(f"TaylorCache.refine_starts must be a positive int, got {self.refine_starts!r}")
         if self.refine_starts > 1 and not self.refine:
             raise ValueError(f"TaylorCache.refine_starts={self.refine_starts} needs refine=True")
+        if isinstance(self.refine_reach, bool) or not isinstance(self.refine_reach, int) or self.refine_reach < 2:
+            raise ValueError(f"TaylorCache.refine_reach must be an int >= 2, got {self.refine_reach!r}")
+        if self.refine_reach > 2 and not self.refine:
+            raise ValueError(f"TaylorCache.refine_reach={self.refine_reach} needs refine=True")
+        if self.refine_reach > 2 and self.front:
+            raise ValueError(f"TaylorCache.refine_reach={self.refine_reach} needs front=0 (a front group's steps are not moved)")
         if self.refine and self.budget is None:
             raise ValueError(f"TaylorCache.refine needs a budget (it refines a measured calibration), mode {self.mode!r}")
         for name, sched in (("step_gain", self.schedule), ("front_step_gain", self.front_schedule or self.schedule)):
@@ -196,7 +208,8 @@ class TaylorCache:
             "budget": lambda: f"budget={self.budget:g}"
             + (f", {len(self.schedule)} of {len(self.timesteps or ())} steps" if self.schedule else ", uncalibrated")
             + (", corrected" if self.step_gain else "") + (", refined" if self.refine else "")
-            + (f" from {self.refine_starts} starts" if self.refine_starts > 1 else ""),
+            + (f" from {self.refine_starts} starts" if self.refine_starts > 1 else "")
+            + (f", steps moved up to {self.refine_reach}" if self.refine_reach > 2 else ""),
             "schedule": lambda: f"schedule={list(self.schedule)}" + (", corrected" if self.step_gain else ""),
         }[self.mode]()
         return f"Taylor order {self.order}, {sched}, warmup={self.warmup}" + (

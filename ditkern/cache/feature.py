@@ -810,6 +810,8 @@ def measure_schedules(state: CacheState, run, reference, n_compute: int):
 REFINE_PASSES = ((0.7, 0.85, 1.2, 1.4),) * 3 + ((0.9, 1.1), (0.95, 1.05))
 #: how far :func:`refine_calibration` moves one computed step, and at most how many passes over the steps it makes
 REFINE_MOVES, REFINE_MOVE_PASSES = (-2, -1, 1, 2), 3
+#: at most how many passes the wide step search of ``TaylorCache.refine_reach`` > 2 makes
+REFINE_WIDE_PASSES = 4
 
 
 def _gain_targets(state: CacheState, feats: dict) -> dict[str, torch.Tensor]:
@@ -833,6 +835,10 @@ def refine_calibration(state: CacheState, run, reference, config: TaylorCache, *
        for the new schedule, times the segments' multipliers), the best move per step, up to
        :data:`REFINE_MOVE_PASSES` passes; the count of computed steps, so the budget, stays;
     3. if a step moved, the gains again as in 1, from the new schedule's.
+
+    With ``refine_reach`` > 2 (no front group) a wide step search comes first: as 2, each computed step moved by
+    up to ``refine_reach`` steps either way with the fitted gains (no multipliers yet), up to
+    :data:`REFINE_WIDE_PASSES` passes; 1-3 then start from its schedule.
 
     The fitted gains and the planned schedule model one step's forecast; the measurement sees how a segment's errors
     compound through the sampler. Returns ``(the refined config, its score, the start's score, runs)``."""
@@ -889,12 +895,12 @@ def refine_calibration(state: CacheState, run, reference, config: TaylorCache, *
                     best, mult, changed = top, m, True
         return mult, best
 
-    def search_steps(sched, mult, best):
-        for _ in range(REFINE_MOVE_PASSES):
+    def search_steps(sched, mult, best, moves=REFINE_MOVES, passes=REFINE_MOVE_PASSES):
+        for _ in range(passes):
             changed = False
             for idx in range(1, len(sched)):
                 moved = []
-                for d in REFINE_MOVES:
+                for d in moves:
                     s = list(sched)
                     s[idx] += d
                     if s[idx - 1] < s[idx] < (s[idx + 1] if idx + 1 < len(s) else n):
@@ -915,8 +921,11 @@ def refine_calibration(state: CacheState, run, reference, config: TaylorCache, *
     recording, state.recording = state.recording, False
     bar = tqdm(total=1, desc="refine calibration", unit="run", disable=not progress, leave=False)
     try:
-        start = score(sched, mult)
-        mult, best = search_gains(sched, mult, start)
+        start = best = score(sched, mult)
+        if config.refine_reach > 2 and not state.front:
+            wide = tuple(d for r in range(1, config.refine_reach + 1) for d in (-r, r))
+            sched, best = search_steps(sched, mult, best, wide, REFINE_WIDE_PASSES)
+        mult, best = search_gains(sched, mult, best)
         if not state.front:
             moved, best = search_steps(sched, mult, best)
             if moved != sched:

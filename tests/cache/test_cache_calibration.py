@@ -432,3 +432,53 @@ def test_refine_starts_refines_the_best_distinct_schedules_and_keeps_the_best_re
             TaylorCache(budget=0.3, refine=True, refine_starts=bad)
     with pytest.raises(ValueError, match="refine_starts=2 needs refine=True"):
         TaylorCache(budget=0.3, refine_starts=2)
+
+
+def test_refine_reach_searches_wide_step_moves_to_a_local_best(monkeypatch):
+    """TaylorCache(refine=True, refine_reach=6), the gain search and the short moves off: the wide step search keeps
+    the budget and step 0, re-measures as recorded, no worse than its start, and ends where no single computed step
+    moved by up to 6 steps (with the gains refitted, each neighbour measured here independently) measures closer."""
+    from dataclasses import replace
+
+    from ditkern.cache import feature
+
+    model, inputs = _tiny_dit()
+
+    def run():
+        return torch.stack([o.detach() for o in _denoise(model, "dit", inputs)])
+
+    monkeypatch.setattr(feature, "REFINE_PASSES", ())
+    monkeypatch.setattr(feature, "REFINE_MOVE_PASSES", 0)
+    monkeypatch.setattr(feature, "REFINE_WIDE_PASSES", 9)  # enough to converge on 9 steps
+    recorded, calibration_set = {}, feature._calibration_set
+
+    def spy_set(state):  # the recording, which the calibration clears when done
+        recorded["state"], recorded["set"] = state, calibration_set(state)
+        return recorded["set"]
+
+    monkeypatch.setattr(feature, "_calibration_set", spy_set)
+    seen = _spied_calibration(monkeypatch, model, run, TaylorCache(order=1, budget=0.3, refine=True, refine_reach=6))
+    (start, cal, best, start_score, runs), = seen["refined"]
+    assert seen["cal"] == cal and cal.refine_reach == 6 and "steps moved up to 6" in cal.describe()
+    assert len(cal.schedule) == len(start.schedule) and cal.schedule[0] == 0 and best >= start_score and runs > 1
+    t, feats = recorded["set"]
+    target = feature._gain_targets(recorded["state"], feats)[cal.forecast or "residual"]
+
+    def score(sched):
+        gains = feature.fit_gains(t, target, sched, 1) if start.step_gain is not None else None
+        ditkern.patch(model, cache=replace(cal, schedule=sched, step_gain=gains), backend="torch")
+        return feature._score(run(), seen["reference"])
+
+    assert score(cal.schedule) == pytest.approx(best, abs=1e-6)
+    n, s = len(TS), cal.schedule
+    neighbours = [tuple(sorted((*s[:i], s[i] + d, *s[i + 1:]))) for i in range(1, len(s)) for d in range(-6, 7)
+                  if d and s[i - 1] < s[i] + d < (s[i + 1] if i + 1 < len(s) else n)]  # fmt: skip
+    assert neighbours and max(score(x) for x in neighbours) <= best + 1e-9, (s, neighbours)
+    ditkern.unpatch(model)
+    for bad in (1, True, 2.5):
+        with pytest.raises(ValueError, match="TaylorCache.refine_reach must be an int >= 2"):
+            TaylorCache(budget=0.3, refine=True, refine_reach=bad)
+    with pytest.raises(ValueError, match="refine_reach=4 needs refine=True"):
+        TaylorCache(budget=0.3, refine_reach=4)
+    with pytest.raises(ValueError, match="refine_reach=4 needs front=0"):
+        TaylorCache(budget=0.3, refine=True, refine_reach=4, front=2)
