@@ -48,6 +48,9 @@ class TaylorCache:
                  to ``refine_reach`` steps either way, the best move per step kept, until a pass moves nothing, at
                  most :data:`feature.REFINE_WIDE_PASSES` passes), then the refinement above from its result. About
                  2 * refine_reach runs per computed step and pass more.
+    refine_objective: with ``refine``: what the refinement maximises on the calibration images: ``"mean+worst"``
+                 (mean + worst-image PSNR, the measured calibration's score) or ``"mean"`` (the mean PSNR alone: a
+                 smoother objective that one image does not dominate; docs/cache.md has both measured).
     front:       schedule / budget: the first ``front`` blocks of the cached chain are a group of their own, with their
                  own Taylor state and steps (``front_schedule``; the budget calibration chooses them, denser than the
                  rest's when that measures better); the rest forecasts its own residual from the front's output
@@ -87,6 +90,7 @@ class TaylorCache:
     refine: bool = False
     refine_starts: int = 1
     refine_reach: int = 2
+    refine_objective: str = "mean+worst"
     step_gain: tuple[tuple[float, float], ...] | None = None
     front: int = 0
     front_schedule: tuple[int, ...] | None = None
@@ -157,6 +161,10 @@ class TaylorCache:
             raise ValueError(f"TaylorCache.refine_reach={self.refine_reach} needs refine=True")
         if self.refine_reach > 2 and self.front:
             raise ValueError(f"TaylorCache.refine_reach={self.refine_reach} needs front=0 (a front group's steps are not moved)")
+        if self.refine_objective not in ("mean+worst", "mean"):
+            raise ValueError(f"TaylorCache.refine_objective must be 'mean+worst' or 'mean', got {self.refine_objective!r}")
+        if self.refine_objective != "mean+worst" and not self.refine:
+            raise ValueError(f"TaylorCache.refine_objective={self.refine_objective!r} needs refine=True")
         if self.refine and self.budget is None:
             raise ValueError(f"TaylorCache.refine needs a budget (it refines a measured calibration), mode {self.mode!r}")
         for name, sched in (("step_gain", self.schedule), ("front_step_gain", self.front_schedule or self.schedule)):
@@ -209,7 +217,8 @@ class TaylorCache:
             + (f", {len(self.schedule)} of {len(self.timesteps or ())} steps" if self.schedule else ", uncalibrated")
             + (", corrected" if self.step_gain else "") + (", refined" if self.refine else "")
             + (f" from {self.refine_starts} starts" if self.refine_starts > 1 else "")
-            + (f", steps moved up to {self.refine_reach}" if self.refine_reach > 2 else ""),
+            + (f", steps moved up to {self.refine_reach}" if self.refine_reach > 2 else "")
+            + (f", {self.refine_objective} objective" if self.refine_objective != "mean+worst" else ""),
             "schedule": lambda: f"schedule={list(self.schedule)}" + (", corrected" if self.step_gain else ""),
         }[self.mode]()
         return f"Taylor order {self.order}, {sched}, warmup={self.warmup}" + (

@@ -716,12 +716,13 @@ def front_candidates(state: CacheState, n_steps: int, n_compute: int) -> dict[st
     return out
 
 
-def _score(out, ref) -> float:
-    """Mean plus worst per-item PSNR (peak 1) of ``out`` against ``ref`` [I, ...], each capped at 100 dB."""
+def _score(out, ref, worst: float = 1.0) -> float:
+    """Mean plus ``worst`` times the worst per-item PSNR (peak 1) of ``out`` against ``ref`` [I, ...], each capped at
+    100 dB."""
     a, b = torch.as_tensor(out).double(), torch.as_tensor(ref).double()
     mse = (a - b).pow(2).flatten(1).mean(1) if a.dim() > 1 else (a - b).pow(2).mean().view(1)
     p = (-10 * torch.log10(mse.clamp_min(1e-10))).clamp(max=100.0)
-    return float(p.mean() + p.min())
+    return float(p.mean() + worst * p.min())
 
 
 def fit_gains(t: torch.Tensor, feats: torch.Tensor, schedule: tuple[int, ...], order: int) -> tuple[tuple[float, float], ...]:
@@ -810,6 +811,9 @@ def measure_schedules(state: CacheState, run, reference, n_compute: int):
 REFINE_PASSES = ((0.7, 0.85, 1.2, 1.4),) * 3 + ((0.9, 1.1), (0.95, 1.05))
 #: how far :func:`refine_calibration` moves one computed step, and at most how many passes over the steps it makes
 REFINE_MOVES, REFINE_MOVE_PASSES = (-2, -1, 1, 2), 3
+#: ``TaylorCache.refine_objective``: the weight of the worst calibration image's PSNR beside the mean in what the
+#: refinement maximises
+REFINE_OBJECTIVES = {"mean+worst": 1.0, "mean": 0.0}
 #: at most how many passes the wide step search of ``TaylorCache.refine_reach`` > 2 makes
 REFINE_WIDE_PASSES = 4
 
@@ -839,6 +843,9 @@ def refine_calibration(state: CacheState, run, reference, config: TaylorCache, *
     With ``refine_reach`` > 2 (no front group) a wide step search comes first: as 2, each computed step moved by
     up to ``refine_reach`` steps either way with the fitted gains (no multipliers yet), up to
     :data:`REFINE_WIDE_PASSES` passes; 1-3 then start from its schedule.
+
+    Every step keeps a change where ``refine_objective`` rises: mean + worst item PSNR as the measured calibration
+    (``"mean+worst"``), or the mean alone (``"mean"``).
 
     The fitted gains and the planned schedule model one step's forecast; the measurement sees how a segment's errors
     compound through the sampler. Returns ``(the refined config, its score, the start's score, runs)``."""
@@ -871,7 +878,7 @@ def refine_calibration(state: CacheState, run, reference, config: TaylorCache, *
         state.reset()
         runs += 1
         bar.update(1)
-        return _score(run(), reference)
+        return _score(run(), reference, worst=REFINE_OBJECTIVES[config.refine_objective])
 
     def search_gains(sched, mult, best):
         base = fitted(sched)

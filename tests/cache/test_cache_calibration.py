@@ -482,3 +482,33 @@ def test_refine_reach_searches_wide_step_moves_to_a_local_best(monkeypatch):
         TaylorCache(budget=0.3, refine_reach=4)
     with pytest.raises(ValueError, match="refine_reach=4 needs front=0"):
         TaylorCache(budget=0.3, refine=True, refine_reach=4, front=2)
+
+
+def test_refine_objective_mean_maximises_the_mean_psnr(monkeypatch):
+    """TaylorCache(refine=True, refine_objective="mean"): the refinement's recorded score is the mean per-item PSNR of
+    the refined config against the uncached calibration result (computed here from the images), no lower than its
+    start's; the objective is named in describe() and saved; a bad name or one without refine is refused."""
+    from ditkern.cache import feature
+
+    model, inputs = _tiny_dit()
+
+    def run():
+        return torch.stack([o.detach() for o in _denoise(model, "dit", inputs)])
+
+    monkeypatch.setattr(feature, "REFINE_PASSES", ((0.7, 1.4),))
+    monkeypatch.setattr(feature, "REFINE_MOVE_PASSES", 0)
+    config = TaylorCache(order=1, budget=0.3, refine=True, refine_objective="mean")
+    seen = _spied_calibration(monkeypatch, model, run, config)
+    (_, cal, best, start_score, _), = seen["refined"]
+    assert seen["cal"] == cal and best >= start_score and "mean objective" in cal.describe()
+    ditkern.patch(model, cache=cal, backend="torch")
+    out, ref = run().double(), seen["reference"].double()
+    mse = (out - ref).pow(2).flatten(1).mean(1)
+    mean_psnr = float((10 * torch.log10(1.0 / mse)).clamp(max=100.0).mean())
+    assert best == pytest.approx(mean_psnr, abs=1e-6)
+    assert TaylorCache.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
+    ditkern.unpatch(model)
+    with pytest.raises(ValueError, match="TaylorCache.refine_objective must be 'mean\\+worst' or 'mean'"):
+        TaylorCache(budget=0.3, refine=True, refine_objective="worst")
+    with pytest.raises(ValueError, match="refine_objective='mean' needs refine=True"):
+        TaylorCache(budget=0.3, refine_objective="mean")
