@@ -57,10 +57,11 @@ def ditkern_rows(pipeline: str, steps: int, quick: bool = False) -> list[Row]:
                            lambda o=order, b=b, k=k: TaylorCache(order=o, budget=b, refine=True, refine_starts=k),
                            calibrate=True))  # fmt: skip
     # x3 with the wide step search first (steps moved up to 6 either way), maximising mean + worst image or the mean
-    for b, obj in ((b, obj) for obj in ("mean+worst", "mean") for b in (0.18, 0.2)) if not quick else ():
-        out.append(Row("ditkern budget o1 refined x3 reach 6" + (" mean" if obj == "mean" else ""), f"budget={b}",
-                       lambda b=b, obj=obj: TaylorCache(order=1, budget=b, refine=True, refine_starts=3, refine_reach=6,
-                                                        refine_objective=obj), calibrate=True))  # fmt: skip
+    for obj, suffix in (("mean+worst", ""), ("mean", " mean")) if not quick else ():
+        for b in (0.18, 0.2):
+            out.append(Row("ditkern budget o1 refined x3 reach 6" + suffix, f"budget={b}",
+                           lambda b=b, obj=obj: TaylorCache(order=1, budget=b, refine=True, refine_starts=3,
+                                                            refine_reach=6, refine_objective=obj), calibrate=True))  # fmt: skip
     front = FRONT.get(pipeline)
     for b in (0.18, 0.2) if front else ():  # a front group with its own state and steps among the candidates
         out.append(Row("ditkern budget o1 front", f"budget={b},front={front}",

@@ -13,6 +13,15 @@ import torch
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+#: ``TaylorCache.refine_objective`` -> the weight of the worst calibration image's PSNR beside the mean in what the
+#: refinement maximises (``feature.refine_calibration``)
+REFINE_OBJECTIVES = {"mean+worst": 1.0, "mean": 0.0}
+
+
+def _int_at_least(v, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
 @dataclass(frozen=True)
 class TaylorCache:
     """Configuration of the Taylor block cache. Give exactly one of ``interval`` (fixed), ``gate`` (gated), ``budget``
@@ -151,20 +160,19 @@ class TaylorCache:
         for name in ("correct", "refine"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TaylorCache.{name} must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.refine_starts, bool) or not isinstance(self.refine_starts, int) or self.refine_starts < 1:
-            raise ValueError(f"TaylorCache.refine_starts must be a positive int, got {self.refine_starts!r}")
-        if self.refine_starts > 1 and not self.refine:
-            raise ValueError(f"TaylorCache.refine_starts={self.refine_starts} needs refine=True")
-        if isinstance(self.refine_reach, bool) or not isinstance(self.refine_reach, int) or self.refine_reach < 2:
-            raise ValueError(f"TaylorCache.refine_reach must be an int >= 2, got {self.refine_reach!r}")
-        if self.refine_reach > 2 and not self.refine:
-            raise ValueError(f"TaylorCache.refine_reach={self.refine_reach} needs refine=True")
+        for name, valid, what in (  # the refinement's own settings: each valid, and off its default only with refine
+            ("refine_starts", lambda v: _int_at_least(v, 1), "a positive int"),
+            ("refine_reach", lambda v: _int_at_least(v, 2), "an int >= 2"),
+            ("refine_objective", lambda v: isinstance(v, str) and v in REFINE_OBJECTIVES,
+             " or ".join(map(repr, REFINE_OBJECTIVES))),
+        ):  # fmt: skip
+            v = getattr(self, name)
+            if not valid(v):
+                raise ValueError(f"TaylorCache.{name} must be {what}, got {v!r}")
+            if v != self.__dataclass_fields__[name].default and not self.refine:
+                raise ValueError(f"TaylorCache.{name}={v!r} needs refine=True")
         if self.refine_reach > 2 and self.front:
             raise ValueError(f"TaylorCache.refine_reach={self.refine_reach} needs front=0 (a front group's steps are not moved)")
-        if self.refine_objective not in ("mean+worst", "mean"):
-            raise ValueError(f"TaylorCache.refine_objective must be 'mean+worst' or 'mean', got {self.refine_objective!r}")
-        if self.refine_objective != "mean+worst" and not self.refine:
-            raise ValueError(f"TaylorCache.refine_objective={self.refine_objective!r} needs refine=True")
         if self.refine and self.budget is None:
             raise ValueError(f"TaylorCache.refine needs a budget (it refines a measured calibration), mode {self.mode!r}")
         for name, sched in (("step_gain", self.schedule), ("front_step_gain", self.front_schedule or self.schedule)):

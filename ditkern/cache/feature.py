@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ditkern._backend import choose
-from ditkern.cache.config import TaylorCache
+from ditkern.cache.config import REFINE_OBJECTIVES, TaylorCache
 from ditkern.cache.distributed import gate_all_reduce
 from ditkern.ops.taylor import BACKENDS as TAYLOR_BACKENDS
 from ditkern.ops.taylor import taylor_forecast, taylor_update
@@ -811,9 +811,6 @@ def measure_schedules(state: CacheState, run, reference, n_compute: int):
 REFINE_PASSES = ((0.7, 0.85, 1.2, 1.4),) * 3 + ((0.9, 1.1), (0.95, 1.05))
 #: how far :func:`refine_calibration` moves one computed step, and at most how many passes over the steps it makes
 REFINE_MOVES, REFINE_MOVE_PASSES = (-2, -1, 1, 2), 3
-#: ``TaylorCache.refine_objective``: the weight of the worst calibration image's PSNR beside the mean in what the
-#: refinement maximises
-REFINE_OBJECTIVES = {"mean+worst": 1.0, "mean": 0.0}
 #: at most how many passes the wide step search of ``TaylorCache.refine_reach`` > 2 makes
 REFINE_WIDE_PASSES = 4
 
@@ -929,7 +926,7 @@ def refine_calibration(state: CacheState, run, reference, config: TaylorCache, *
     bar = tqdm(total=1, desc="refine calibration", unit="run", disable=not progress, leave=False)
     try:
         start = best = score(sched, mult)
-        if config.refine_reach > 2 and not state.front:
+        if config.refine_reach > 2:  # (TaylorCache refuses it with a front group)
             wide = tuple(d for r in range(1, config.refine_reach + 1) for d in (-r, r))
             sched, best = search_steps(sched, mult, best, wide, REFINE_WIDE_PASSES)
         mult, best = search_gains(sched, mult, best)

@@ -20,6 +20,16 @@ def _tiny_dit():
     return model.eval(), inputs
 
 
+def _tiny_dit_run():
+    """The tiny DiT and a calibration's ``run()``: its denoising over TS, the outputs stacked."""
+    model, inputs = _tiny_dit()
+
+    def run():
+        return torch.stack([o.detach() for o in _denoise(model, "dit", inputs)])
+
+    return model, run
+
+
 def test_stats_counters_are_consistent_and_count_generations_from_the_first():
     model, inputs = _tiny_dit()
     n = len(model.transformer_blocks)
@@ -174,11 +184,8 @@ def test_configurations_that_never_forecast_warn_naming_the_setting():
 def test_measured_calibration_keeps_the_candidate_closest_to_uncached():
     from ditkern.cache import feature
 
-    model, inputs = _tiny_dit()
+    model, run = _tiny_dit_run()
     ditkern.patch(model, cache=TaylorCache(order=1, budget=0.45), backend="torch")
-
-    def run():
-        return torch.stack([o.detach() for o in _denoise(model, "dit", inputs)])
 
     seen = {}
     measure = feature.measure_schedules
@@ -349,10 +356,7 @@ def test_refined_calibration_keeps_the_budget_and_measures_at_least_as_close(mon
     measured budget calibration: a gate refuses it, an unmeasured one warns."""
     from ditkern.cache import feature
 
-    model, inputs = _tiny_dit()
-
-    def run():
-        return torch.stack([o.detach() for o in _denoise(model, "dit", inputs)])
+    model, run = _tiny_dit_run()
 
     def calibrate():  # 3 of 9 steps: at 0.45 (4) PSNR is within 5 dB of its cap
         seen = _spied_calibration(monkeypatch, model, run, TaylorCache(order=1, budget=0.3, refine=True))
@@ -404,10 +408,7 @@ def test_refine_starts_refines_the_best_distinct_schedules_and_keeps_the_best_re
     schedule are each refined; the one that measures best after refining is kept, and re-measures as recorded."""
     from ditkern.cache import feature
 
-    model, inputs = _tiny_dit()
-
-    def run():
-        return torch.stack([o.detach() for o in _denoise(model, "dit", inputs)])
+    model, run = _tiny_dit_run()
 
     monkeypatch.setattr(feature, "REFINE_MOVE_PASSES", 0)  # the schedules stay: each result names its start
     seen = _spied_calibration(monkeypatch, model, run, TaylorCache(order=1, budget=0.3, refine=True, refine_starts=2))
@@ -427,11 +428,6 @@ def test_refine_starts_refines_the_best_distinct_schedules_and_keeps_the_best_re
     assert score(cal) == pytest.approx(max(score1, score2), abs=1e-6) and score(cal) >= score(other)
     assert TaylorCache.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
     ditkern.unpatch(model)
-    for bad in (0, True, 1.5):
-        with pytest.raises(ValueError, match="TaylorCache.refine_starts must be a positive int"):
-            TaylorCache(budget=0.3, refine=True, refine_starts=bad)
-    with pytest.raises(ValueError, match="refine_starts=2 needs refine=True"):
-        TaylorCache(budget=0.3, refine_starts=2)
 
 
 def test_refine_reach_searches_wide_step_moves_to_a_local_best(monkeypatch):
@@ -442,10 +438,7 @@ def test_refine_reach_searches_wide_step_moves_to_a_local_best(monkeypatch):
 
     from ditkern.cache import feature
 
-    model, inputs = _tiny_dit()
-
-    def run():
-        return torch.stack([o.detach() for o in _denoise(model, "dit", inputs)])
+    model, run = _tiny_dit_run()
 
     monkeypatch.setattr(feature, "REFINE_PASSES", ())
     monkeypatch.setattr(feature, "REFINE_MOVE_PASSES", 0)
@@ -471,29 +464,19 @@ def test_refine_reach_searches_wide_step_moves_to_a_local_best(monkeypatch):
 
     assert score(cal.schedule) == pytest.approx(best, abs=1e-6)
     n, s = len(TS), cal.schedule
-    neighbours = [tuple(sorted((*s[:i], s[i] + d, *s[i + 1:]))) for i in range(1, len(s)) for d in range(-6, 7)
+    neighbours = [(*s[:i], s[i] + d, *s[i + 1:]) for i in range(1, len(s)) for d in range(-6, 7)
                   if d and s[i - 1] < s[i] + d < (s[i + 1] if i + 1 < len(s) else n)]  # fmt: skip
     assert neighbours and max(score(x) for x in neighbours) <= best + 1e-9, (s, neighbours)
     ditkern.unpatch(model)
-    for bad in (1, True, 2.5):
-        with pytest.raises(ValueError, match="TaylorCache.refine_reach must be an int >= 2"):
-            TaylorCache(budget=0.3, refine=True, refine_reach=bad)
-    with pytest.raises(ValueError, match="refine_reach=4 needs refine=True"):
-        TaylorCache(budget=0.3, refine_reach=4)
-    with pytest.raises(ValueError, match="refine_reach=4 needs front=0"):
-        TaylorCache(budget=0.3, refine=True, refine_reach=4, front=2)
 
 
 def test_refine_objective_mean_maximises_the_mean_psnr(monkeypatch):
     """TaylorCache(refine=True, refine_objective="mean"): the refinement's recorded score is the mean per-item PSNR of
     the refined config against the uncached calibration result (computed here from the images), no lower than its
-    start's; the objective is named in describe() and saved; a bad name or one without refine is refused."""
+    start's; the objective is named in describe() and saved."""
     from ditkern.cache import feature
 
-    model, inputs = _tiny_dit()
-
-    def run():
-        return torch.stack([o.detach() for o in _denoise(model, "dit", inputs)])
+    model, run = _tiny_dit_run()
 
     monkeypatch.setattr(feature, "REFINE_PASSES", ((0.7, 1.4),))
     monkeypatch.setattr(feature, "REFINE_MOVE_PASSES", 0)
@@ -508,7 +491,19 @@ def test_refine_objective_mean_maximises_the_mean_psnr(monkeypatch):
     assert best == pytest.approx(mean_psnr, abs=1e-6)
     assert TaylorCache.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
     ditkern.unpatch(model)
-    with pytest.raises(ValueError, match="TaylorCache.refine_objective must be 'mean\\+worst' or 'mean'"):
-        TaylorCache(budget=0.3, refine=True, refine_objective="worst")
-    with pytest.raises(ValueError, match="refine_objective='mean' needs refine=True"):
-        TaylorCache(budget=0.3, refine_objective="mean")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    *((dict(refine=True, refine_starts=bad), "TaylorCache.refine_starts must be a positive int") for bad in (0, True, 1.5)),
+    (dict(refine_starts=2), "refine_starts=2 needs refine=True"),
+    *((dict(refine=True, refine_reach=bad), "TaylorCache.refine_reach must be an int >= 2") for bad in (1, True, 2.5)),
+    (dict(refine_reach=4), "refine_reach=4 needs refine=True"),
+    (dict(refine=True, refine_reach=4, front=2), "refine_reach=4 needs front=0"),
+    (dict(refine=True, refine_objective="worst"), "TaylorCache.refine_objective must be 'mean\\+worst' or 'mean'"),
+    (dict(refine=True, refine_objective=["mean"]), "TaylorCache.refine_objective must be"),
+    (dict(refine_objective="mean"), "refine_objective='mean' needs refine=True"),
+])  # fmt: skip
+def test_refine_settings_are_checked_and_need_refine(kwargs, match):
+    """The refinement's settings: a bad value names its field; off its default without refine=True is refused."""
+    with pytest.raises(ValueError, match=match):
+        TaylorCache(budget=0.3, **kwargs)
