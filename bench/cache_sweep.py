@@ -400,13 +400,20 @@ def compute_fraction(row: dict) -> float:
     return min(row["block_fraction"], row.get("attention_fraction", row["block_fraction"]))
 
 
+def _attention_level(row: dict) -> bool:
+    """Whether the row's method ran every block and saved attention computations only."""
+    return row.get("attention_fraction", row["block_fraction"]) < row["block_fraction"] - 1e-9
+
+
 def frontier(rows: list[dict], up_to: float = 1.0) -> dict[str, dict[str, float | int | None]]:
     """Per non-ditkern method of one case: the least margin of ditkern's frontier over its rows at a compute fraction
     of at most ``up_to``, per metric (mean, worst). A row's margin = the best ditkern PSNR at the same or a lower
     compute fraction, minus the row's (negative: that method is above ditkern there); rows below every ditkern row's
     fraction are counted as uncovered. Rows at a compute fraction of 1 (a method that ran every block and attention,
     e.g. diffusers' attention-level TaylorSeer on DiT, whose processors it does not hook) save nothing and are left
-    out: they are the uncached images, not a point of a caching curve."""
+    out: they are the uncached images, not a point of a caching curve. ditkern's attention-level rows (every block
+    and MLP runs) cover only other attention-level rows: placed at their attention fraction they would favour ditkern
+    over a block-level method as much as that placement favours attention-level peers."""
     ok = [r for r in rows if not r.get("error") and r["method"] != "uncached" and r.get("block_fraction") is not None
           and compute_fraction(r) < 1 - 1e-9]  # fmt: skip
     ours = [r for r in ok if r["kind"] == "ditkern"]
@@ -415,11 +422,12 @@ def frontier(rows: list[dict], up_to: float = 1.0) -> dict[str, dict[str, float 
         theirs = [r for r in ok if r["method"] == m and compute_fraction(r) <= up_to + 1e-9]
         if not theirs:
             continue
+        cover = ours if all(_attention_level(r) for r in theirs) else [o for o in ours if not _attention_level(o)]
         res: dict[str, float | int | None] = {}
         for key in ("psnr_mean_db", "psnr_worst_db"):
             margins = []
             for r in theirs:
-                best = [_cap(o[key]) for o in ours if compute_fraction(o) <= compute_fraction(r) + 1e-9]
+                best = [_cap(o[key]) for o in cover if compute_fraction(o) <= compute_fraction(r) + 1e-9]
                 margins.append(max(best) - _cap(r[key]) if best else None)
             known = [x for x in margins if x is not None]
             res[key] = min(known) if known else None

@@ -62,6 +62,12 @@ def ditkern_rows(pipeline: str, steps: int, quick: bool = False) -> list[Row]:
             out.append(Row("ditkern budget o1 refined x3 reach 6" + suffix, f"budget={b}",
                            lambda b=b, obj=obj: TaylorCache(order=1, budget=b, refine=True, refine_starts=3,
                                                             refine_reach=6, refine_objective=obj), calibrate=True))  # fmt: skip
+    # one start with the wide search at the 50-step fractions where block-level peers lie above the frontier
+    # (digits-flux: diffusers' block TaylorSeer at 0.36; digits-flux-deep: cache-dit DBCache F1B0 + TaylorSeer at
+    # 0.325 and 0.39 of the blocks); one start, as three at 50 steps take about an hour per row on one thread
+    for b in (0.3, 0.36) if steps == 50 and "flux" in pipeline and not quick else ():
+        out.append(Row("ditkern budget o1 refined reach 6", f"budget={b}",
+                       lambda b=b: TaylorCache(order=1, budget=b, refine=True, refine_reach=6), calibrate=True))  # fmt: skip
     front = FRONT.get(pipeline)
     for b in (0.18, 0.2) if front else ():  # a front group with its own state and steps among the candidates
         out.append(Row("ditkern budget o1 front", f"budget={b},front={front}",
@@ -69,6 +75,12 @@ def ditkern_rows(pipeline: str, steps: int, quick: bool = False) -> list[Row]:
     for b in (0.2,) if front else ():  # o2 with a front group: at 28 steps a whole-stack 0.2 rounds to 6 steps (0.21)
         out.append(Row("ditkern budget o2 front", f"budget={b},front={front}",
                        lambda b=b: TaylorCache(order=2, budget=b, front=front), calibrate=True))  # fmt: skip
+    # attention-level: every block and MLP runs, the self-attentions forecast (FasterCache's and PAB's trade; plotted
+    # and compared at their attention fraction, as those are)
+    for order in (1, 2):
+        for n in (2, 3) if quick else (2, 3, 4):
+            out.append(Row(f"ditkern attention o{order}", f"interval={n}",
+                           lambda o=order, n=n: TaylorCache(order=o, interval=n, level="attention")))  # fmt: skip
     for g in (0.1, 0.3) if quick else (0.1, 0.2, 0.4):  # 0.05: below what digits-flux-deep reaches (never forecasts)
         out.append(Row("ditkern gated o1 calibrated", f"gate={g},max_skip=3",
                        lambda g=g: TaylorCache(order=1, gate=g, warmup=2, max_skip=3), calibrate=True))  # fmt: skip

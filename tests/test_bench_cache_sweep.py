@@ -39,6 +39,11 @@ def test_frontier_margin_is_the_best_ditkern_row_at_no_more_compute():
     assert fr["other"]["psnr_worst_db"] == pytest.approx(2.0)  # 33 - 31
     assert fr["other"]["psnr_mean_db_uncovered"] == 1
     assert fr["attention-level"]["psnr_mean_db"] == pytest.approx(-7.0)  # 40 (at 0.25 <= 0.4) - 47
+    # a ditkern attention-level row covers attention-level peers only
+    rows.append(_row("ditkern attention", "ditkern", 1.0, 60.0, 60.0, attn=0.3))
+    fr = cs.frontier(rows)
+    assert fr["attention-level"]["psnr_mean_db"] == pytest.approx(13.0)  # 60 (at 0.3 <= 0.4) - 47
+    assert fr["other"]["psnr_mean_db"] == pytest.approx(-2.0)  # not 5 (60 - 42 at 0.3, 50 - 45 at 0.6): it does not count
     low = cs.frontier(rows, up_to=0.5)
     assert low["other"]["psnr_worst_db"] == pytest.approx(2.0) and "ditkern a" not in low
     assert low["other"]["psnr_worst_db_uncovered"] == 1

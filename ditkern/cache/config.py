@@ -16,6 +16,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 #: ``TaylorCache.refine_objective`` -> the weight of the worst calibration image's PSNR beside the mean in what the
 #: refinement maximises (``feature.refine_calibration``)
 REFINE_OBJECTIVES = {"mean+worst": 1.0, "mean": 0.0}
+#: ``TaylorCache.level``: what a forecast step skips
+LEVELS = ("blocks", "attention")
 
 
 def _int_at_least(v, lo: int) -> bool:
@@ -81,6 +83,13 @@ class TaylorCache:
     max_skip:    most consecutive forecast steps per item (None: unbounded for the gate; interval - 1 for fixed;
                  0 never forecasts and warns).
     state_dtype: dtype of the Taylor state (None: bfloat16 on CUDA, float32 elsewhere).
+    level:       what a forecast step forecasts: ``"blocks"`` (the cached chain of blocks is skipped, its residual or
+                 output forecast) or ``"attention"`` (every block runs; the self-attention modules of the chain's
+                 blocks, as the family declares them, return the Taylor forecast of their own output while the MLPs,
+                 norms and the rest of each block compute: what FasterCache, PyramidAttentionBroadcast and diffusers'
+                 default TaylorSeer hooks skip). Attention-level needs ``interval`` or ``schedule`` (the budget and
+                 gate calibrations read block features); its state is ``order + 1`` tensors of every cached
+                 attention's output per call slot, the block count times the block-level state.
     sync_batch:  gated: the batch forecasts only when every item accepts (one decision per call, so a batch with
                  classifier-free guidance inside it skips together). False: each item decides alone; the blocks run
                  if any item needs them and the items that accepted still get their forecast, so an item's output
@@ -110,6 +119,7 @@ class TaylorCache:
     max_skip: int | None = None
     state_dtype: torch.dtype | None = None
     sync_batch: bool = True
+    level: str = "blocks"
 
     def __post_init__(self):
         if isinstance(self.order, bool) or not isinstance(self.order, int) or not 0 <= self.order <= 2:
@@ -196,6 +206,16 @@ class TaylorCache:
             raise ValueError(f"TaylorCache.sync_batch must be True or False, got {self.sync_batch!r}")
         if self.state_dtype is not None and self.state_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"TaylorCache.state_dtype must be float32, float16 or bfloat16, got {self.state_dtype!r}")
+        if self.level not in LEVELS:
+            raise ValueError(f"TaylorCache.level must be {' or '.join(map(repr, LEVELS))}, got {self.level!r}")
+        if self.level == "attention":
+            refused = [f"{n}={getattr(self, n)!r}" for n, ok in (
+                ("gate", self.gate is None), ("budget", self.budget is None), ("front", not self.front),
+                ("forecast", self.forecast is None), ("step_gain", self.step_gain is None),
+            ) if not ok]  # fmt: skip
+            if refused:
+                raise ValueError(f"TaylorCache.level='attention' takes interval or schedule only (it forecasts each "
+                                 f"attention's own output, with no calibration), got {', '.join(refused)}")  # fmt: skip
         # configurations that can never forecast: legal (an exact reference run), but never silent
         if self.max_skip == 0 and self.mode in ("fixed", "gated"):
             warnings.warn("TaylorCache.max_skip=0 never forecasts: every step runs every block", stacklevel=3)
@@ -230,6 +250,8 @@ class TaylorCache:
             "schedule": lambda: f"schedule={list(self.schedule)}" + (", corrected" if self.step_gain else ""),
         }[self.mode]()
         return f"Taylor order {self.order}, {sched}, warmup={self.warmup}" + (
+            ", attention-level" if self.level == "attention" else ""
+        ) + (
             ", output forecast" if self.forecast == "output" else ""
         ) + (
             f", full_below={self.full_below:g}" if self.full_below else ""

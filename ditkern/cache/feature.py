@@ -65,6 +65,8 @@ class _Slot:
     probe: dict[str, _Taylor] = field(default_factory=dict)  # first block's residual, per stream
     rest: dict[str, _Taylor] = field(default_factory=dict)  # stack residual after the anchor, per stream
     front: _Slot | None = None  # TaylorCache.front: the front group's own times, counters and features (its rest)
+    attn: dict[str, _Taylor] = field(default_factory=dict)  # level="attention": each attention's output, by "i.part"
+    attn_parts: dict[int, tuple] = field(default_factory=dict)  # level="attention": attention i's output layout
 
     @classmethod
     def new(cls, batch: int) -> _Slot:
@@ -85,7 +87,7 @@ class _Slot:
         return a1.float().to(device), a2.float().to(device)
 
     def nbytes(self) -> int:
-        return sum(f.nbytes() for f in (*self.probe.values(), *self.rest.values()))
+        return sum(f.nbytes() for f in (*self.probe.values(), *self.rest.values(), *self.attn.values()))
 
 
 @dataclass
@@ -131,6 +133,7 @@ class CacheState:
         self._rec: dict[int, dict] = {}
         self._rec_idx: dict[str, torch.Tensor | None] = {}
         self._warned_off = False
+        self._attn_refused: set[int] = set()  # level="attention": attentions whose output cannot be cached
         self.manual = False  # ditkern.cache.calibrate is recording (it solves at its end, not per generation)
         self.reset_stats()
 
@@ -143,6 +146,7 @@ class CacheState:
 
     def reset_stats(self) -> None:
         self.calls = self.forecast_calls = self.blocks_run = self.blocks_total = 0
+        self.attention_run = self.attention_total = 0  # level="attention": cached attentions computed / called
         self.generations = 0
         self._counted = False  # the generation in progress is not counted yet (counted at its next call)
         self.peak_bytes = 0
@@ -158,13 +162,18 @@ class CacheState:
         one too); ``blocks_total`` is ``calls`` times the stack's blocks; ``blocks_run`` counts every block executed
         (the blocks outside the cached chain on every call); ``forecast_calls`` the calls whose cached chain was
         skipped (gated with ``sync_batch=False``: the calls where every item took the forecast); ``signal_min`` the
-        lowest gate signal compared (inf when none)."""
+        lowest gate signal compared (inf when none); ``attention_fraction`` the fraction of the stack's cached
+        attention calls that computed (level="attention"; the block fraction at block level, where an attention runs
+        when its block does)."""
+        attention = self.attention_run / self.attention_total if self.attention_total else None
+        block_fraction = self.blocks_run / self.blocks_total if self.blocks_total else 1.0
         return {
             "calls": self.calls,
             "forecast_calls": self.forecast_calls,
             "blocks_run": self.blocks_run,
             "blocks_total": self.blocks_total,
-            "block_fraction": self.blocks_run / self.blocks_total if self.blocks_total else 1.0,
+            "block_fraction": block_fraction,
+            "attention_fraction": attention if self.config.level == "attention" and attention is not None else block_fraction,
             "state_bytes": sum(s.nbytes() for s in self.slots.values()),
             "peak_state_bytes": self.peak_bytes,
             "generations": self.generations,
@@ -240,14 +249,22 @@ class CacheState:
             slot = self.slots[self.slot_index] = _Slot.new(batch)
         if slot.t_first is None:
             slot.t_first = float(t.min() if self.rises else t.max())
-        self.call = _Call(slot=slot, t=t)
+        self.call = call = _Call(slot=slot, t=t)
         self.calls += 1
         self.gen_calls += 1
         self.blocks_total += self.n_blocks + self.n_always
         self.blocks_run += self.n_always
+        if self.config.level == "attention":  # every block runs; the chain's attentions forecast on skipped steps
+            self.blocks_run += self.n_blocks
+            call.skip_all = not self.fixed_is_full(call)
+            if call.skip_all:
+                self.forecast_calls += 1
+                self.gen_forecasts += 1
 
     def end(self) -> None:
         if self.call is not None:
+            if self.config.level == "attention":  # every attention of the call has read the times: advance them
+                self._commit(self.call, torch.full((self.call.slot.batch,), not self.call.skip_all))
             self.call.slot.step += 1
             self.peak_bytes = max(self.peak_bytes, sum(s.nbytes() for s in self.slots.values()))
         self.call = None
@@ -447,6 +464,40 @@ class CacheState:
             call.skip_rest = True
             self.forecast_calls += 1
             self.gen_forecasts += 1
+        return out
+
+    def attention(self, i: int, inner, args, kwargs):
+        """level="attention": the chain's i-th self-attention. On a computed step it runs and its output (a tensor,
+        or a tuple of them: FLUX's image and text streams) updates its Taylor state; on a forecast step it returns
+        the forecast of that output and does not run. An attention without state yet (or whose output's batch is
+        not the call's) runs."""
+        call = self.call
+        if call is None:
+            return inner(*args, **kwargs)
+        slot = call.slot
+        self.attention_total += 1
+        layout = slot.attn_parts.get(i)
+        if call.skip_all and layout is not None:
+            parts = [None if dt is None else self._forecast(slot.attn, f"{i}.{j}", None, call, out_dtype=dt)
+                     for j, dt in enumerate(layout[1])]  # fmt: skip
+            return tuple(parts) if layout[0] else parts[0]
+        out = inner(*args, **kwargs)
+        self.attention_run += 1
+        if call.skip_all:  # no state to forecast from (its first step ran without it): computed, not recorded
+            return out
+        parts = out if isinstance(out, tuple) else (out,)
+        if any(p is not None and (not isinstance(p, torch.Tensor) or p.shape[0] != slot.batch) for p in parts):
+            if i not in self._attn_refused:
+                self._attn_refused.add(i)
+                warnings.warn(f"TaylorCache(level='attention'): attention {i} of the chain returned "
+                              f"{type(out).__name__} without the call's batch of {slot.batch} first: it always runs",
+                              stacklevel=4)  # fmt: skip
+            return out
+        every = torch.ones(slot.batch, dtype=torch.bool)
+        for j, p in enumerate(parts):
+            if p is not None:
+                self._update(slot.attn, f"{i}.{j}", p, None, every, call)
+        slot.attn_parts[i] = (isinstance(out, tuple), tuple(None if p is None else p.dtype for p in parts))
         return out
 
     def gate_scale(self, call: _Call) -> float:
@@ -1089,6 +1140,19 @@ def _rules(family, model: nn.Module, config):
     if not why and cache.front and not 2 <= cache.front <= len(blocks) - 2:
         raise ValueError(f"TaylorCache.front={cache.front} needs 2 <= front <= {len(blocks) - 2} on {model_cls} (its "
                          f"cached chain has {len(blocks)} blocks)")  # fmt: skip
+    attentions: dict[int, int] = {}  # level="attention": id(attention module) -> its index along the chain
+    if not why and cache.level == "attention":
+        layout = family.attention
+        if isinstance(layout, str):
+            why = f"level='attention' needs the family's self-attention modules: {layout}"
+        else:
+            for b in blocks:
+                names = layout.self_attention.get(type(b).__name__, ())
+                for m in (getattr(b, n, None) for n in names):
+                    if isinstance(m, nn.Module):
+                        attentions.setdefault(id(m), len(attentions))
+            if not attentions:
+                why = "level='attention': no self-attention module declared for the chain's blocks"
     if why:
         return {model_cls: lambda m, cfg: f"Taylor cache not applied: {why}"}
     n_stack = len(stack.modules(model))
@@ -1121,11 +1185,13 @@ def _rules(family, model: nn.Module, config):
         def undo(module):
             module.__dict__.pop(STATE_ATTR, None)
 
+        per = f"per cached attention's output ({len(attentions)})" if attentions else "per cached stream"
         detail = f"state {'fp32/bf16' if cache.state_dtype is None else str(cache.state_dtype).replace('torch.', '')}: " \
-                 f"{cache.order + 1} x [B, S, D] per cached stream{' + first-block probe' if cache.mode == 'gated' else ''}, " \
+                 f"{cache.order + 1} x [B, S, D] {per}{' + first-block probe' if cache.mode == 'gated' else ''}, " \
                  "allocated at the first call (ditkern.cache.stats(model) gives bytes); inference-only: under grad " \
                  "it steps aside and every block runs (exact)"  # fmt: skip
-        return Plan("cache", f"Taylor cache over {len(blocks)} blocks{of} ({cache.describe()})", forward,
+        what = f"{len(attentions)} self-attentions of {len(blocks)} blocks" if attentions else f"{len(blocks)} blocks"
+        return Plan("cache", f"Taylor cache over {what}{of} ({cache.describe()})", forward,
                     apply=apply, undo=undo, detail=detail, wraps=True, backend=backend)  # fmt: skip
 
     def block_rule(b, cfg):
@@ -1150,7 +1216,19 @@ def _rules(family, model: nn.Module, config):
             role = "skippable block"
         return Plan("cache", f"Taylor cache: {role}", fwd, wraps=True, backend=backend)
 
+    def attention_rule(m, cfg):
+        i = attentions.get(id(m))
+        if i is None:
+            return None  # an attention outside the chain's blocks (or not a self-attention): not cached
+        fwd = lambda module, inner, *a, **k: state.attention(i, inner, a, k)  # noqa: E731
+        return Plan("cache", "Taylor cache: self-attention (forecast on skipped steps)", fwd, wraps=True, backend=backend)
+
     rules = {model_cls: model_rule}
+    if attentions:  # level="attention": the blocks run as written, their attentions are wrapped
+        mods = dict(model.named_modules())
+        for cls in {type(m).__name__ for m in mods.values() if id(m) in attentions}:
+            rules[cls] = attention_rule
+        return rules
     for cls in {type(b).__name__ for b in blocks}:
         rules[cls] = block_rule
     return rules
