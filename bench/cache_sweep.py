@@ -314,7 +314,7 @@ def meets_goal(row: dict, accuracy_uncached: float) -> bool:
 
 
 def run_case(name: str, steps: int, n_seeds: int, quick: bool, out_dir: Path, methods=None, progress=True,
-             make_methods=all_methods) -> list[dict]:  # fmt: skip
+             make_methods=all_methods, settings=None) -> list[dict]:  # fmt: skip
     """One pipeline x step count: the reference, then every row A-B-A; writes the table after every row."""
     from tqdm import tqdm  # noqa: PLC0415
 
@@ -326,7 +326,8 @@ def run_case(name: str, steps: int, n_seeds: int, quick: bool, out_dir: Path, me
     seeds = list(range(n_seeds))
     classes = [s % 10 for s in seeds]
     rows_meta = dict(pipeline=name, steps=steps, seeds=n_seeds, date=time.strftime("%Y-%m-%d"), sha=_sha())
-    todo = [m for m in make_methods(name, steps, quick) if not methods or m.method in methods]
+    todo = [m for m in make_methods(name, steps, quick)
+            if (not methods or m.method in methods) and (not settings or m.setting in settings)]  # fmt: skip
     counter = BlockCounter(pipe.transformer)
 
     def gen():
@@ -596,6 +597,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer settings")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--methods", help="comma-separated method names to run (the case's other rows are dropped)")
+    p.add_argument("--settings", help="';'-separated settings to run (e.g. 'budget=0.36'; the others are dropped)")
     p.add_argument("--rewrite", action="store_true", help="only rewrite the CSV, markdown and plots from the JSON")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on a shared 2-core machine two threads spin-wait ~20x the CPU time)")
@@ -609,7 +611,7 @@ def main(argv=None):
     methods = set(a.methods.split(",")) if a.methods else None
     for name in a.pipelines.split(","):
         for steps in (int(s) for s in a.steps.split(",")):
-            run_case(name, steps, a.seeds, a.quick, out, methods=methods)
+            run_case(name, steps, a.seeds, a.quick, out, methods=methods, settings=set(a.settings.split(";")) if a.settings else None)
     print((out / "cache_sweep.md").read_text())
     return 0
 

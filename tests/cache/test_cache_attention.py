@@ -137,3 +137,19 @@ def test_attention_level_needs_the_familys_self_attention_declaration(monkeypatc
     assert any("level='attention' needs the family's self-attention modules: no token layout declared" in r.reason
                for r in report.rows), str(report)  # fmt: skip
     ditkern.unpatch(model)
+
+
+def test_compiled_blocks_with_attention_cache_match_eager():
+    model, inputs = tiny.dit(batch=1)
+    model.eval()
+    cache = TaylorCache(order=2, interval=2, level="attention")
+    ditkern.patch(model, cache=cache, backend="torch")
+    eager = _denoise(model, "dit", inputs, TS[:6])
+    ditkern.patch(model, cache=cache, backend="torch")
+    for b in model.transformer_blocks:
+        b.compile(backend="aot_eager")
+    compiled = _denoise(model, "dit", inputs, TS[:6])
+    assert stats(model)["forecast_calls"] == 2  # steps 2 and 4 (computed: 0, 1, 3, 5)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ditkern.unpatch(model)
