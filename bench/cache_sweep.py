@@ -533,7 +533,8 @@ def markdown(rows: list[dict]) -> str:
             lines += ["ditkern's frontier against each other method: the least margin (dB) of the best ditkern row at "
                       "the same or a lower compute fraction (attention computations; = blocks for block-level "
                       "methods) over that method's rows, over all its rows / over those at <= 0.5 (negative: the "
-                      "method is above ditkern there; 'n uncovered': rows below every ditkern row's fraction).", "",
+                      "method is above ditkern there; 'n uncovered': rows below every ditkern row's fraction; "
+                      "ditkern's attention-level rows count against attention-level methods only).", "",
                       "| method | mean PSNR: all | <= 0.5 | worst image: all | <= 0.5 |", "|---|---|---|---|---|"]
 
             def cell(v, k):
