@@ -54,8 +54,9 @@ def reset(model_or_pipeline) -> None:
 
 def stats(model_or_pipeline) -> dict:
     """Counters since the patch (or the last ``reset_stats``): calls, forecast calls, blocks run / total, the fraction
-    of block executions (and of attention computations, for ``level="attention"``), the bytes of Taylor state held now (and at most), the generations started (the first one
-    counts: 1 after one generation), the lowest gate signal compared, and whether the schedule is calibrated."""
+    of block executions (and of attention computations, for ``level="attention"``), the bytes of Taylor state held
+    now (and at most), the generations started (the first one counts: 1 after one generation), the lowest gate signal
+    compared, and whether the schedule is calibrated."""
     return _state(model_or_pipeline).stats()
 
 

@@ -165,7 +165,6 @@ class CacheState:
         lowest gate signal compared (inf when none); ``attention_fraction`` the fraction of the stack's cached
         attention calls that computed (level="attention"; the block fraction at block level, where an attention runs
         when its block does)."""
-        attention = self.attention_run / self.attention_total if self.attention_total else None
         block_fraction = self.blocks_run / self.blocks_total if self.blocks_total else 1.0
         return {
             "calls": self.calls,
@@ -173,7 +172,7 @@ class CacheState:
             "blocks_run": self.blocks_run,
             "blocks_total": self.blocks_total,
             "block_fraction": block_fraction,
-            "attention_fraction": attention if self.config.level == "attention" and attention is not None else block_fraction,
+            "attention_fraction": self.attention_run / self.attention_total if self.attention_total else block_fraction,
             "state_bytes": sum(s.nbytes() for s in self.slots.values()),
             "peak_state_bytes": self.peak_bytes,
             "generations": self.generations,
@@ -1141,6 +1140,7 @@ def _rules(family, model: nn.Module, config):
         raise ValueError(f"TaylorCache.front={cache.front} needs 2 <= front <= {len(blocks) - 2} on {model_cls} (its "
                          f"cached chain has {len(blocks)} blocks)")  # fmt: skip
     attentions: dict[int, int] = {}  # level="attention": id(attention module) -> its index along the chain
+    attention_classes: set[str] = set()
     if not why and cache.level == "attention":
         layout = family.attention
         if isinstance(layout, str):
@@ -1151,6 +1151,7 @@ def _rules(family, model: nn.Module, config):
                 for m in (getattr(b, n, None) for n in names):
                     if isinstance(m, nn.Module):
                         attentions.setdefault(id(m), len(attentions))
+                        attention_classes.add(type(m).__name__)
             if not attentions:
                 why = "level='attention': no self-attention module declared for the chain's blocks"
     if why:
@@ -1225,10 +1226,7 @@ def _rules(family, model: nn.Module, config):
 
     rules = {model_cls: model_rule}
     if attentions:  # level="attention": the blocks run as written, their attentions are wrapped
-        mods = dict(model.named_modules())
-        for cls in {type(m).__name__ for m in mods.values() if id(m) in attentions}:
-            rules[cls] = attention_rule
-        return rules
+        return rules | dict.fromkeys(attention_classes, attention_rule)
     for cls in {type(b).__name__ for b in blocks}:
         rules[cls] = block_rule
     return rules
